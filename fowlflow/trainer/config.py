@@ -1,0 +1,110 @@
+"""The trainer's configuration: one argparse flag per MLproject parameter, same names.
+
+    cfg = parse_args(["--data", "synthetic", "--num_epochs", "2"])
+    cfg.learning_rate  # 0.001
+
+The resolved config is logged once as MLflow params (see ``fowlflow.tracking``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+from fowlflow.errors import ConfigError
+
+SAMPLE_DATA_URL = "https://azuremlexamples.blob.core.windows.net/datasets/fowl_data.zip"
+AMP_CHOICES = ("auto", "bf16", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the training run depends on, as the user gave it (after defaults)."""
+
+    data: str = SAMPLE_DATA_URL
+    num_epochs: int = 25
+    learning_rate: float = 0.001
+    momentum: float = 0.9
+    step_size: int = 7
+    gamma: float = 0.1
+    batch_size: int = 32
+    image_size: int = 224
+    arch: str = "resnet18"
+    weights: str = "imagenet"
+    freeze_backbone: bool = False
+    amp: str = "auto"
+    workers: int = 2
+    seed: int = 42
+    output_dir: str = "outputs"
+    resume: str = ""
+    registered_model_name: str = ""
+
+    def as_params(self) -> dict[str, str]:
+        """The config as MLflow params (strings)."""
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser; flag names equal the MLproject parameter names."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m fowlflow.trainer",
+        description="Transfer-learn an image classifier on an ImageFolder, tracked in MLflow.",
+    )
+    p.add_argument("--data", default=d.data,
+                   help="ImageFolder dir, .zip, http(s) .zip URL, s3://bucket/prefix or 'synthetic'")
+    p.add_argument("--num_epochs", type=int, default=d.num_epochs)
+    p.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--step_size", type=int, default=d.step_size, help="StepLR period in epochs")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="StepLR decay factor")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--image_size", type=int, default=d.image_size)
+    p.add_argument("--arch", default=d.arch,
+                   help="a torchvision classification model name, or efficientnet_lite0")
+    p.add_argument("--weights", default=d.weights,
+                   help="'imagenet', 'none', or a path/URI of a state dict")
+    p.add_argument("--freeze_backbone", type=_bool, default=d.freeze_backbone,
+                   help="train only the new classification head")
+    p.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
+                   help="bf16 autocast: auto (on CUDA and CPUs with native bf16), bf16, off")
+    p.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--output_dir", default=d.output_dir, help="checkpoints and local outputs")
+    p.add_argument("--resume", default=d.resume,
+                   help="a checkpoint file to continue from (e.g. outputs/checkpoint.pt)")
+    p.add_argument("--registered_model_name", default=d.registered_model_name,
+                   help="register the trained model under this name ('' to skip)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse and validate the command line into a :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: a value is out of range (the message names it and the valid range).
+    """
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    checks = [
+        (cfg.num_epochs >= 1, "num_epochs", cfg.num_epochs, "at least 1"),
+        (cfg.learning_rate > 0, "learning_rate", cfg.learning_rate, "greater than 0"),
+        (0 <= cfg.momentum < 1, "momentum", cfg.momentum, "in [0, 1)"),
+        (cfg.step_size >= 1, "step_size", cfg.step_size, "at least 1"),
+        (0 < cfg.gamma <= 1, "gamma", cfg.gamma, "in (0, 1]"),
+        (cfg.batch_size >= 1, "batch_size", cfg.batch_size, "at least 1"),
+        (cfg.image_size >= 16, "image_size", cfg.image_size, "at least 16"),
+        (cfg.workers >= 0, "workers", cfg.workers, "0 or more"),
+    ]
+    for ok, name, value, want in checks:
+        if not ok:
+            raise ConfigError(f"-P {name}={value} is invalid: it must be {want}.")
+    return cfg

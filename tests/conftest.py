@@ -1,0 +1,82 @@
+"""Fixtures shared by every test: an isolated MLflow store, tiny image sets, the real CLI.
+
+Tests mirror the package: tests/trainer, tests/tracking, tests/registry, tests/projects. Area
+fixtures that start real servers (SeaweedFS, PostgreSQL, sshd, mlflow server) live in the
+area's own conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera_data"
+TURKEY = SHARED / "datasets" / "fowl_sample" / "turkey.jpg"
+BIN = Path(sys.executable).parent
+
+# Tiny, fast settings for real end-to-end runs on a 2-core CPU.
+TINY_PARAMS = {
+    "arch": "resnet18",
+    "weights": "none",
+    "image_size": "32",
+    "batch_size": "8",
+    "num_epochs": "1",
+    "workers": "0",
+}
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store with a local artifact root, set for this test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def make_imagefolder(root: Path, classes=("ants", "bees"), per_class=(6, 4), size=40) -> Path:
+    """Write a small learnable ImageFolder (class i is tinted by colour i) and return it."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 40, 200), (40, 200, 40), (200, 200, 40)]
+    for split, n in zip(("train", "val"), per_class):
+        for ci, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.integers(0, 60, (size, size + 8, 3))
+                arr = np.clip(np.array(colours[ci % 4]) + noise - 30, 0, 255).astype("uint8")
+                Image.fromarray(arr).save(d / f"{name}_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path) -> Path:
+    return make_imagefolder(tmp_path / "imgs")
+
+
+def mlflow_run(*args: str, params: dict | None = None, env: dict | None = None,
+               cwd: Path = ROOT, timeout: int = 600, check: bool = True
+               ) -> subprocess.CompletedProcess:
+    """Run the real ``mlflow run`` CLI on this project; returns the completed process."""
+    cmd = [str(BIN / "mlflow"), "run", str(cwd), "--env-manager", "local", *args]
+    for k, v in (params or {}).items():
+        cmd += ["-P", f"{k}={v}"]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
