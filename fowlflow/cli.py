@@ -1,0 +1,55 @@
+"""The small ``fowlflow`` CLI: what MLflow's own CLI can't do.
+
+    fowlflow server start|stop|status      the team tracking stack (PostgreSQL + S3 + mlflow)
+    fowlflow logs|attach|status|cancel ID  a run launched by a fowlflow backend
+
+Each area adds its sub-commands through a ``register(subparsers)`` function in its own module,
+so this file stays a dispatcher. Sub-command handlers return an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fowlflow.errors import FowlflowError
+
+# Modules that provide ``register(subparsers)``; each sets ``func`` on its parsers.
+COMMAND_MODULES = (
+    "fowlflow.tracking.server.commands",
+    "fowlflow.projects.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fowlflow", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real import error inside an existing module
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except FowlflowError as exc:
+        print(f"fowlflow: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
