@@ -1,1 +1,18 @@
-"""fowlflow.tracking."""
+"""Everything fowlflow sends to MLflow goes through here; it is a no-op off global rank 0.
+
+    tracker = RunTracker(enabled=ctx.is_main)
+    run_id = tracker.start()                  # joins MLFLOW_RUN_ID when `mlflow run` set it
+    tracker.log_params(cfg.as_params())
+    tracker.log_epoch({"val_acc": 0.9}, epoch=1)
+    tracker.log_step_losses([0.7, 0.6], first_step=0)   # async: never blocks a step
+    tracker.finish("FINISHED")
+
+Per-step values are queued with MLflow's async logging and flushed at epoch end; epoch
+metrics are one ``log_batch`` each. System metrics (CPU, memory; GPU through nvidia-ml-py)
+come from MLflow's own monitor; on a multi-node run every node's local rank 0 adds its own
+with a node id (:func:`start_node_system_metrics`).
+"""
+
+from fowlflow.tracking.run_tracker import RunTracker, start_node_system_metrics
+
+__all__ = ["RunTracker", "start_node_system_metrics"]

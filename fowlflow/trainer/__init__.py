@@ -1,1 +1,4 @@
-"""fowlflow.trainer."""
+"""The payload: data sources -> in-memory image caches -> model -> train/eval loop (DDP-ready).
+
+    python -m fowlflow.trainer --data ../hymenoptera_data --num_epochs 5
+"""

@@ -1,0 +1,150 @@
+"""The run tracker: the only object in the trainer that calls MLflow (see the package doc)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLING_INTERVAL = 5  # seconds between system-metric samples
+
+
+def _sampling_interval() -> int:
+    return int(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", DEFAULT_SAMPLING_INTERVAL))
+
+
+def start_node_system_metrics(run_id: str, node_id: str):
+    """Log this node's system metrics into ``run_id`` (for nodes other than rank 0's)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=_sampling_interval(),
+                                   node_id=node_id, resume_logging=True)
+    monitor.start()
+    return monitor
+
+
+class RunTracker:
+    """Rank-0 MLflow logging; every method is a no-op when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._client: MlflowClient | None = None
+
+    def start(self, node_id: str | None = None, run_name: str | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        mlflow.set_system_metrics_sampling_interval(_sampling_interval())
+        if node_id:
+            mlflow.set_system_metrics_node_id(node_id)
+        run = mlflow.start_run(run_name=run_name, log_system_metrics=True)
+        self.run_id = run.info.run_id
+        self._client = MlflowClient()
+        log.info("MLflow run %s (tracking URI %s)", self.run_id, mlflow.get_tracking_uri())
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_dataset(self, name: str, source_uri: str, digest: str, context: str) -> None:
+        """An MLflow dataset input (no data copied: the source URI and a content digest)."""
+        if not self.enabled:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+
+        dataset = MetaDataset(source=_dataset_source(source_uri), name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        if not self.enabled:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch, synchronous=False)
+
+    def log_step_losses(self, losses: list[float], first_step: int, key: str = "train_loss_step") -> None:
+        if not self.enabled or not losses:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(losses)]
+        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            self._client.log_batch(self.run_id, metrics=batch[i:i + 1000], synchronous=False)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        if self.enabled:
+            mlflow.log_figure(figure, artifact_file)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        if self.enabled:
+            mlflow.log_table(data=data, artifact_file=artifact_file)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        if self.enabled:
+            mlflow.log_dict(data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def log_model(self, model, input_example, metadata: dict[str, Any]) -> str | None:
+        """Log the PyTorch model (pt2, dynamic batch) with signature and input example."""
+        if not self.enabled:
+            return None
+        import numpy as np
+        import mlflow.pytorch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        example = np.asarray(input_example, dtype=np.float32)
+        c, h, w = example.shape[1:]
+        n_cls = len(metadata["class_names"])
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_cls))]))
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
+                                        signature=signature, input_example=example,
+                                        metadata=metadata)
+        return info.model_uri
+
+    def flush(self) -> None:
+        if self.enabled:
+            mlflow.flush_async_logging()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            mlflow.flush_async_logging()
+        finally:
+            mlflow.end_run(status)
+
+
+def _dataset_source(uri: str):
+    """An MLflow dataset source for ``uri`` (http, s3, local path; 'synthetic' is code)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if uri == "synthetic":
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        return CodeDatasetSource(tags={"generator": "fowlflow.trainer.synthetic"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
+        if "://" not in uri:
+            uri = str(Path(uri).resolve())
+        return resolve_dataset_source(uri)
+

@@ -1,0 +1,26 @@
+"""``python -m fowlflow.trainer --data ... --num_epochs ...``: the MLproject's ``main`` entry point."""
+
+import logging
+import sys
+
+from fowlflow.errors import FowlflowError
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fowlflow.trainer.config import parse_args
+    from fowlflow.trainer.train import run
+
+    try:
+        run(parse_args(argv))
+    except FowlflowError as exc:
+        print(f"fowlflow: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fowlflow: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Decode every image once into a uint8 tensor kept in memory (on the GPU when there is one).
+
+    cache = decode_split(paths, labels, mode="train", image_size=224, workers=2)
+    cache.images  # uint8 (N, 3, S, S); cache.aspect (N,) original width/height
+
+Training images are resized ("squashed") to ``S x S`` with ``S = resize_size(image_size)`` and
+their original aspect ratio is kept, so the batched random-resized-crop in ``augment`` can
+sample crops in the original geometry without losing the image's edges. Validation images get
+the classic eval transform once (shorter side to ``S``, centre crop ``image_size``). Decoding
+runs in ``workers`` processes with a progress bar; files that fail to decode are reported,
+not fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def resize_size(image_size: int) -> int:
+    """The shorter-side resize before the centre crop (256 for 224, as torchvision does)."""
+    return int(round(image_size * 256 / 224))
+
+
+def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
+    """Shorter side to ``resize_size``, centre crop ``image_size``; uint8 (H, W, 3)."""
+    size = resize_size(image_size)
+    img.draft("RGB", (size, size))
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - image_size) // 2, (nh - image_size) // 2
+    return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
+
+
+def train_transform(img: Image.Image, image_size: int) -> tuple[np.ndarray, float]:
+    """The whole image squashed to ``S x S``; uint8 (S, S, 3) and the original w/h."""
+    size = resize_size(image_size)
+    img.draft("RGB", (size, size))
+    aspect = img.size[0] / img.size[1]
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)), aspect
+
+
+class _Decode(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], mode: str, image_size: int):
+        self.paths, self.mode, self.image_size = paths, mode, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.paths[i]) as img:
+                if self.mode == "train":
+                    arr, aspect = train_transform(img, self.image_size)
+                else:
+                    arr, aspect = eval_transform(img, self.image_size), 1.0
+            return i, torch.from_numpy(arr.copy()).permute(2, 0, 1), aspect, None
+        except Exception as exc:  # any decoder failure is a per-file problem, reported
+            return i, None, 1.0, f"cannot decode: {type(exc).__name__}: {exc}"
+
+
+@dataclass
+class ImageCache:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    aspect: torch.Tensor  # float32 (N,), original width / height
+    kept: list[Path]      # the paths of the rows, in order
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "ImageCache":
+        return ImageCache(self.images.to(device), self.labels.to(device),
+                          self.aspect.to(device), self.kept)
+
+
+def decode_split(paths: list[Path], labels: list[int], mode: str, image_size: int,
+                 workers: int, progress: bool = True, desc: str = "decode"
+                 ) -> tuple[ImageCache, list[tuple[Path, str]]]:
+    """Decode ``paths`` into an :class:`ImageCache`; also return ``(path, reason)`` failures."""
+    side = resize_size(image_size) if mode == "train" else image_size
+    need = len(paths) * 3 * side * side
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:  # psutil comes with mlflow; be safe anyway
+        free = need * 4
+    if need > free * 0.6:
+        from fowlflow.errors import DataError
+
+        raise DataError(f"Decoding {len(paths)} images at {side}px needs {need / 2**30:.1f} GiB "
+                        f"but only {free / 2**30:.1f} GiB is free. Use a smaller "
+                        "-P image_size or a machine with more memory.")
+    images = torch.empty((len(paths), 3, side, side), dtype=torch.uint8)
+    aspect = torch.ones(len(paths), dtype=torch.float32)
+    ok = torch.zeros(len(paths), dtype=torch.bool)
+    failures: list[tuple[Path, str]] = []
+    loader = torch.utils.data.DataLoader(
+        _Decode(paths, mode, image_size), batch_size=16, num_workers=workers,
+        collate_fn=list, shuffle=False)
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        for batch in loader:
+            for i, tensor, asp, error in batch:
+                if error is None:
+                    images[i], aspect[i], ok[i] = tensor, asp, True
+                else:
+                    failures.append((paths[i], error))
+            bar.update(len(batch))
+    keep = ok.nonzero().flatten()
+    cache = ImageCache(images[keep].contiguous(),
+                       torch.tensor(labels, dtype=torch.int64)[keep], aspect[keep],
+                       [paths[i] for i in keep.tolist()])
+    return cache, failures

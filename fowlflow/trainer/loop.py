@@ -1,0 +1,146 @@
+"""One training epoch and one evaluation pass over in-memory image caches.
+
+    stats, step_losses = train_epoch(model, optimizer, train_cache, setup, epoch)
+    result = evaluate(model, val_cache, setup)
+
+Host syncs are kept out of the step: losses and hit counts accumulate on the device and are
+read once per epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fowlflow.trainer.augment import eval_batch, train_batch
+from fowlflow.trainer.distributed import DistContext
+from fowlflow.trainer.image_cache import ImageCache
+
+
+@dataclass(frozen=True)
+class LoopSetup:
+    device: torch.device
+    ctx: DistContext
+    batch_size: int
+    image_size: int
+    num_classes: int
+    seed: int
+    amp: bool  # bf16 autocast
+    progress: bool
+
+    def autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    confusion: torch.Tensor  # int64 (C, C), rows = true class
+    predictions: torch.Tensor | None  # for the evaluated rows, when not sharded
+
+
+def epoch_batches(n: int, setup: LoopSetup, epoch: int) -> list[torch.Tensor]:
+    """This rank's index batches: one shared shuffle per epoch, equal shards per rank."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(setup.seed * 100_003 + epoch))
+    ctx = setup.ctx
+    per_rank = n // ctx.world_size
+    mine = perm[ctx.rank::ctx.world_size][:per_rank]
+    batches = list(mine.split(setup.batch_size))
+    if batches and len(batches[-1]) < 2 and len(batches) > 1:  # BatchNorm can't train on 1 image
+        batches.pop()
+    return batches
+
+
+def _seed_epoch(setup: LoopSetup, epoch: int) -> torch.Generator:
+    seed = setup.seed * 1_000_003 + epoch * 1_009 + setup.ctx.rank
+    torch.manual_seed(seed)  # dropout etc.
+    return torch.Generator(device=setup.device).manual_seed(seed)
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache: ImageCache,
+                setup: LoopSetup, epoch: int) -> tuple[EpochStats, list[float]]:
+    model.train()
+    gen = _seed_epoch(setup, epoch)
+    batches = epoch_batches(len(cache), setup, epoch)
+    losses = torch.zeros(len(batches), device=setup.device)
+    hits = torch.zeros((), dtype=torch.int64, device=setup.device)
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch} train", unit="batch", disable=not setup.progress,
+               leave=False, mininterval=1.0)
+    for step, idx in enumerate(bar):
+        idx = idx.to(setup.device, non_blocking=True)
+        x = train_batch(cache.images[idx], cache.aspect[idx], setup.image_size, gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = cache.labels[idx]
+        with setup.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses[step] = loss.detach()
+        hits += (logits.argmax(1) == y).sum()
+        if setup.progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[step].item():.3f}")
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float32, device=setup.device)
+    totals = torch.stack([(losses * sizes).sum(), hits.float(), sizes.sum()])
+    setup.ctx.all_reduce_sum(totals)
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    seconds = time.perf_counter() - start
+    loss_sum, hit_sum, n = totals.tolist()
+    stats = EpochStats(loss_sum / max(n, 1), hit_sum / max(n, 1), int(n), seconds)
+    return stats, losses.tolist()
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, cache: ImageCache, setup: LoopSetup,
+             shard: bool = True) -> EvalResult:
+    """Loss, accuracy and confusion matrix on ``cache`` (sharded over ranks unless told not)."""
+    model.eval()
+    ctx = setup.ctx
+    rows = torch.arange(len(cache))
+    if shard and ctx.distributed:
+        rows = rows[ctx.rank::ctx.world_size]
+    c = setup.num_classes
+    confusion = torch.zeros(c * c, dtype=torch.int64, device=setup.device)
+    loss_sum = torch.zeros((), device=setup.device)
+    preds = []
+    for idx in rows.split(max(setup.batch_size, 64)):
+        idx = idx.to(setup.device)
+        x = eval_batch(cache.images[idx]).contiguous(memory_format=torch.channels_last)
+        y = cache.labels[idx]
+        with setup.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        pred = logits.argmax(1)
+        confusion += torch.bincount(y * c + pred, minlength=c * c)
+        preds.append(pred)
+    if shard:
+        totals = torch.cat([confusion.float(), loss_sum.view(1)])
+        ctx.all_reduce_sum(totals)
+        confusion, loss_sum = totals[:-1].round().long(), totals[-1]
+    confusion = confusion.view(c, c).cpu()
+    n = int(confusion.sum())
+    return EvalResult(float(loss_sum) / max(n, 1), float(confusion.trace()) / max(n, 1),
+                      confusion, None if shard and ctx.distributed else torch.cat(preds).cpu())
