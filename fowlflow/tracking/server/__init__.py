@@ -1,0 +1,24 @@
+"""The team tracking server: PostgreSQL + SeaweedFS S3 + ``mlflow server`` with basic-auth.
+
+From a shell::
+
+    fowlflow server start                 # first start: initdb, bucket, admin user; ~20 s
+    eval "$(fowlflow server env)"         # MLFLOW_TRACKING_URI, _USERNAME, _PASSWORD
+    mlflow run . -P data=...              # tracked on the team server
+    fowlflow server status | stop
+
+From Python (tests, benchmarks)::
+
+    from fowlflow.tracking.server import Stack, StackConfig
+    stack = Stack(StackConfig.load(state_dir, pick_free=True))
+    stack.start(); ...; stack.stop()
+
+Modules: ``config`` (state dir, ports, secrets), ``postgres``, ``seaweedfs``,
+``mlflow_server`` (one server each), ``stack`` (all three), ``users`` (accounts and
+permissions), ``commands`` (the CLI), ``procs`` (pids, ports, readiness).
+"""
+
+from fowlflow.tracking.server.config import DEFAULT_STATE_DIR, Secrets, StackConfig
+from fowlflow.tracking.server.stack import Stack
+
+__all__ = ["DEFAULT_STATE_DIR", "Secrets", "Stack", "StackConfig"]

@@ -1,0 +1,143 @@
+"""The team tracking stack: PostgreSQL + SeaweedFS S3 + ``mlflow server`` with basic-auth.
+
+One object starts, inspects and stops the three servers of one state directory, recording
+their pids in ``state.json`` so that a later ``fowlflow server stop`` (another process) stops
+exactly what was started, and nothing else::
+
+    stack = Stack(StackConfig.load(Path(".fowlflow/server")))
+    stack.start()                           # idempotent: starts what is not running
+    env = stack.client_env()                # MLFLOW_TRACKING_URI/USERNAME/PASSWORD
+    stack.stop_component("mlflow"); stack.start_component("mlflow")   # fault tests
+    stack.stop()                            # reverse order; data stays for the next start
+
+A failed start stops whatever it had started before raising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from fowlflow.errors import ServerError
+from fowlflow.tracking.server.config import Secrets, StackConfig
+from fowlflow.tracking.server.mlflow_server import MlflowServer
+from fowlflow.tracking.server.postgres import PostgresServer
+from fowlflow.tracking.server.procs import ProcessRecord, port_free
+from fowlflow.tracking.server.seaweedfs import SeaweedFS
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("postgres", "s3", "mlflow")  # start order; stop is the reverse
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    pid: int | None
+    running: bool
+    address: str
+
+
+class Stack:
+    """The three servers of one state directory."""
+
+    def __init__(self, cfg: StackConfig):
+        self.cfg = cfg
+        self.secrets = Secrets.load_or_create(cfg.secrets_dir)
+        self.postgres = PostgresServer(cfg, self.secrets)
+        self.s3 = SeaweedFS(cfg, self.secrets)
+        self.mlflow = MlflowServer(cfg, self.secrets, pg_env=self.postgres.client_env(),
+                                   s3_env=self.s3.s3_env())
+        self._state_path = cfg.state_dir / "state.json"
+
+    # -- recorded pids ---------------------------------------------------------------------
+    def _records(self) -> dict[str, ProcessRecord | None]:
+        raw = json.loads(self._state_path.read_text()) if self._state_path.exists() else {}
+        return {name: ProcessRecord.from_json(raw.get(name)) for name in COMPONENTS}
+
+    def _save_record(self, name: str, record: ProcessRecord | None) -> None:
+        records = self._records()
+        records[name] = record
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_path.write_text(json.dumps(
+            {k: (v.to_json() if v else None) for k, v in records.items()}, indent=1) + "\n")
+
+    def record(self, name: str) -> ProcessRecord | None:
+        """The recorded process of component ``name`` if it is still running."""
+        rec = self._records().get(name)
+        return rec if rec and rec.alive() else None
+
+    # -- one component ---------------------------------------------------------------------
+    def _server(self, name: str):
+        return {"postgres": self.postgres, "s3": self.s3, "mlflow": self.mlflow}[name]
+
+    def _port(self, name: str) -> int:
+        return self.cfg.ports[name]
+
+    def start_component(self, name: str) -> ProcessRecord:
+        """Start ``name`` unless its recorded process is running; return its record."""
+        running = self.record(name)
+        if running:
+            return running
+        if not port_free(self._port(name), self.cfg.host):
+            raise ServerError(
+                f"port {self._port(name)} for {name} on {self.cfg.host} is taken by another "
+                f"program; stop it, or start with another port (fowlflow server start "
+                f"--{'s3' if name == 's3' else name}-port N), which "
+                f"{self.cfg.state_dir / 'ports.json'} then keeps")
+        record = self._server(name).start()
+        self._save_record(name, record)
+        return record
+
+    def stop_component(self, name: str) -> bool:
+        """Stop ``name`` if this stack started it and it runs; True if something stopped."""
+        rec = self._records().get(name)
+        stopped = self._server(name).stop(rec)
+        self._save_record(name, None)
+        return stopped
+
+    # -- the whole stack ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every component not already running, in dependency order."""
+        self.cfg.save()
+        started = []
+        t0 = time.monotonic()
+        try:
+            for name in COMPONENTS:
+                was_running = self.record(name) is not None
+                self.start_component(name)
+                if not was_running:
+                    started.append(name)
+        except BaseException:
+            for name in reversed(started):
+                self.stop_component(name)
+            raise
+        log.info("stack up in %.1fs: %s (user %s; password in %s)", time.monotonic() - t0,
+                 self.cfg.tracking_uri, self.secrets.admin_username,
+                 self.cfg.secrets_dir / "admin_password")
+
+    def stop(self) -> list[str]:
+        """Stop the components this state directory started; return the names stopped."""
+        return [name for name in reversed(COMPONENTS) if self.stop_component(name)]
+
+    def status(self) -> list[ComponentStatus]:
+        addresses = {"postgres": f"{self.cfg.host}:{self.cfg.ports['postgres']}",
+                     "s3": self.cfg.s3_endpoint, "mlflow": self.cfg.tracking_uri}
+        out = []
+        for name in COMPONENTS:
+            rec = self.record(name)
+            out.append(ComponentStatus(name, rec.pid if rec else None, rec is not None,
+                                       addresses[name]))
+        return out
+
+    def client_env(self, username: str | None = None, password: str | None = None
+                   ) -> dict[str, str]:
+        """What an MLflow client sets to use this server (default: the admin login)."""
+        return {"MLFLOW_TRACKING_URI": self.cfg.tracking_uri,
+                "MLFLOW_TRACKING_USERNAME": username or self.secrets.admin_username,
+                "MLFLOW_TRACKING_PASSWORD": password or self.secrets.admin_password}
+
+    def log_paths(self) -> list[Path]:
+        return [self.postgres.log_path, self.s3.log_path, self.mlflow.log_path]
