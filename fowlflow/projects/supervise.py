@@ -1,0 +1,282 @@
+"""The run supervisor: one small, stdlib-only program that owns a launched command on a host.
+
+The same file runs on this machine (torchrun backend) and is copied next to the project on a
+remote host (ssh backend), where it is started detached from the SSH session::
+
+    python3 supervise.py start  --run-dir D --name node0 --run-id ID [--finalize] -- ARGV...
+    python3 supervise.py status --run-dir D --name node0          # prints one JSON object
+    python3 supervise.py follow --run-dir D --name node0 --offset N   # streams the log
+    python3 supervise.py cancel --run-dir D --name node0           # kills the whole tree
+
+``start`` forks ``run`` into its own session (setsid, SIGHUP ignored, stdio on files), prints
+its pid and returns, so a dropped SSH connection leaves the run alone. ``run`` starts the
+command in its own process group with a marker variable ``FOWLFLOW_LAUNCH=<run id>/<name>``
+in its environment; every descendant inherits it, which is how ``cancel`` finds processes that
+left the group (torchrun starts each worker in a new session). When the command ends, ``run``
+writes ``<name>.status.json`` and, with ``--finalize``, ends the MLflow run if it is still
+RUNNING and uploads ``<name>.log`` as the artifact ``fowlflow-logs/<name>.log``.
+
+Files in the run dir, per node name: ``.pid``, ``.log``, ``.status.json``, ``.env.json`` (0600,
+the environment including credentials; removed once the command has started).
+Only the standard library is imported at module level: MLflow is imported lazily when
+finalizing, from whatever Python runs this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+MARKER = "FOWLFLOW_LAUNCH"
+GRACE_S = 10.0
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+def _paths(run_dir: str, name: str) -> dict:
+    base = os.path.join(run_dir, name)
+    return {k: f"{base}.{k}" for k in ("pid", "log")} | {
+        "status": f"{base}.status.json", "env": f"{base}.env.json"}
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _log(path: str, msg: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(f"[fowlflow] {msg}\n")
+
+
+def marked_pids(marker_value: str) -> list[int]:
+    """Pids of every process whose environment carries ``FOWLFLOW_LAUNCH=<marker_value>``."""
+    needle = f"{MARKER}={marker_value}".encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read() + b"\0":
+                    found.append(int(entry))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def kill_tree(marker_value: str, pgid: int | None, grace: float = GRACE_S) -> None:
+    """SIGTERM the command's process group and every marked process, then SIGKILL survivors."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if pgid:
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                pass
+        for pid in marked_pids(marker_value):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            alive = marked_pids(marker_value)
+            if pgid:
+                try:
+                    os.killpg(pgid, 0)
+                    alive.append(pgid)
+                except OSError:
+                    pass
+            if not alive:
+                return
+            _reap()
+            time.sleep(0.1)
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _finalize(run_id: str, state: str, log_path: str, name: str, set_status: bool) -> None:
+    """End the MLflow run if it is still RUNNING and upload the log; never raise."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        if set_status:
+            current = client.get_run(run_id).info.status
+            if current not in TERMINAL:
+                client.set_terminated(run_id, state)
+        client.log_artifact(run_id, log_path, "fowlflow-logs")
+    except Exception as exc:  # the log keeps the reason; the client reconciles the status
+        _log(log_path, f"finalize failed: {type(exc).__name__}: {exc}")
+
+
+def cmd_run(args) -> int:
+    p = _paths(args.run_dir, args.name)
+    _write_atomic(p["pid"], str(os.getpid()))
+    if os.path.exists(p["env"]):
+        with open(p["env"]) as fh:  # tracking URI, run id, credentials: for us and the child
+            os.environ.update(json.load(fh))
+    env = dict(os.environ)
+    marker = f"{args.run_id}/{args.name}"
+    env[MARKER] = marker
+    state = {"cancelled": False}
+
+    def on_signal(signum, _frame):
+        state["cancelled"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log = open(p["log"], "ab", buffering=0)
+    child = None
+    code = None
+    try:
+        child = subprocess.Popen(args.argv, cwd=args.cwd or None, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if os.path.exists(p["env"]):
+            os.unlink(p["env"])  # credentials now live only in the processes' environment
+        code = child.wait()
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # command not found, bad cwd
+        _log(p["log"], f"could not start {args.argv[0]!r}: {exc}")
+        code = 127
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if state["cancelled"]:
+        _log(p["log"], "cancelled: stopping every process of this run")
+        kill_tree(marker, child.pid if child else None)
+        if child is not None:
+            child.poll()
+        status = "KILLED"
+    else:
+        kill_tree(marker, None, grace=2.0)  # stragglers the command left behind
+        status = "FINISHED" if code == 0 else "FAILED"
+        if code != 0:
+            _log(p["log"], f"command exited with code {code}")
+    if os.path.exists(p["env"]):
+        os.unlink(p["env"])
+    if args.finalize or args.upload_log:
+        _finalize(args.run_id, status, p["log"], args.name, set_status=args.finalize)
+    _write_atomic(p["status"], json.dumps({"state": status, "exit_code": code,
+                                           "ended": time.time()}))
+    return 0 if status == "FINISHED" else 1
+
+
+def cmd_start(args) -> int:
+    """Fork ``run`` into a new session with stdio on files, print its pid and return."""
+    os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
+    p = _paths(args.run_dir, args.name)
+    argv = [sys.executable, os.path.abspath(__file__), "run", "--run-dir", args.run_dir,
+            "--name", args.name, "--run-id", args.run_id, "--cwd", args.cwd or ""]
+    argv += ["--finalize"] * args.finalize + ["--upload-log"] * args.upload_log
+    with open(p["log"], "ab") as log:
+        proc = subprocess.Popen(argv + ["--", *args.argv], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                close_fds=True)
+    print(json.dumps({"pid": proc.pid, "run_dir": os.path.abspath(args.run_dir),
+                      "log": os.path.abspath(p["log"])}), flush=True)
+    return 0
+
+
+def read_status(run_dir: str, name: str) -> dict:
+    """The node's state: RUNNING, FINISHED, FAILED, KILLED, or LOST (died unrecorded)."""
+    p = _paths(run_dir, name)
+    if os.path.exists(p["status"]):
+        with open(p["status"]) as fh:
+            return json.load(fh)
+    pid = None
+    if os.path.exists(p["pid"]):
+        with open(p["pid"]) as fh:
+            pid = int(fh.read().strip() or 0)
+    if pid:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"supervise" in fh.read():
+                    return {"state": "RUNNING", "pid": pid}
+        except OSError:
+            pass
+        if os.path.exists(p["status"]):  # finished between the two checks
+            return read_status(run_dir, name)
+        return {"state": "LOST", "pid": pid, "exit_code": None}
+    return {"state": "STARTING" if os.path.exists(p["log"]) else "UNKNOWN"}
+
+
+def cmd_status(args) -> int:
+    print(json.dumps(read_status(args.run_dir, args.name)), flush=True)
+    return 0
+
+
+def cmd_follow(args) -> int:
+    """Copy the log from byte ``offset`` to stdout until the node has ended."""
+    p = _paths(args.run_dir, args.name)
+    out = sys.stdout.buffer
+    offset = args.offset
+    while True:
+        state = read_status(args.run_dir, args.name)["state"]
+        if os.path.exists(p["log"]):
+            with open(p["log"], "rb") as fh:
+                fh.seek(offset)
+                while chunk := fh.read(65536):
+                    out.write(chunk)
+                    offset += len(chunk)
+                out.flush()
+        if state not in ("RUNNING", "STARTING"):
+            return 0
+        time.sleep(args.poll)
+
+
+def cmd_cancel(args) -> int:
+    """SIGTERM the supervisor (it kills the tree and records KILLED); clean up if it is gone."""
+    status = read_status(args.run_dir, args.name)
+    if status["state"] == "RUNNING":
+        os.kill(status["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S + 15
+        while time.monotonic() < deadline and read_status(args.run_dir, args.name)["state"] \
+                == "RUNNING":
+            time.sleep(0.2)
+    kill_tree(f"{args.run_id}/{args.name}", None, grace=2.0)
+    print(json.dumps(read_status(args.run_dir, args.name)), flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="supervise")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("start", "run", "status", "follow", "cancel"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--run-dir", required=True)
+        sp.add_argument("--name", required=True)
+        if name in ("start", "run", "cancel"):
+            sp.add_argument("--run-id", required=True)
+        if name in ("start", "run"):
+            sp.add_argument("--cwd", default="")
+            sp.add_argument("--finalize", action="store_true",
+                            help="end the MLflow run if still RUNNING; upload the log")
+            sp.add_argument("--upload-log", action="store_true", help="only upload the log")
+            sp.add_argument("argv", nargs=argparse.REMAINDER)
+        if name == "follow":
+            sp.add_argument("--offset", type=int, default=0)
+            sp.add_argument("--poll", type=float, default=0.3)
+    args = parser.parse_args(argv)
+    if getattr(args, "argv", None) and args.argv[0] == "--":
+        args.argv = args.argv[1:]
+    return {"start": cmd_start, "run": cmd_run, "status": cmd_status, "follow": cmd_follow,
+            "cancel": cmd_cancel}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
