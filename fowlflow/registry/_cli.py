@@ -1,0 +1,24 @@
+"""Shared ``__main__`` plumbing of the registry entry points (register, promote, predict, evaluate).
+
+    if __name__ == "__main__":
+        run_main(main)     # logging set up; a FowlflowError → its message on stderr, exit 2
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from fowlflow.errors import FowlflowError
+
+
+def run_main(main: Callable[[list[str] | None], int]) -> None:
+    """Run an entry point's ``main`` and exit with its status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = int(main(None) or 0)
+    except FowlflowError as exc:
+        print(f"fowlflow: error: {exc.message}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

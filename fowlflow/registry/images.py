@@ -1,0 +1,220 @@
+"""Decoding and preprocessing images: the one geometric preprocessing both model formats share.
+
+    prep = Preprocessing.from_metadata(mlflow.models.get_model_info(uri).metadata)
+    pixels = preprocess_batch(["turkey.jpg", open("a.jpg", "rb").read()], prep)  # uint8 (N,S,S,3)
+
+The pipeline is torchvision's validation transform written with PIL only, so that the served
+ONNX model needs neither torch nor torchvision: RGB → resize the shorter side to
+``resize_size`` (bilinear, antialiased: PIL always filters when shrinking) → center crop
+``image_size`` → uint8 HWC. Scaling to [0, 1] and the mean/std normalization are *not* done
+here: they are a layer of the exported ONNX graph and of the PyTorch wrapper
+(``fowlflow.registry.export.PixelClassifier``), so any client that can produce RGB bytes gets
+the same numbers. This module imports no torch; it is copied into every ONNX model's ``code/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fowlflow.errors import RegistryError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# Signatures of the formats PIL reads that we accept; anything else is tried as base64 text.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*", b"P6")
+
+
+class ImageDecodeError(RegistryError):
+    """One input is not a readable image. The scoring server answers it with HTTP 400."""
+
+    def __init__(self, message: str, index: int | None = None):
+        prefix = f"item {index}: " if index is not None else ""
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        super().__init__(prefix + message, error_code=INVALID_PARAMETER_VALUE)
+        self.index = index
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model expects, as logged in its MLmodel ``metadata``."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any] | None) -> Preprocessing:
+        """Build from a model's metadata dict (``image_size``, ``resize_size``, ``mean``, ``std``).
+
+        Raises:
+            RegistryError: ``image_size`` is missing (the model was not logged by fowlflow).
+        """
+        metadata = metadata or {}
+        if "image_size" not in metadata:
+            raise RegistryError(
+                f"the model's MLmodel metadata has no 'image_size' (keys: {sorted(metadata)}); "
+                "log it with fowlflow's trainer, or pass metadata={'image_size': ..., "
+                "'class_names': [...]} to mlflow.pytorch.log_model")
+        size = int(metadata["image_size"])
+        return cls(
+            image_size=size,
+            resize_size=int(metadata.get("resize_size") or round(size * 256 / 224)),
+            mean=tuple(float(v) for v in metadata.get("mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in metadata.get("std", IMAGENET_STD)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def load_image(source: Any, *, allow_paths: bool = True):
+    """Open one image as a PIL RGB image.
+
+    Args:
+        source: a path (str or ``os.PathLike``), raw encoded bytes, base64 text (str or bytes,
+            optionally a ``data:image/...;base64,`` URI), a binary file object, or a PIL image.
+        allow_paths: read str sources as local paths first. The image pyfunc turns this off
+            inside ``mlflow models serve`` so that a request can't read the server's files.
+
+    Raises:
+        ImageDecodeError: the source can't be read or decoded as an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray) and source.ndim == 0:
+        source = source.item()
+    if isinstance(source, (bytearray, memoryview)):
+        source = bytes(source)
+    what = _describe(source)
+    if isinstance(source, os.PathLike):
+        data = _read_file(Path(source), what)
+    elif isinstance(source, str):
+        if allow_paths and _is_file(source):
+            data = _read_file(Path(source), what)
+        else:
+            data = _from_base64(source, what, maybe_path=allow_paths)
+    elif isinstance(source, bytes):
+        data = source if source.startswith(_MAGIC) else _from_base64(source, what)
+    elif hasattr(source, "read"):
+        data = source.read()
+    else:
+        raise ImageDecodeError(
+            f"{what}: unsupported input type {type(source).__name__}; give a path, image bytes, "
+            "base64 text or a PIL image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(
+            f"{what} is not a readable image ({type(exc).__name__}: {exc}); "
+            "send a JPEG/PNG/BMP/GIF/WebP/TIFF file") from None
+
+
+def _is_file(text: str) -> bool:
+    if len(text) > 4096 or text.startswith("data:"):
+        return False
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # name too long, NUL byte: not a path
+        return False
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{what}: can't read the file ({exc.strerror}); "
+                               "give an existing, readable image path") from None
+
+
+def _from_base64(text: str | bytes, what: str, maybe_path: bool = False) -> bytes:
+    if isinstance(text, str):
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        text = text.encode("ascii", errors="replace")
+    try:
+        return base64.b64decode(b"".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        if maybe_path:
+            raise ImageDecodeError(f"{what}: no such image file (and not base64 image bytes); "
+                                   "give an existing path") from None
+        raise ImageDecodeError(
+            f"{what} is neither image bytes nor base64-encoded image bytes; send the "
+            "file's bytes base64-encoded (see docs/registry.md, 'Serving')") from None
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        return repr(text if len(text) <= 60 else text[:57] + "...")
+    if isinstance(source, bytes):
+        return f"{len(source)} bytes {source[:12]!r}"
+    return type(source).__name__
+
+
+def resize_and_crop(img, prep: Preprocessing) -> np.ndarray:
+    """Shorter side to ``resize_size``, then the central ``image_size`` square, as uint8 HWC.
+
+    Same arithmetic as ``torchvision.transforms.Resize(resize_size)`` followed by
+    ``CenterCrop(image_size)`` on a PIL image (tests compare the two).
+    """
+    from PIL import Image
+
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = prep.resize_size, int(prep.resize_size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+    s = prep.image_size
+    if new_w < s or new_h < s:  # torchvision pads before cropping; so do we
+        canvas = Image.new("RGB", (max(new_w, s), max(new_h, s)))
+        canvas.paste(img, ((max(new_w, s) - new_w) // 2, (max(new_h, s) - new_h) // 2))
+        img, (new_w, new_h) = canvas, canvas.size
+    top = int(round((new_h - s) / 2.0))
+    left = int(round((new_w - s) / 2.0))
+    return np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.uint8)
+
+
+def preprocess(source: Any, prep: Preprocessing, *, allow_paths: bool = True) -> np.ndarray:
+    """Decode one image and return the model's pixels: uint8 ``(image_size, image_size, 3)``.
+
+    Raises:
+        ImageDecodeError: the source is not a readable image.
+    """
+    return resize_and_crop(load_image(source, allow_paths=allow_paths), prep)
+
+
+def preprocess_batch(sources, prep: Preprocessing, *, allow_paths: bool = True) -> np.ndarray:
+    """:func:`preprocess` each source into one uint8 batch ``(N, S, S, 3)``.
+
+    Raises:
+        ImageDecodeError: an item is not an image; the message starts with its index.
+    """
+    out = np.empty((len(sources), prep.image_size, prep.image_size, 3), dtype=np.uint8)
+    for i, src in enumerate(sources):
+        try:
+            out[i] = preprocess(src, prep, allow_paths=allow_paths)
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(exc.message, index=i) from None
+    return out
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, by extension."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

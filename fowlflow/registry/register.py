@@ -1,0 +1,262 @@
+"""Register a trained model: PyTorch version, ONNX export, parity check, ONNX version, aliases.
+
+The trainer calls, at the end of a run with ``registered_model_name`` set::
+
+    from fowlflow.registry import register_trained_model
+    register_trained_model(run_id=run_id, name="fowl-classifier", val_dir=Path("data/val"))
+
+and the MLproject entry point does the same for any logged model::
+
+    mlflow run . -e register -P model_uri=runs:/<run_id>/model -P val_dir=data/val
+
+Steps: load the logged PyTorch model → wrap it as a raw-pixel classifier and export ONNX →
+run both on real validation images → register the PyTorch model as a version of ``<name>`` →
+if parity passed, log the ONNX model (``onnx`` + image ``python_function`` flavors) and
+register it as a version of ``<name>-onnx`` → link the two versions by tags, write model cards,
+point alias ``candidate`` at both. On a parity failure nothing is registered for ONNX, the
+PyTorch version says so in its tags, and :class:`~fowlflow.errors.RegistryError` is raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fowlflow.errors import RegistryError
+from fowlflow.registry.card import PAIRED_ONNX, VersionFacts, model_card, version_tags
+from fowlflow.registry.parity import DEFAULT_ATOL, DEFAULT_MAX_IMAGES, ParityReport
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAME = "fowl-classifier"
+ONNX_SUFFIX = "-onnx"
+CANDIDATE = "candidate"
+ONNX_ARTIFACT = "onnx_model"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The versions one registration created."""
+
+    name: str
+    version: str
+    onnx_name: str
+    onnx_version: str | None
+    parity: ParityReport
+
+
+def onnx_name_for(name: str) -> str:
+    """The registered model that holds ``name``'s ONNX versions."""
+    return name + ONNX_SUFFIX
+
+
+def register_trained_model(run_id: str, name: str, val_dir: str | Path, *,
+                           atol: float = DEFAULT_ATOL, max_images: int = DEFAULT_MAX_IMAGES,
+                           opset: int | None = None) -> Registration:
+    """Register the model a training run logged at artifact name ``model``.
+
+    The ONNX model, parity metrics and ``registry/parity.json`` are logged to that same run.
+
+    Args:
+        run_id: the training run (may still be active).
+        name: registered model name; ONNX versions go to ``<name>-onnx``.
+        val_dir: a folder of validation images (the ImageFolder's ``val/``).
+        atol: largest allowed absolute difference of class probabilities.
+        max_images: how many validation images the parity check uses at most.
+        opset: ONNX opset (default :data:`fowlflow.registry.export.DEFAULT_OPSET`).
+
+    Returns:
+        The :class:`Registration`.
+
+    Raises:
+        RegistryError: loading, export or registration failed, or parity failed (then the
+            PyTorch version exists, tagged ``parity_passed=false``, and no ONNX version does).
+    """
+    return register_model_uri(f"runs:/{run_id}/model", name, val_dir, log_run_id=run_id,
+                              atol=atol, max_images=max_images, opset=opset)
+
+
+def register_model_uri(model_uri: str, name: str, val_dir: str | Path, *,
+                       log_run_id: str | None = None, atol: float = DEFAULT_ATOL,
+                       max_images: int = DEFAULT_MAX_IMAGES,
+                       opset: int | None = None) -> Registration:
+    """Register any fowlflow PyTorch model URI; see :func:`register_trained_model`.
+
+    Args:
+        model_uri: ``runs:/<id>/model``, ``models:/<name>/<version>``, ``models:/m-<id>``…
+        log_run_id: the run that receives the ONNX model and parity figures (default: the
+            model's source run).
+        name, val_dir, atol, max_images, opset: as for :func:`register_trained_model`.
+    """
+    import mlflow
+    import onnx
+    import onnxruntime
+    import torch
+
+    from fowlflow.registry.export import DEFAULT_OPSET, PixelClassifier, export_onnx, load_pytorch
+    from fowlflow.registry.images import Preprocessing
+    from fowlflow.registry.parity import check_parity, load_parity_images
+
+    opset = opset or DEFAULT_OPSET
+    client = mlflow.MlflowClient()
+    module, metadata = load_pytorch(model_uri)
+    info = mlflow.models.get_model_info(model_uri)
+    source_run_id = info.run_id or ""
+    # Register the logged model itself (runs:/ URIs resolve to it, with a warning).
+    register_uri = f"models:/{info.model_id}" if getattr(info, "model_id", None) else model_uri
+    log_run_id = log_run_id or source_run_id
+    if not log_run_id:
+        raise RegistryError(f"{model_uri!r} belongs to no run, so there is nowhere to log its "
+                            "ONNX model; run the register entry point with `mlflow run`")
+    prep = Preprocessing.from_metadata(metadata)
+    pixels, paths = load_parity_images(Path(val_dir), prep, max_images)
+    classifier = PixelClassifier(module, prep)
+    with tempfile.TemporaryDirectory(prefix="fowlflow-onnx-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        proto = export_onnx(classifier, onnx_path, prep, opset=opset)
+        report = check_parity(classifier, onnx_path, pixels, atol)
+    _log_parity(client, log_run_id, report, paths, model_uri)
+
+    facts = VersionFacts(
+        source_run_id=source_run_id, model_uri=model_uri,
+        class_names=[str(c) for c in metadata["class_names"]], prep=prep,
+        val_acc=_val_acc(metadata, client, source_run_id), parity=report, metadata=metadata,
+        versions={"torch": str(torch.__version__), "onnx": str(onnx.__version__),
+                  "onnxruntime": str(onnxruntime.__version__), "opset": str(_opset(proto))},
+    )
+    version = _register(client, register_uri, name, facts, "pytorch")
+    onnx_name = onnx_name_for(name)
+    if not report.passed:
+        client.set_model_version_tag(name, version, PAIRED_ONNX, "none: parity failed")
+        raise RegistryError(
+            f"{name} version {version} is registered, but its ONNX export is not: "
+            f"{report.summary()}. The exported graph computes something else than the PyTorch "
+            f"model; nothing was registered under {onnx_name!r} and this version can't be "
+            "promoted. Fix: try another -P opset=..., or report the arch and torch version; "
+            "raise -P atol=... only if you accept the difference.")
+    onnx_info = _log_onnx(proto, facts, log_run_id)
+    onnx_version = _register(client, onnx_info.model_uri, onnx_name, facts, "onnx",
+                             paired=f"{name}/{version}")
+    paired = f"{onnx_name}/{onnx_version}"
+    client.set_model_version_tag(name, version, PAIRED_ONNX, paired)
+    client.update_model_version(name, version, description=model_card(facts, "pytorch", paired))
+    for model_name, v in ((name, version), (onnx_name, onnx_version)):
+        client.set_registered_model_alias(model_name, CANDIDATE, v)
+    logger.info("registered %s/%s and %s/%s; alias %r points at both", name, version,
+                onnx_name, onnx_version, CANDIDATE)
+    return Registration(name, version, onnx_name, onnx_version, report)
+
+
+def _register(client, model_uri: str, name: str, facts: VersionFacts, fmt: str,
+              paired: str | None = None) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = mlflow.register_model(model_uri, name, tags=version_tags(facts, fmt, paired))
+    except MlflowException as exc:
+        raise RegistryError(f"registering {model_uri!r} as {name!r} failed: {exc.message}; "
+                            "check the name (letters, digits, '-', '_', '.') and that the "
+                            "tracking server has a model registry") from exc
+    rm = client.get_registered_model(name)
+    if not rm.description:
+        kind = "ONNX (image pyfunc, servable)" if fmt == "onnx" else "PyTorch (pt2)"
+        client.update_registered_model(name, description=(
+            f"fowlflow image classifier, {kind}. Aliases: `candidate` = newest version, "
+            "`champion` = promoted (`mlflow run . -e promote`). See each version's card."))
+    if fmt == "onnx" or not paired:
+        client.update_model_version(name, mv.version, description=model_card(facts, fmt, paired))
+    return str(mv.version)
+
+
+def _log_onnx(proto, facts: VersionFacts, run_id: str):
+    """Log the ONNX model with the onnx flavor and fowlflow's image pyfunc; returns ModelInfo."""
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Map
+    from PIL import Image
+
+    from fowlflow.registry import image_pyfunc
+
+    import pandas as pd
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(png, format="PNG")
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary)]),
+        outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score"),
+                        ColSpec(Map(DataType.double), "probabilities")]))
+    metadata = {**facts.metadata, **facts.prep.as_dict(),
+                "class_names": facts.class_names, "source_run_id": facts.source_run_id,
+                "pytorch_model_uri": facts.model_uri,
+                "onnx_input": "pixels: uint8 [N, image_size, image_size, 3] RGB",
+                "onnx_outputs": "logits, probabilities: float32 [N, num_classes]",
+                **facts.parity.as_tags(), **{f"{k}_version": v for k, v in facts.versions.items()}}
+    return Model.log(
+        artifact_path=None, name=ONNX_ARTIFACT, flavor=image_pyfunc, onnx_model=proto, run_id=run_id,
+        signature=signature, input_example=pd.DataFrame({"image": [png.getvalue()]}),
+        metadata=metadata, pip_requirements=image_pyfunc.pip_requirements(),
+        onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+
+
+def _log_parity(client, run_id: str, report: ParityReport, paths: list[Path], model_uri: str):
+    for key, value in report.as_metrics().items():
+        client.log_metric(run_id, key, value)
+    client.log_dict(run_id, {"model_uri": model_uri, "passed": report.passed,
+                             **report.as_tags(), "images": [str(p) for p in paths]},
+                    "registry/parity.json")
+
+
+def _val_acc(metadata: dict, client, run_id: str) -> float | None:
+    if metadata.get("best_val_acc") is not None:
+        return float(metadata["best_val_acc"])
+    if run_id:
+        value = client.get_run(run_id).data.metrics.get("best_val_acc")
+        return None if value is None else float(value)
+    return None
+
+
+def _opset(proto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fowlflow.registry.register",
+                                description="Register a logged fowlflow model and its ONNX "
+                                            "export (after a parity check).")
+    p.add_argument("--model_uri", required=True,
+                   help="runs:/<run_id>/model, models:/<name>/<version>, or a bare run id")
+    p.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
+    p.add_argument("--val_dir", required=True, help="folder of validation images")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL)
+    p.add_argument("--max_images", type=int, default=DEFAULT_MAX_IMAGES)
+    p.add_argument("--opset", type=int, default=0, help="ONNX opset (0: fowlflow's default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import mlflow
+
+    args = build_parser().parse_args(argv)
+    uri = args.model_uri if ":" in args.model_uri else f"runs:/{args.model_uri}/model"
+    with mlflow.start_run() as run:  # under `mlflow run`, the project's own run
+        mlflow.log_params({k: v for k, v in vars(args).items()})
+        reg = register_model_uri(uri, args.name, args.val_dir, log_run_id=run.info.run_id,
+                                 atol=args.atol, max_images=args.max_images,
+                                 opset=args.opset or None)
+        mlflow.set_tags({"registered_version": f"{reg.name}/{reg.version}",
+                         "registered_onnx_version": f"{reg.onnx_name}/{reg.onnx_version}"})
+    print(f"registered {reg.name} version {reg.version} and {reg.onnx_name} version "
+          f"{reg.onnx_version} (alias {CANDIDATE!r}); {reg.parity.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    from fowlflow.registry._cli import run_main
+
+    run_main(main)
