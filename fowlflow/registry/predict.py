@@ -1,0 +1,130 @@
+"""Classify image files with a registered model: a table on stdout, optionally a CSV.
+
+    mlflow run . -e predict -P model_uri=models:/fowl-classifier-onnx@champion \
+        -P images=photos/ -P output_csv=predictions.csv
+    python -m fowlflow.registry.predict --model_uri ... --images a.jpg,b.png,folder/
+
+``images`` is a comma-separated list of files and folders (searched recursively for image
+extensions). A file that can't be decoded gets its own row with the error; the others are still
+predicted. The exit status is 0 unless no image at all could be read. Under ``mlflow run`` the
+CSV is also logged to the project run as ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fowlflow.errors import RegistryError
+from fowlflow.registry.images import ImageDecodeError, list_images, preprocess
+
+logger = logging.getLogger(__name__)
+
+
+def expand_images(spec: str) -> list[Path]:
+    """Files and folders (comma-separated) → image paths; folders are searched recursively.
+
+    Raises:
+        RegistryError: a listed path does not exist, or nothing was found.
+    """
+    paths: list[Path] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        p = Path(item).expanduser()
+        if p.is_dir():
+            paths += list_images(p)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise RegistryError(f"predict: {item!r} does not exist; give image files or folders, "
+                                "comma-separated")
+    if not paths:
+        raise RegistryError(f"predict: no image files in {spec!r} (extensions: .jpg .png ...)")
+    return paths
+
+
+def predict_files(classifier, paths: list[Path], batch_size: int = 32):
+    """One row per path: path, label, score, one ``p_<class>`` column per class, error.
+
+    Undecodable files get an ``error`` and empty predictions; the rest are classified.
+    """
+    import pandas as pd
+    from tqdm import tqdm
+
+    pixels, ok, errors = [], [], {}
+    for i, path in enumerate(tqdm(paths, desc="decode", unit="img", disable=None)):
+        try:
+            pixels.append(preprocess(path, classifier.prep))
+            ok.append(i)
+        except ImageDecodeError as exc:
+            errors[i] = exc.message
+            logger.warning("%s", exc.message)
+    names = classifier.class_names
+    probs = np.full((len(paths), len(names)), np.nan)
+    if ok:
+        batch = np.stack(pixels)
+        out = [classifier.predict_pixels(batch[j:j + batch_size])
+               for j in range(0, len(batch), batch_size)]
+        probs[ok] = np.concatenate(out)
+    rows = []
+    for i, path in enumerate(paths):
+        good = i not in errors
+        rows.append({"path": str(path),
+                     "label": names[int(np.argmax(probs[i]))] if good else "",
+                     "score": float(np.max(probs[i])) if good else np.nan,
+                     **{f"p_{c}": probs[i, k] for k, c in enumerate(names)},
+                     "error": errors.get(i, "")})
+    return pd.DataFrame(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fowlflow.registry.predict",
+                                description="Classify image files with a registered model.")
+    p.add_argument("--model_uri", required=True,
+                   help="e.g. models:/fowl-classifier-onnx@champion (ONNX or PyTorch)")
+    p.add_argument("--images", required=True, help="comma-separated image files and folders")
+    p.add_argument("--output_csv", default="", help="also write the table here")
+    p.add_argument("--batch_size", type=int, default=32)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    import mlflow
+    import pandas as pd
+
+    from fowlflow.registry.classifier import load_classifier
+
+    args = build_parser().parse_args(argv)
+    paths = expand_images(args.images)
+    table = predict_files(load_classifier(args.model_uri), paths, args.batch_size)
+    with pd.option_context("display.max_rows", None, "display.width", 200,
+                           "display.max_colwidth", 80):
+        print(table[["path", "label", "score", "error"]].to_string(index=False))
+    if args.output_csv:
+        table.to_csv(args.output_csv, index=False)
+        print(f"wrote {args.output_csv}")
+    if os.environ.get("MLFLOW_RUN_ID"):
+        with mlflow.start_run():
+            mlflow.log_params({"model_uri": args.model_uri, "images": args.images[:500]})
+            mlflow.log_metric("images", len(table))
+            mlflow.log_metric("failed_images", int((table["error"] != "").sum()))
+            mlflow.log_text(table.to_csv(index=False), "predictions.csv")
+    failed = int((table["error"] != "").sum())
+    if failed == len(table):
+        raise RegistryError(f"predict: none of the {failed} images could be read; see the "
+                            "error column")
+    if failed:
+        print(f"{failed} of {len(table)} images could not be read (see the error column)")
+    return 0
+
+
+if __name__ == "__main__":
+    from fowlflow.registry._cli import run_main
+
+    run_main(main)
