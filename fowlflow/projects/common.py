@@ -24,6 +24,17 @@ TAG_PREFIX = "fowlflow."
 LAUNCH_TAG = "fowlflow.launch"  # JSON: everything `fowlflow attach|cancel` needs
 
 
+def console_logging() -> None:
+    """Show fowlflow's INFO messages under ``mlflow run`` (MLflow only configures its own)."""
+    logger = logging.getLogger("fowlflow")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%Y/%m/%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def fetch_command(project_uri, entry_point, params, version, storage_dir):
     """Fetch and validate the project; render the entry point command (MLflow's quoting)."""
     from mlflow.projects.utils import (fetch_and_validate_project, get_entry_point_command,

@@ -31,6 +31,7 @@ class Rendezvous:
     host: str
     port: int
     run_id: str
+    local_addr: str | None = None  # this node's address as its peers reach it
 
 
 def entry_argv(command: str) -> list[str]:
@@ -70,6 +71,8 @@ def torchrun_argv(command: str, nproc: int, python: str = "python", max_restarts
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rdzv.host}:{rdzv.port}",
                    "--rdzv-id", rdzv.run_id,
                    "--rdzv-conf", f"is_host={'true' if rdzv.node_rank == 0 else 'false'}"]
+        if rdzv.local_addr:
+            launch += ["--local-addr", rdzv.local_addr]
     launch += ["--max-restarts", str(max_restarts)]
     if _PYTHON.match(argv[0]) and len(argv) >= 3 and argv[1] == "-m":
         return launch + ["-m", *argv[2:]]
@@ -123,3 +126,16 @@ def pick_gpus(gpus: list[dict], wanted_ids: tuple[int, ...] | None, free: int | 
     if chosen and nproc < len(chosen):
         chosen = chosen[:nproc]
     return chosen, nproc
+
+
+def node_argv(command: str, python: str, nproc: int, max_restarts: int = 0,
+              rdzv: Rendezvous | None = None) -> list[str]:
+    """What one node runs: the entry point itself for a single process, else torchrun.
+
+    A leading ``python`` is replaced by the ``python`` argument (the environment's interpreter),
+    so the command does not depend on which ``python`` comes first on the host's PATH.
+    """
+    if nproc == 1 and rdzv is None:
+        argv = entry_argv(command)
+        return [python, *argv[1:]] if _PYTHON.match(argv[0]) else argv
+    return torchrun_argv(command, nproc, python=python, max_restarts=max_restarts, rdzv=rdzv)

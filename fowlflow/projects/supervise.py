@@ -128,6 +128,8 @@ def cmd_run(args) -> int:
     if os.path.exists(p["env"]):
         with open(p["env"]) as fh:  # tracking URI, run id, credentials: for us and the child
             os.environ.update(json.load(fh))
+    if args.path_prepend:  # the environment's bin dir before the host's own PATH
+        os.environ["PATH"] = os.pathsep.join([args.path_prepend, os.environ.get("PATH", "")])
     env = dict(os.environ)
     marker = f"{args.run_id}/{args.name}"
     env[MARKER] = marker
@@ -181,7 +183,8 @@ def cmd_start(args) -> int:
     os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     p = _paths(args.run_dir, args.name)
     argv = [sys.executable, os.path.abspath(__file__), "run", "--run-dir", args.run_dir,
-            "--name", args.name, "--run-id", args.run_id, "--cwd", args.cwd or ""]
+            "--name", args.name, "--run-id", args.run_id, "--cwd", args.cwd or "",
+            "--path-prepend", args.path_prepend or ""]
     argv += ["--finalize"] * args.finalize + ["--upload-log"] * args.upload_log
     with open(p["log"], "ab") as log:
         proc = subprocess.Popen(argv + ["--", *args.argv], stdin=subprocess.DEVNULL, stdout=log,
@@ -264,6 +267,7 @@ def main(argv=None) -> int:
             sp.add_argument("--run-id", required=True)
         if name in ("start", "run"):
             sp.add_argument("--cwd", default="")
+            sp.add_argument("--path-prepend", default="")
             sp.add_argument("--finalize", action="store_true",
                             help="end the MLflow run if still RUNNING; upload the log")
             sp.add_argument("--upload-log", action="store_true", help="only upload the log")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class TorchrunBackend(AbstractBackend):
 
     def run(self, project_uri, entry_point, params, version, backend_config, tracking_uri,
             experiment_id):
+        common.console_logging()
         mlflow_keys, user = split_mlflow_keys(backend_config)
         cfg = parse_torchrun_config(user)
         if mlflow_keys.env_manager not in (None, "local"):
@@ -73,8 +75,10 @@ class TorchrunBackend(AbstractBackend):
                 "process_count_per_node": str(nproc), "gpu_ids": ",".join(map(str, gpu_ids)),
                 "gpus": ", ".join(names) or "none (CPU, gloo)",
                 "run_dir": str(run_dir), "log_path": node.log_path,
-                "supervisor_python": sys.executable, "supervisor": SUPERVISOR,
-                "command": subprocess.list2cmdline(argv)})
+                "command": shlex.join(argv),
+                "launch": json.dumps({"backend": "torchrun", "nodes": [
+                    {"host": None, "run_dir": str(run_dir), "name": node.name,
+                     "python": sys.executable, "supervisor": SUPERVISOR}]})})
             _logger.info("=== torchrun: %d process(es) on %s, run %s, log %s ===", nproc,
                          f"GPUs {gpu_ids}" if gpu_ids else "CPU (gloo)", run_id, node.log_path)
             proc = runner.popen(node.sup("start", "--run-id", run_id, "--cwd", work_dir,

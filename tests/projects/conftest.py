@@ -1,0 +1,251 @@
+"""Real servers for the backend tests: OpenSSH sshd, network namespaces, ``mlflow server``.
+
+* ``hosts``: a session-wide bridge ``ffbr0`` (10.77.0.1/24) and two network namespaces
+  ``ffnode0``/``ffnode1`` (10.77.0.2, 10.77.0.3), each reached through a veth pair and each
+  running its own ``sshd``. Traffic stays between this machine and these namespaces.
+* ``tracking_server``: ``mlflow server`` (SQLite + served artifacts) on the bridge address, so
+  processes in the namespaces and on this machine reach the same server.
+* ``loopback_sshd``: one more sshd on 127.0.0.1 in the root namespace.
+
+Every process is started by pid and stopped by pid; namespaces and links are deleted by name,
+even when a test fails. Needs root and iproute2 (CI runs as root); without them the fixtures
+fail loudly rather than skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+STANDIN = Path(__file__).with_name("standin")
+BRIDGE, BRIDGE_IP = "ffbr0", "10.77.0.1"
+NAMESPACES = (("ffnode0", "ffv0", "10.77.0.2"), ("ffnode1", "ffv1", "10.77.0.3"))
+NS_IFACE = "ffeth"  # the interface name inside each namespace (names are per namespace)
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr}")
+    return proc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 60, netns: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop one process we started, by its pid."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+@dataclass
+class Keys:
+    """A client key pair and the known_hosts file that trusts our sshd host key."""
+
+    dir: Path
+    identity: Path
+    host_key: Path
+    known_hosts: Path
+    authorized_keys: Path
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> Keys:
+    d = tmp_path_factory.mktemp("ssh")
+    d.chmod(0o700)
+    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "id_ed25519"))
+    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_ed25519"))
+    auth = d / "authorized_keys"
+    auth.write_text((d / "id_ed25519.pub").read_text())
+    auth.chmod(0o600)
+    return Keys(d, d / "id_ed25519", d / "host_ed25519", d / "known_hosts", auth)
+
+
+@dataclass
+class Sshd:
+    """A running sshd: where it listens, and the process (to drop its connections)."""
+
+    address: str
+    port: int
+    proc: subprocess.Popen
+    netns: str | None = None
+    log: Path | None = None
+
+    def drop_connections(self) -> int:
+        """Kill every per-connection sshd child (a network drop as the client sees it)."""
+        import psutil
+
+        children = psutil.Process(self.proc.pid).children(recursive=False)
+        for child in children:
+            child.kill()
+        return len(children)
+
+
+def start_sshd(keys: Keys, address: str, port: int, workdir: Path,
+               netns: str | None = None) -> Sshd:
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation dir
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "sshd_config"
+    config.write_text(f"""Port {port}
+ListenAddress {address}
+HostKey {keys.host_key}
+PidFile {workdir / 'sshd.pid'}
+AuthorizedKeysFile {keys.authorized_keys}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+MaxStartups 50
+MaxSessions 50
+Subsystem sftp internal-sftp
+""")
+    log = workdir / "sshd.log"
+    argv = [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(log)]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    pub = keys.host_key.with_suffix(".pub").read_text().split()
+    with open(keys.known_hosts, "a") as fh:
+        fh.write(f"[{address}]:{port} {pub[0]} {pub[1]}\n")
+    if netns is None:
+        wait_port(address, port)
+    else:
+        wait_port(address, port)  # reachable from here through the bridge
+    return Sshd(address, port, proc, netns, log)
+
+
+@pytest.fixture(scope="session")
+def loopback_sshd(keys, tmp_path_factory):
+    sshd = start_sshd(keys, "127.0.0.1", free_port(), tmp_path_factory.mktemp("sshd-lo"))
+    yield sshd
+    stop(sshd.proc)
+
+
+def _teardown_network() -> None:
+    for ns, veth, _ in NAMESPACES:
+        _run("ip", "netns", "del", ns, check=False)
+        _run("ip", "link", "del", veth, check=False)
+    _run("ip", "link", "del", BRIDGE, check=False)
+
+
+@dataclass
+class Hosts:
+    """Two hosts as network namespaces, each with an sshd on port 22 of its address."""
+
+    sshds: list[Sshd] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def network():
+    """The bridge and two namespaces (no sshd yet); deleted by name afterwards."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.fail("the ssh backend tests need root and iproute2 (network namespaces); "
+                    "run them as root, e.g. in CI")
+    _teardown_network()  # leftovers of an interrupted session have these names
+    try:
+        _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        _run("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+        for ns, veth, ip in NAMESPACES:
+            _run("ip", "netns", "add", ns)
+            _run("ip", "link", "add", veth, "type", "veth", "peer", "name", NS_IFACE,
+                 "netns", ns)
+            _run("ip", "link", "set", veth, "master", BRIDGE)
+            _run("ip", "link", "set", veth, "up")
+            _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ip}/24", "dev", NS_IFACE)
+            _run("ip", "netns", "exec", ns, "ip", "link", "set", NS_IFACE, "up")
+            _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield [ip for _, _, ip in NAMESPACES]
+    finally:
+        _teardown_network()
+
+
+@pytest.fixture(scope="session")
+def hosts(network, keys, tmp_path_factory) -> Hosts:
+    started = Hosts()
+    try:
+        for (ns, _, ip) in NAMESPACES:
+            started.sshds.append(start_sshd(keys, ip, 22, tmp_path_factory.mktemp(f"sshd-{ns}"),
+                                            netns=ns))
+        yield started
+    finally:
+        for sshd in started.sshds:
+            stop(sshd.proc)
+
+
+@dataclass
+class TrackingServer:
+    uri: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def tracking_server(network, tmp_path_factory) -> TrackingServer:
+    """A real ``mlflow server`` on the bridge address (SQLite + served artifacts)."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port(BRIDGE_IP)
+    log = d / "server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", BRIDGE_IP, "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+             "--artifacts-destination", str(d / "artifacts"), "--workers", "1",
+             "--allowed-hosts", f"{BRIDGE_IP}:{port},127.0.0.1:{port},localhost:{port}"],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=d)
+    try:
+        wait_port(BRIDGE_IP, port, timeout=120)
+        yield TrackingServer(f"http://{BRIDGE_IP}:{port}", proc, log)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def server_uri(tracking_server, monkeypatch) -> str:
+    """Point this test (and the ``mlflow`` CLI it starts) at the tracking server."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
+    mlflow.set_tracking_uri(tracking_server.uri)
+    yield tracking_server.uri
+    mlflow.set_tracking_uri(None)
+
+
+def ssh_config(keys: Keys, sshd: Sshd, **extra) -> dict:
+    """A backend config that reaches ``sshd`` with the test key, verifying its host key."""
+    host = {"host": sshd.address, "port": sshd.port}
+    return {"hosts": [host], "user": "root", "identity_file": str(keys.identity),
+            "known_hosts_file": str(keys.known_hosts), "python": sys.executable,
+            "connect_timeout": 5, **extra}
