@@ -1,0 +1,76 @@
+"""Preprocessing and decoding: the one function both formats and the served model use."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fowlflow.registry.images import (ImageDecodeError, Preprocessing, load_image, preprocess,
+                                      preprocess_batch)
+from tests.conftest import TURKEY
+from tests.registry.conftest import hymenoptera_images
+
+
+@pytest.mark.parametrize("size", [224, 32])
+def test_preprocess_matches_torchvision_eval_transform(size):
+    from torchvision import transforms
+
+    prep = Preprocessing(image_size=size, resize_size=round(size * 256 / 224))
+    tv = transforms.Compose([transforms.Resize(prep.resize_size), transforms.CenterCrop(size)])
+    for path in [TURKEY, *hymenoptera_images(2)]:
+        with Image.open(path) as img:
+            expected = np.asarray(tv(img.convert("RGB")))
+        np.testing.assert_array_equal(preprocess(path, prep), expected, err_msg=str(path))
+
+
+def test_path_bytes_base64_datauri_and_pil_give_the_same_pixels():
+    prep = Preprocessing(image_size=64, resize_size=73)
+    raw = TURKEY.read_bytes()
+    b64 = base64.b64encode(raw).decode()
+    sources = [str(TURKEY), TURKEY, raw, b64, b64.encode(), f"data:image/jpeg;base64,{b64}",
+               io.BytesIO(raw), Image.open(TURKEY)]
+    batch = preprocess_batch(sources, prep)
+    assert batch.shape == (len(sources), 64, 64, 3) and batch.dtype == np.uint8
+    assert all((b == batch[0]).all() for b in batch[1:])
+
+
+def test_small_and_odd_images_are_padded_like_torchvision():
+    prep = Preprocessing(image_size=32, resize_size=37)
+    for size in [(5, 90), (37, 37), (300, 20)]:
+        buf = io.BytesIO()
+        Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+        out = preprocess(buf.getvalue(), prep)
+        assert out.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("source, fragment", [
+    (b"\xff\xd8\xff\xe0 truncated jpeg", "is not a readable image"),
+    ("hello, not an image", "no such image file"),
+    (base64.b64encode(b"plain text, no picture").decode(), "is not a readable image"),
+    ("/no/such/file.jpg", "no such image file"),
+    (12345, "unsupported input type int"),
+])
+def test_bad_inputs_raise_a_clear_400_error(source, fragment):
+    prep = Preprocessing(image_size=32, resize_size=37)
+    with pytest.raises(ImageDecodeError) as err:
+        preprocess_batch([TURKEY.read_bytes(), source], prep)
+    assert err.value.message.startswith("item 1: ") and fragment in err.value.message
+    assert err.value.get_http_status_code() == 400
+
+
+def test_paths_are_not_read_when_serving():
+    with pytest.raises(ImageDecodeError, match="neither image bytes nor base64"):
+        load_image(str(TURKEY), allow_paths=False)
+
+
+def test_preprocessing_from_metadata_needs_image_size():
+    from fowlflow.errors import RegistryError
+
+    prep = Preprocessing.from_metadata({"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert prep.resize_size == 256 and prep.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(RegistryError, match="no 'image_size'"):
+        Preprocessing.from_metadata({"class_names": ["a"]})

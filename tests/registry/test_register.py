@@ -1,0 +1,151 @@
+"""Registration against a real SQLite registry: versions, model cards, ONNX, parity, pyfunc."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fowlflow.errors import RegistryError
+from tests.conftest import TURKEY
+from tests.registry.conftest import MODEL_NAME, hymenoptera_images, log_contract_model
+
+ONNX_NAME = MODEL_NAME + "-onnx"
+
+
+def test_both_versions_carry_the_model_card_and_point_at_each_other(registered, use_store):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    assert registered.parity.passed and registered.parity.max_abs_prob_diff <= 1e-4
+    torch_mv = client.get_model_version(MODEL_NAME, registered.version)
+    onnx_mv = client.get_model_version(ONNX_NAME, registered.onnx_version)
+    assert torch_mv.tags["onnx_model"] == f"{ONNX_NAME}/{registered.onnx_version}"
+    assert onnx_mv.tags["pytorch_model"] == f"{MODEL_NAME}/{registered.version}"
+    for mv, fmt in ((torch_mv, "pytorch"), (onnx_mv, "onnx")):
+        t = mv.tags
+        assert t["format"] == fmt and t["val_acc"] == "0.7500"
+        assert json.loads(t["class_names"]) == ["ants", "bees"]
+        assert (t["image_size"], t["resize_size"]) == ("32", "37")
+        assert json.loads(t["mean"]) == [0.485, 0.456, 0.406]
+        assert t["data_digest"] == "d1g3st" and t["source_run_id"] == mv.run_id
+        assert t["parity_passed"] == "true" and t["parity_top1_agreement"] == "1.000000"
+        assert float(t["parity_max_abs_prob_diff"]) <= 1e-4
+        assert {"torch_version", "onnx_version", "onnxruntime_version"} <= set(t)
+        assert int(t["onnx_opset"]) >= 18
+        assert "Validation accuracy: 0.7500" in mv.description and "parity passed" in mv.description
+        assert client.get_model_version_by_alias(mv.name, "candidate").version == mv.version
+    # The parity figures are also in the training run.
+    run = client.get_run(torch_mv.run_id)
+    assert run.data.metrics["parity_top1_agreement"] == 1.0
+    assert run.data.metrics["parity_max_abs_prob_diff"] <= 1e-4
+    report = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/registry/parity.json")
+    assert report["passed"] and len(report["images"]) == 8
+
+
+def test_onnx_model_is_plain_onnx_for_other_languages(registered, use_store):
+    import mlflow.onnx
+    import onnxruntime as ort
+
+    uri = f"models:/{ONNX_NAME}/{registered.onnx_version}"
+    info = mlflow.models.get_model_info(uri)
+    assert {"onnx", "python_function"} <= set(info.flavors)
+    assert info.flavors["python_function"]["loader_module"] == "fowlflow.registry.image_pyfunc"
+    proto = mlflow.onnx.load_model(uri)
+    (inp,) = proto.graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "pixels" and dims[1:] == [32, 32, 3] and isinstance(dims[0], str)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n in (1, 3):  # dynamic batch
+        pixels = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        logits, probs = session.run(None, {"pixels": pixels})
+        assert logits.shape == probs.shape == (n, 2)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+
+
+def test_pyfunc_takes_paths_bytes_base64_and_batches(registered, use_store):
+    import mlflow
+
+    from fowlflow.registry.classifier import TorchClassifier
+    from fowlflow.registry.images import preprocess_batch
+
+    model = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}@candidate")
+    photos = [TURKEY, *hymenoptera_images(2)]
+    batch = model.predict([str(p) for p in photos])
+    assert list(batch.columns) == ["label", "score", "probabilities"] and len(batch) == 5
+    assert set(batch["label"]) <= {"ants", "bees"}
+    probs = np.array([[r["ants"], r["bees"]] for r in batch["probabilities"]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batch["score"], probs.max(1))
+    # One image as bytes, as base64 text, in a DataFrame column: the same answer.
+    raw = TURKEY.read_bytes()
+    for single in (raw, base64.b64encode(raw).decode(), pd.DataFrame({"image": [raw]})):
+        out = model.predict(single)
+        assert len(out) == 1 and out["probabilities"][0] == batch["probabilities"][0]
+    # Same images through the PyTorch version: same probabilities (parity, on photos).
+    torch_clf = TorchClassifier(f"models:/{MODEL_NAME}/{registered.version}")
+    expected = torch_clf.predict_pixels(preprocess_batch(photos, torch_clf.prep))
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
+def test_pyfunc_rejects_a_non_image_with_its_index(registered, use_store):
+    import mlflow
+
+    from fowlflow.registry.images import ImageDecodeError
+
+    model = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}@candidate")
+    with pytest.raises(ImageDecodeError, match=r"item 1: .* is not a readable image"):
+        model.predict([TURKEY.read_bytes(), b"GIF89a but not really"])
+
+
+def test_parity_failure_refuses_the_onnx_model(registered, use_store, val_dir, monkeypatch):
+    """A deliberately perturbed ONNX graph: registration must refuse it and say why."""
+    import mlflow
+    import onnx
+    from onnx import numpy_helper
+
+    import fowlflow.registry.export as export
+
+    real_export = export.export_onnx
+
+    def perturbed_export(classifier, path, prep, **kw):
+        proto = real_export(classifier, path, prep, **kw)
+        # Shift the last Gemm's bias (the classifier head): logits change, probabilities too.
+        head = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]
+        init = {i.name: i for i in proto.graph.initializer}[head.input[2]]
+        bias = numpy_helper.to_array(init).copy()
+        bias[0] += 3.0
+        init.CopyFrom(numpy_helper.from_array(bias, init.name))
+        onnx.save(proto, str(path))
+        return proto
+
+    monkeypatch.setattr(export, "export_onnx", perturbed_export)
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version(MODEL_NAME, registered.version).run_id
+    with pytest.raises(RegistryError) as err:
+        from fowlflow.registry import register_trained_model
+
+        register_trained_model(run_id=run_id, name="fowl-perturbed", val_dir=val_dir)
+    msg = err.value.message
+    assert "parity FAILED" in msg and "nothing was registered under 'fowl-perturbed-onnx'" in msg
+    mv = client.get_model_version("fowl-perturbed", "1")
+    assert mv.tags["parity_passed"] == "false" and mv.tags["onnx_model"] == "none: parity failed"
+    assert float(mv.tags["parity_max_abs_prob_diff"]) > 1e-4
+    assert not client.search_model_versions("name='fowl-perturbed-onnx'")
+
+
+def test_a_model_without_fowlflow_metadata_is_refused(use_store, val_dir):
+    import mlflow
+    import torch
+
+    from fowlflow.registry.register import register_model_uri
+
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model",
+                                        serialization_format="pickle",
+                                        pip_requirements=["torch"])
+    with pytest.raises(RegistryError, match="no 'class_names' in its MLmodel metadata"):
+        register_model_uri(info.model_uri, "fowl-plain", val_dir)
