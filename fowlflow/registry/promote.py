@@ -108,7 +108,7 @@ def promote(name: str = DEFAULT_NAME, version: str | None = None,
         raise RegistryError(f"promote: {name!r} has no {which} ({exc.message}); register a "
                             "model first or give -P version=<n>") from exc
     champion = _by_alias(client, name, CHAMPION)
-    if champion is not None and champion.version == mv.version:
+    if champion is not None and str(champion.version) == str(mv.version):
         return Decision(True, f"{name}/{mv.version} already is the champion")
     decision = decide(mv.tags, champion.tags if champion else None, policy, threshold)
     if not decision.accepted:
