@@ -1,0 +1,74 @@
+"""The predict and evaluate entry points (run in-process through their main())."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from tests.conftest import TURKEY
+from tests.registry.conftest import MODEL_NAME, hymenoptera_images
+
+ONNX_URI = f"models:/{MODEL_NAME}-onnx@candidate"
+
+
+def test_predict_reports_a_corrupt_image_and_predicts_the_others(registered, use_store,
+                                                                tmp_path, capsys):
+    from fowlflow.registry import predict
+
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this jpeg was cut off")
+    (folder / "notes.txt").write_text("not an image, and not listed")
+    shutil.copy(TURKEY, folder / "turkey.jpg")
+    ant = hymenoptera_images(1)[0]
+    csv = tmp_path / "out.csv"
+    assert predict.main(["--model_uri", ONNX_URI, "--images", f"{folder},{ant}",
+                         "--output_csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "broken.jpg" in out and "is not a readable image" in out
+    assert "1 of 3 images could not be read" in out
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert list(table["path"]) == [str(folder / "broken.jpg"), str(folder / "turkey.jpg"),
+                                   str(ant)]
+    assert table["error"][0] and not table["error"][1] and not table["error"][2]
+    assert set(table["label"][1:]) <= {"ants", "bees"} and table["label"][0] == ""
+    assert {"p_ants", "p_bees"} <= set(table.columns)
+
+
+def test_predict_refuses_missing_paths(use_store):
+    from fowlflow.errors import RegistryError
+    from fowlflow.registry.predict import expand_images
+
+    with pytest.raises(RegistryError, match="'/nope' does not exist"):
+        expand_images(f"{TURKEY},/nope")
+
+
+def test_evaluate_logs_accuracy_and_confusion_matrix_to_a_new_run(registered, use_store,
+                                                                  val_dir):
+    import mlflow
+
+    from fowlflow.registry.evaluate import evaluate
+
+    onnx = evaluate(ONNX_URI, val_dir)
+    torch = evaluate(f"models:/{MODEL_NAME}/{registered.version}", val_dir)
+    assert onnx["images"] == 8 and onnx["failed_images"] == 0
+    cm = onnx["confusion_matrix"]
+    assert sum(map(sum, cm)) == 8 and onnx["accuracy"] == (cm[0][0] + cm[1][1]) / 8
+    assert torch["confusion_matrix"] == cm  # both formats agree image by image
+    run = mlflow.get_run(onnx["run_id"])
+    assert run.data.metrics["accuracy"] == onnx["accuracy"]
+    assert run.data.params["model_uri"] == ONNX_URI
+    assert {"recall_ants", "precision_bees"} <= set(run.data.metrics)
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv"} <= names
+
+
+def test_evaluate_rejects_unknown_class_folders(registered, use_store, tmp_path):
+    from fowlflow.errors import RegistryError
+    from fowlflow.registry.evaluate import evaluate
+
+    (tmp_path / "wasps").mkdir()
+    with pytest.raises(RegistryError, match=r"unknown folders: \['wasps'\]"):
+        evaluate(ONNX_URI, tmp_path)
