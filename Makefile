@@ -11,6 +11,8 @@ EPOCHS  ?= 25
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 BIN := $(VENV)/bin
+# `mlflow run --env-manager local` runs entry points with the `python` on PATH: make it the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
 # System packages the tests need: real PostgreSQL, sshd, rsync, Chromium, network namespaces.
 APT_PACKAGES := postgresql openssh-server openssh-client rsync chromium iproute2 procps
 

@@ -73,7 +73,8 @@ def mlflow_run(*args: str, params: dict | None = None, env: dict | None = None,
     cmd = [str(BIN / "mlflow"), "run", str(cwd), "--env-manager", "local", *args]
     for k, v in (params or {}).items():
         cmd += ["-P", f"{k}={v}"]
-    full_env = {**os.environ, **(env or {})}
+    # `mlflow run --env-manager local` runs the entry point with whatever `python` is on PATH.
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -52,8 +52,13 @@ class RunTracker:
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if self.enabled:
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        """Log params, leaving alone those ``mlflow run`` already logged from ``-P``."""
+        if not self.enabled:
+            return
+        existing = self._client.get_run(self.run_id).data.params
+        new = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+        if new:
+            mlflow.log_params(new)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:

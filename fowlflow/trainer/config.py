@@ -41,7 +41,7 @@ class TrainConfig:
 
     def as_params(self) -> dict[str, str]:
         """The config as MLflow params (strings)."""
-        return {k: str(v) for k, v in asdict(self).items()}
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
 
 
 def _bool(text: str) -> bool:

@@ -16,6 +16,7 @@ that would land outside the target (zip-slip) or are links make the whole archiv
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -109,7 +110,7 @@ def download_http(url: str) -> Path:
         os.replace(part, target)
     except urllib.error.HTTPError as exc:
         raise DataError(f"Could not download {url}: HTTP {exc.code} {exc.reason}. {FIX}") from exc
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         if isinstance(exc, DataError):
             raise
         reason = getattr(exc, "reason", exc)

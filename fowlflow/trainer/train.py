@@ -147,6 +147,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
     _log_inputs(tracker, cfg, layout, ctx, device, bf16)
     train_cache, val_cache = train_cache.to(device), val_cache.to(device)
 
+    torch.manual_seed(cfg.seed)  # the new head's initialisation
     model = build_model(cfg.arch, len(layout.classes), cfg.weights, cfg.freeze_backbone)
     model = model.to(device, memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,177 @@
+"""Data sources: local folders and zips, http(s) downloads (a real local http.server), bad input."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fowlflow.errors import DataError
+from fowlflow.trainer.data_sources import resolve_data
+from tests.conftest import make_imagefolder
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(d))
+    return d
+
+
+def zip_folder(folder: Path, archive: Path, top: str = "fowl_data") -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"{top}/{p.relative_to(folder)}")
+    return archive
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A real HTTP server (stdlib http.server) serving a folder on 127.0.0.1."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_local_folder_is_used_in_place(tmp_path):
+    folder = make_imagefolder(tmp_path / "imgs")
+    assert resolve_data(str(folder)) == folder
+
+
+def test_local_zip_with_a_top_folder_is_unpacked_once(tmp_path, cache):
+    archive = zip_folder(make_imagefolder(tmp_path / "imgs"), tmp_path / "fowl.zip")
+    root = resolve_data(str(archive))
+    assert root.name == "fowl_data" and (root / "train" / "ants").is_dir()
+    assert resolve_data(str(archive)) == root  # keyed by content hash: no second extraction
+    assert len(list((cache / "extracted").iterdir())) == 1
+
+
+@pytest.mark.parametrize("member", ["../escape.txt", "/abs/escape.txt", "a/../../escape.txt"])
+def test_zip_slip_archive_is_refused_and_nothing_written(tmp_path, cache, member):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("fowl_data/train/a/ok.txt", "fine")
+        zf.writestr(member, "pwned")
+    with pytest.raises(DataError, match="zip-slip"):
+        resolve_data(str(archive))
+    assert not list((cache / "extracted").iterdir())  # no half-extracted folder left
+    assert not (tmp_path / "escape.txt").exists() and not (cache / "escape.txt").exists()
+
+
+def test_symlink_member_is_refused(tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("fowl_data/train/a/link.jpg")
+        info.external_attr = (0o120777 << 16)
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match="symbolic link"):
+        resolve_data(str(archive))
+
+
+def test_http_zip_is_downloaded_once_then_served_from_cache(tmp_path, http_dir, cache):
+    www, base = http_dir
+    zip_folder(make_imagefolder(tmp_path / "imgs"), www / "fowl_data.zip")
+    root = resolve_data(f"{base}/fowl_data.zip")
+    assert (root / "val" / "bees").is_dir()
+    (www / "fowl_data.zip").unlink()  # the server can no longer provide it
+    assert resolve_data(f"{base}/fowl_data.zip") == root
+    assert not list(cache.rglob("*.part*"))
+
+
+class _Truncating(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"PK" + b"x" * 1000)  # then the connection closes early
+
+    def log_message(self, *args):
+        pass
+
+
+def test_truncated_download_is_never_used(cache):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Truncating)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DataError) as info:
+            resolve_data(f"http://127.0.0.1:{server.server_address[1]}/fowl_data.zip")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "fowl_data.zip" in str(info.value)
+    downloads = list((cache / "downloads").rglob("*")) if (cache / "downloads").exists() else []
+    assert not [p for p in downloads if p.is_file()]  # no partial file kept under any name
+
+
+def test_unreachable_url_names_it_and_the_fix():
+    with socket_closed_port() as port:
+        url = f"http://127.0.0.1:{port}/fowl_data.zip"
+        with pytest.raises(DataError) as info:
+            resolve_data(url)
+    assert url in str(info.value) and "-P data=" in str(info.value)
+
+
+def test_http_404_is_a_clear_error(http_dir):
+    _, base = http_dir
+    with pytest.raises(DataError, match="HTTP 404"):
+        resolve_data(f"{base}/missing.zip")
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("/no/such/folder", "does not exist"),
+    ("ftp://host/x.zip", "Unsupported data URI scheme"),
+    ("", "empty"),
+])
+def test_bad_uris(uri, message):
+    with pytest.raises(DataError, match=message):
+        resolve_data(uri)
+
+
+def test_a_file_that_is_not_a_zip(tmp_path):
+    f = tmp_path / "data.tar"
+    f.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a .zip"):
+        resolve_data(str(f))
+
+
+def test_synthetic_set_is_generated_once(cache):
+    root = resolve_data("synthetic")
+    files = sorted(p for p in root.rglob("*.png"))
+    assert len(files) == 144 and {p.parent.name for p in files} == {"circles", "squares"}
+    mtime = files[0].stat().st_mtime
+    assert resolve_data("synthetic") == root and files[0].stat().st_mtime == mtime
+
+
+class socket_closed_port:
+    """A loopback port with nothing listening (bound, then released)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return port
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def test_copying_hymenoptera_is_not_needed():
+    """The shared set is read in place (and has the original's quirks)."""
+    from tests.conftest import HYMENOPTERA
+
+    assert resolve_data(str(HYMENOPTERA)) == HYMENOPTERA
+    assert (HYMENOPTERA / "train" / "ants" / "imageNotFound.gif").exists()
