@@ -30,6 +30,7 @@ from fowlflow.tracking.server.seaweedfs import SeaweedFS
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("postgres", "s3", "mlflow")  # start order; stop is the reverse
+_PORT_FLAGS = {"postgres": "--postgres-port", "s3": "--s3-port", "mlflow": "--port"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Stack:
             raise ServerError(
                 f"port {self._port(name)} for {name} on {self.cfg.host} is taken by another "
                 f"program; stop it, or start with another port (fowlflow server start "
-                f"--{'s3' if name == 's3' else name}-port N), which "
+                f"{_PORT_FLAGS[name]} N), which "
                 f"{self.cfg.state_dir / 'ports.json'} then keeps")
         record = self._server(name).start()
         self._save_record(name, record)
@@ -94,8 +95,11 @@ class Stack:
     def stop_component(self, name: str) -> bool:
         """Stop ``name`` if this stack started it and it runs; True if something stopped."""
         rec = self._records().get(name)
+        t0 = time.monotonic()
         stopped = self._server(name).stop(rec)
         self._save_record(name, None)
+        if stopped:
+            log.info("stopped %s (pid %d) in %.1fs", name, rec.pid, time.monotonic() - t0)
         return stopped
 
     # -- the whole stack ---------------------------------------------------------------------

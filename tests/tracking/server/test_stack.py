@@ -1,0 +1,131 @@
+"""The stack as a user runs it: one command up, clients work, stop/start keeps everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from fowlflow.tracking.server.procs import ProcessRecord, terminate
+from tests.tracking.server.conftest import fowlflow
+
+
+def _our_processes(stack) -> dict[str, psutil.Process]:
+    procs = {}
+    for name in ("postgres", "s3", "mlflow"):
+        rec = stack.record(name)
+        assert rec is not None, f"{name} is not running"
+        procs[name] = rec.process()
+    return procs
+
+
+def test_status_reports_three_running_servers(stack):
+    out = fowlflow("server", "status", "--state-dir", str(stack.cfg.state_dir)).stdout
+    for name, proc in _our_processes(stack).items():
+        assert f"running (pid {proc.pid})" in out.split(name, 1)[1].splitlines()[0]
+
+
+def test_servers_listen_on_loopback_only(stack):
+    """Every socket any of the three servers (and their children) listens on is 127.0.0.1."""
+    listening = []
+    for proc in _our_processes(stack).values():
+        for p in [proc, *proc.children(recursive=True)]:
+            for conn in p.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.append((p.pid, conn.laddr.ip, conn.laddr.port))
+    ports = {port for _, _, port in listening}
+    assert {stack.cfg.ports["mlflow"], stack.cfg.ports["s3"], stack.cfg.ports["postgres"]} <= ports
+    assert {ip for _, ip, _ in listening} == {"127.0.0.1"}, listening
+
+
+def test_secret_files_are_private(stack):
+    secrets_dir = stack.cfg.secrets_dir
+    assert stat.S_IMODE(secrets_dir.stat().st_mode) == 0o700
+    files = sorted(p.name for p in secrets_dir.iterdir())
+    assert {"secrets.json", "admin_password", "pgpass", "auth.ini"} <= set(files)
+    for p in secrets_dir.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+def test_env_command_points_a_shell_client_at_the_server(stack):
+    exports = fowlflow("server", "env", "--state-dir", str(stack.cfg.state_dir)).stdout
+    assert stack.secrets.admin_password not in exports  # read from the 0600 file at eval time
+    script = exports + ('\n"$PYBIN" -c "import mlflow; print(len(mlflow.search_experiments()))"')
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYBIN": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip().splitlines()[-1]) >= 1
+
+
+def test_stop_then_start_keeps_runs_artifacts_and_ports(stack, admin_env, tmp_path):
+    import mlflow
+
+    mlflow.set_experiment("persistence")
+    with mlflow.start_run() as run:
+        mlflow.log_param("p", "kept")
+        mlflow.log_metrics({"m": 1.5}, step=3)
+        (tmp_path / "note.txt").write_text("still here")
+        mlflow.log_artifact(str(tmp_path / "note.txt"))
+    old = _our_processes(stack)
+    ports_before = json.loads((stack.cfg.state_dir / "ports.json").read_text())
+
+    fowlflow("server", "stop", "--state-dir", str(stack.cfg.state_dir))
+    psutil.wait_procs(list(old.values()), timeout=10)
+    assert not any(p.is_running() for p in old.values())
+    status = fowlflow("server", "status", "--state-dir", str(stack.cfg.state_dir), check=False)
+    assert status.returncode == 3 and "running" not in status.stdout
+
+    fowlflow("server", "start", "--state-dir", str(stack.cfg.state_dir))
+    assert json.loads((stack.cfg.state_dir / "ports.json").read_text()) == ports_before
+    got = mlflow.get_run(run.info.run_id)
+    assert got.data.params["p"] == "kept" and got.data.metrics["m"] == 1.5
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="note.txt",
+                                               dst_path=str(tmp_path / "dl"))
+    assert open(path).read() == "still here"
+
+
+def test_start_is_idempotent(stack):
+    before = {n: p.pid for n, p in _our_processes(stack).items()}
+    fowlflow("server", "start", "--state-dir", str(stack.cfg.state_dir))
+    assert {n: p.pid for n, p in _our_processes(stack).items()} == before
+
+
+def test_stop_never_signals_a_process_it_did_not_start():
+    """A recorded pid now used by another process (pid reuse) is left alone."""
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        real = ProcessRecord.of(other.pid)
+        stale = ProcessRecord(pid=other.pid, create_time=real.create_time - 100)
+        assert not stale.alive()
+        assert terminate(stale, signal.SIGKILL) is False
+        time.sleep(0.2)
+        assert other.poll() is None
+        assert terminate(real, signal.SIGTERM, timeout=5, group=False) is True
+        other.wait(5)  # (already reaped by terminate's wait)
+        assert not real.alive()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_taken_port_is_reported_with_the_fix(tmp_path):
+    import socket
+
+    from fowlflow.errors import ServerError
+    from fowlflow.tracking.server import Stack, StackConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        state = tmp_path / "st"
+        cfg = StackConfig.load(state, pick_free=True, postgres_port=taken)
+        with pytest.raises(ServerError, match=f"port {taken} for postgres.*--postgres-port"):
+            Stack(cfg).start_component("postgres")
