@@ -172,7 +172,8 @@ def _s3_client():
     import boto3
 
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    # A fresh session each time: boto3's default session caches the first credentials it saw.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
 
 
 def download_s3(uri: str) -> Path:
