@@ -31,20 +31,23 @@ def resize_size(image_size: int) -> int:
 
 
 def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
-    """Shorter side to ``resize_size``, centre crop ``image_size``; uint8 (H, W, 3)."""
-    size = resize_size(image_size)
-    img.draft("RGB", (size, size))
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - image_size) // 2, (nh - image_size) // 2
-    return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
+    """Shorter side to ``resize_size``, centre crop ``image_size``; uint8 (H, W, 3).
+
+    The same function the registered models use at prediction time, so validation pixels and
+    served pixels agree exactly.
+    """
+    from fowlflow.registry.images import Preprocessing, resize_and_crop
+
+    prep = Preprocessing(image_size=image_size, resize_size=resize_size(image_size))
+    return resize_and_crop(img.convert("RGB"), prep)
 
 
 def train_transform(img: Image.Image, image_size: int) -> tuple[np.ndarray, float]:
-    """The whole image squashed to ``S x S``; uint8 (S, S, 3) and the original w/h."""
+    """The whole image squashed to ``S x S``; uint8 (S, S, 3) and the original w/h.
+
+    JPEGs are decoded in draft mode (downscaled in the DCT domain to at least ``S x S``), which
+    makes decoding large photos several times faster.
+    """
     size = resize_size(image_size)
     img.draft("RGB", (size, size))
     aspect = img.size[0] / img.size[1]

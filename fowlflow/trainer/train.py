@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
                       cfg.seed, bf16, progress=ctx.is_main)
     ckpt_path = Path(cfg.output_dir) / "checkpoint.pt"
     speeds = []
+    loop_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.num_epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         stats, step_losses = train_epoch(train_model, optimizer, train_cache, setup, epoch)
@@ -196,9 +198,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
                 "config": _ckpt_config(cfg), "classes": layout.classes, "data_digest": layout.digest})
 
     summary = {"best_val_acc": best_acc, "train_images_per_sec": float(np.median(speeds)) if speeds else 0.0,
-               "run_id": tracker.run_id, "classes": layout.classes}
+               "loop_seconds": time.perf_counter() - loop_start, "run_id": tracker.run_id,
+               "classes": layout.classes}
     if not ctx.is_main:
         return summary
+    finish_start = time.perf_counter()
     model.load_state_dict(best_state)
     _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc)
     if cfg.registered_model_name and tracker.run_id:
@@ -207,6 +211,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
         tracker.flush()
         register_trained_model(run_id=tracker.run_id, name=cfg.registered_model_name,
                                val_dir=layout.root / "val")
+    summary["finish_seconds"] = time.perf_counter() - finish_start
     return summary
 
 
