@@ -51,14 +51,23 @@ class AuthAdmin:
 
     def grant(self, username: str, resource_type: str, resource_id: str,
               permission: str) -> None:
-        """Give ``username`` ``permission`` on one experiment (id) or registered model (name)."""
+        """Give ``username`` ``permission`` on one experiment (id) or registered model (name).
+
+        Replaces the user's existing grant on that resource, if any (the API has no update).
+        """
         if resource_type not in RESOURCE_TYPES:
             raise ServerError(f"resource type {resource_type!r} is not one of {RESOURCE_TYPES}")
         if permission not in PERMISSIONS:
             raise ServerError(f"permission {permission!r} is not one of {PERMISSIONS}")
-        self._call("POST", "/api/3.0/mlflow/users/permissions/grant",
-                   json={"username": username, "resource_type": resource_type,
-                         "resource_id": str(resource_id), "permission": permission})
+        body = {"username": username, "resource_type": resource_type,
+                "resource_id": str(resource_id), "permission": permission}
+        try:
+            self._call("POST", "/api/3.0/mlflow/users/permissions/grant", json=body)
+        except ServerError as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in exc.message:
+                raise
+            self.revoke(username, resource_type, resource_id)
+            self._call("POST", "/api/3.0/mlflow/users/permissions/grant", json=body)
 
     def revoke(self, username: str, resource_type: str, resource_id: str) -> None:
         self._call("POST", "/api/3.0/mlflow/users/permissions/revoke",

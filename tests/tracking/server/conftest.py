@@ -33,6 +33,19 @@ UI_EXPERIMENT = "fowlflow-ui"
 DATASET_BUCKET = "datasets"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "last: run after every other test of the server stack")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Move ``@pytest.mark.last`` tests of this folder to the end of the session."""
+    here = Path(__file__).parent
+    last = [i for i in items if i.get_closest_marker("last") and here in Path(i.path).parents]
+    for item in last:
+        items.remove(item)
+    items.extend(last)
+
+
 def fowlflow(*args: str, check: bool = True, timeout: int = 300,
              env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real ``fowlflow`` CLI."""

@@ -1,0 +1,166 @@
+"""Authentication and authorization on the team server, and secrets that never leak."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import requests
+
+API = "/api/2.0/mlflow"
+
+
+@pytest.fixture(scope="module")
+def owned(stack, admin, reader):
+    """An experiment, a run and a registered model of the admin; ``reader`` gets READ on them."""
+    from mlflow import MlflowClient
+
+    from tests.tracking.server.conftest import _login
+
+    with _login(stack):
+        client = MlflowClient(stack.cfg.tracking_uri)
+        exp_id = client.create_experiment("security-owned")
+        run = client.create_run(exp_id)
+        client.log_metric(run.info.run_id, "loss", 1.0, step=0)
+        client.create_registered_model("security-model")
+    admin.grant(reader[0], "experiment", exp_id, "READ")
+    admin.grant(reader[0], "registered_model", "security-model", "READ")
+    return {"experiment_id": exp_id, "run_id": run.info.run_id, "model": "security-model"}
+
+
+@pytest.fixture
+def as_reader(stack, reader, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tests.tracking.server.conftest import client_env
+
+    for k, v in client_env(stack, *reader).items():
+        monkeypatch.setenv(k, v)
+    mlflow.set_tracking_uri(stack.cfg.tracking_uri)
+    yield MlflowClient(stack.cfg.tracking_uri)
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", f"{API}/experiments/search?max_results=1"),
+    ("POST", f"{API}/runs/create"),
+    ("POST", f"{API}/registered-models/create"),
+    ("GET", "/api/2.0/mlflow-artifacts/artifacts"),
+    ("GET", "/"),                       # the UI itself
+])
+def test_requests_without_credentials_are_refused(stack, method, path):
+    resp = requests.request(method, stack.cfg.tracking_uri + path, json={}, timeout=30)
+    assert resp.status_code == 401, (path, resp.status_code, resp.text[:200])
+    assert resp.headers.get("WWW-Authenticate", "").startswith("Basic")
+
+
+@pytest.mark.parametrize("user,password", [("admin", "wrong-password"), ("nobody", "x" * 16)])
+def test_wrong_credentials_are_refused(stack, user, password):
+    resp = requests.get(f"{stack.cfg.tracking_uri}{API}/experiments/search",
+                        params={"max_results": 1}, auth=(user, password), timeout=30)
+    assert resp.status_code == 401
+
+
+def _denied(call, *args, **kwargs) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as info:
+        call(*args, **kwargs)
+    assert info.value.get_http_status_code() == 403, info.value
+    assert info.value.error_code == "PERMISSION_DENIED", info.value
+
+
+def test_reader_can_read(owned, as_reader):
+    assert as_reader.get_experiment(owned["experiment_id"]).name == "security-owned"
+    assert as_reader.get_run(owned["run_id"]).data.metrics["loss"] == 1.0
+    assert as_reader.get_registered_model(owned["model"]).name == owned["model"]
+
+
+def test_reader_cannot_log_to_the_experiment(owned, as_reader, tmp_path):
+    from mlflow.entities import Metric
+
+    run_id = owned["run_id"]
+    _denied(as_reader.create_run, owned["experiment_id"])
+    _denied(as_reader.log_metric, run_id, "loss", 0.5, step=1)
+    _denied(as_reader.log_batch, run_id, metrics=[Metric("loss", 0.4, 0, 2)])
+    _denied(as_reader.log_param, run_id, "p", "v")
+    _denied(as_reader.set_tag, run_id, "t", "v")
+    _denied(as_reader.set_terminated, run_id, "FAILED")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(requests.HTTPError) as info:  # the artifact proxy answers plain HTTP
+        as_reader.log_artifact(run_id, str(tmp_path / "f.txt"))
+    assert info.value.response.status_code == 403
+    _denied(as_reader.delete_experiment, owned["experiment_id"])
+
+
+def test_reader_cannot_register_into_the_model(owned, as_reader):
+    source = f"runs:/{owned['run_id']}/model"
+    _denied(as_reader.create_model_version, owned["model"], source, owned["run_id"])
+    _denied(as_reader.set_registered_model_alias, owned["model"], "champion", "1")
+    _denied(as_reader.update_registered_model, owned["model"], description="mine now")
+    _denied(as_reader.delete_registered_model, owned["model"])
+
+
+def test_reader_is_not_an_admin(stack, reader):
+    resp = requests.post(f"{stack.cfg.tracking_uri}/api/2.0/mlflow/users/create",
+                         json={"username": "mallory", "password": "p" * 16}, auth=reader,
+                         timeout=30)
+    assert resp.status_code == 403
+    resp = requests.post(f"{stack.cfg.tracking_uri}/api/3.0/mlflow/users/permissions/grant",
+                         json={"username": reader[0], "resource_type": "experiment",
+                               "resource_id": "0", "permission": "MANAGE"},
+                         auth=reader, timeout=30)
+    assert resp.status_code == 403
+
+
+def test_granted_edit_allows_logging(owned, admin, as_reader, reader):
+    """The same calls succeed once the owner grants EDIT: the 403s above are authorization."""
+    admin.grant(reader[0], "experiment", owned["experiment_id"], "EDIT")
+    try:
+        run = as_reader.create_run(owned["experiment_id"])
+        as_reader.log_metric(run.info.run_id, "loss", 0.3, step=0)
+        as_reader.set_terminated(run.info.run_id)
+    finally:
+        admin.grant(reader[0], "experiment", owned["experiment_id"], "READ")
+    _denied(as_reader.create_run, owned["experiment_id"])
+
+
+@pytest.mark.last
+def test_no_secret_leaks_anywhere(stack, trained, reader, tmp_path):
+    """No password or key in the store, the artifacts, the logs or any command line.
+
+    Runs last, after the training run, the fault tests and the restarts, so that everything
+    the session did is in what is searched.
+    """
+    secrets = {"admin password": stack.secrets.admin_password,
+               "flask secret key": stack.secrets.flask_secret_key,
+               "database password": stack.secrets.db_password,
+               "S3 secret key": stack.secrets.s3_secret_key,
+               "reader password": reader[1]}
+    haystacks: dict[str, bytes] = {}
+    for db in ("mlflow", "mlflow_auth"):
+        dump = stack.postgres.dump(tmp_path / f"{db}.sql", db)
+        haystacks[f"pg_dump {db}"] = dump.read_bytes()
+    s3 = stack.s3.client()
+    n_objects = 0
+    for bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                haystacks[f"s3://{bucket}/{obj['Key']}"] = body
+                n_objects += 1
+    for log in stack.log_paths():
+        haystacks[f"log {log.name}"] = log.read_bytes()
+    haystacks["ps -eo args"] = subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                              check=True).stdout
+    haystacks["training stdout/stderr"] = (trained["stdout"] + trained["stderr"]).encode()
+
+    # The search must have had something real to search.
+    assert trained["run_id"].encode() in haystacks["pg_dump mlflow"]
+    assert n_objects >= 3 and any(k.endswith("confusion_matrix.png") for k in haystacks)
+    assert any(b"mlflow server" in line and b"--app-name basic-auth" in line
+               for line in haystacks["ps -eo args"].splitlines())
+    leaks = [f"{what} found in {where}" for where, hay in haystacks.items()
+             for what, secret in secrets.items() if secret.encode() in hay]
+    assert not leaks, leaks
