@@ -1,0 +1,204 @@
+"""``mlflow run -b ssh`` against real sshd servers, a real ``mlflow server`` and real DDP.
+
+Hosts: ``loopback_sshd`` (127.0.0.1) and two network namespaces (10.77.0.2, 10.77.0.3), each
+with its own sshd, all started by fixtures in conftest.py. The namespaces share this
+machine's filesystem and process table, so tests can check files and processes directly; each
+run ships into its own ``remote_dir`` under tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+import uuid
+
+import mlflow
+import psutil
+import pytest
+
+from fowlflow.errors import ConfigError, RemoteError
+from fowlflow.projects.ssh import SshBackend
+from tests.conftest import ROOT, TINY_PARAMS
+from tests.projects.conftest import NS_IFACE, ssh_config
+from tests.projects.helpers import (STANDIN, artifact_text, finish, fowlflow, marked_processes,
+                                    mlflow_cli, only_run, wait_for_metric, wait_for_run)
+
+pytestmark = pytest.mark.slow
+
+
+def _no_runs() -> bool:
+    return not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
+        server_uri, loopback_sshd, keys, tmp_path, monkeypatch):
+    secret = f"token-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)  # the server ignores it; we trace it
+    # the host is named through an ssh_config alias, as users do with ~/.ssh/config
+    alias_file = tmp_path / "ssh_config"
+    alias_file.write_text(f"Host ffbox\n  HostName {loopback_sshd.address}\n"
+                          f"  Port {loopback_sshd.port}\n  User root\n"
+                          f"  IdentityFile {keys.identity}\n"
+                          f"  UserKnownHostsFile {keys.known_hosts}\n")
+    cfg = {"hosts": ["ffbox"], "ssh_options": ["-F", str(alias_file)],
+           "python": sys.executable, "remote_dir": str(tmp_path / "remote"),
+           "process_count_per_node": 2}
+    proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 6, "sleep": 0.5})
+    run = wait_for_run(tag="fowlflow.pid")
+    run_id = run.info.run_id
+    wait_for_metric(run_id, "allreduce_sum", 1)
+    workers = marked_processes(run_id)
+    assert workers and all(p.environ().get("MLFLOW_TRACKING_TOKEN") == secret for p in workers)
+    for p in psutil.process_iter(["cmdline"]):
+        assert secret not in " ".join(p.info["cmdline"] or []), p.info["cmdline"]
+    code, out, err = finish(proc)
+    assert code == 0, err[-4000:]
+    assert "rank 0 done" in out and "rank 1 done" in out  # streamed here
+    run = only_run()
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["fowlflow.backend"] == tags["mlflow.project.backend"] == "ssh"
+    assert tags["fowlflow.host"] == "ffbox" and json.loads(tags["fowlflow.hosts"]) == ["ffbox"]
+    assert tags["fowlflow.ship"] == "rsync"
+    run_dir = tags["fowlflow.run_dir"]
+    assert run_dir.startswith(str(tmp_path / "remote" / "runs"))
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+    assert not os.path.exists(f"{run_dir}/node0.env.json")  # credentials file removed
+    assert os.path.exists(f"{run_dir}/project/MLproject")
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, "allreduce_sum")) == 6
+    assert run.data.params["world_size"] == "2"
+    assert "rank 0 done" in artifact_text(run_id, "fowlflow-logs/node0.log")
+    assert not marked_processes(run_id)
+
+
+def test_two_hosts_train_one_ddp_run(server_uri, hosts, keys, tmp_path):
+    """Real trainer, 2 nodes x 1 CPU process, gloo across namespaces, c10d on the first."""
+    cfg = {"hosts": [{"host": s.address} for s in hosts.sshds], "user": "root",
+           "identity_file": str(keys.identity), "known_hosts_file": str(keys.known_hosts),
+           "python": sys.executable, "remote_dir": str(tmp_path / "remote"),
+           "process_count_per_node": 1, "connect_timeout": 5,
+           "env": {"GLOO_SOCKET_IFNAME": NS_IFACE}}
+    params = {**TINY_PARAMS, "data": "synthetic", "output_dir": "outputs"}
+    code, out, err = finish(mlflow_cli(ROOT, "ssh", cfg, params), timeout=500)
+    assert code == 0, out[-3000:] + err[-4000:]
+    run = only_run()
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["fowlflow.nodes"] == "2"
+    assert tags["fowlflow.rdzv_endpoint"] == f"{hosts.sshds[0].address}:29400"
+    details = json.loads(tags["fowlflow.node_details"])
+    assert [d["address"] for d in details] == [s.address for s in hosts.sshds]
+    assert "Epoch 1/1" in artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    node1 = artifact_text(run.info.run_id, "fowlflow-logs/node1.log")
+    assert "Traceback" not in node1
+    assert run.data.metrics and any(not k.startswith("system/") for k in run.data.metrics)
+    assert not marked_processes(run.info.run_id)
+
+
+def test_dropped_connection_reattaches_and_the_run_finishes(server_uri, loopback_sshd, keys,
+                                                             tmp_path):
+    cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"),
+                     process_count_per_node=1)
+    proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 14, "sleep": 0.5})
+    run_id = wait_for_run(tag="fowlflow.pid").info.run_id
+    wait_for_metric(run_id, "allreduce_sum", 2)
+    assert loopback_sshd.drop_connections() >= 1  # every SSH connection dies at once
+    code, out, err = finish(proc)
+    assert code == 0, err[-4000:]
+    assert "re-attaching" in err
+    for step in range(14):  # nothing lost, nothing repeated across the re-attach
+        assert out.count(f"rank 0 step {step} sum") == 1, step
+    assert only_run().info.status == "FINISHED"
+
+
+def test_killed_remote_trainer_fails_the_run_and_keeps_its_output(server_uri, loopback_sshd,
+                                                                   keys, tmp_path):
+    cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"),
+                     process_count_per_node=1)
+    proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
+    run_id = wait_for_run(tag="fowlflow.pid").info.run_id
+    wait_for_metric(run_id, "allreduce_sum", 2)
+    trainer = int(mlflow.MlflowClient().get_run(run_id).data.tags["standin.pid"])
+    psutil.Process(trainer).kill()
+    code, out, err = finish(proc)
+    assert code == 1 and "ended FAILED" in err
+    assert only_run().info.status == "FAILED"
+    log = artifact_text(run_id, "fowlflow-logs/node0.log")
+    assert "rank 0 step 1 sum" in log
+    assert not marked_processes(run_id)
+
+
+def test_cancel_from_another_terminal_stops_every_remote_process(server_uri, hosts, keys,
+                                                                 tmp_path):
+    sshd = hosts.sshds[1]
+    cfg = ssh_config(keys, sshd, remote_dir=str(tmp_path / "remote"), process_count_per_node=2)
+    proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
+    run_id = wait_for_run(tag="fowlflow.pid").info.run_id
+    wait_for_metric(run_id, "allreduce_sum", 2)
+    before = marked_processes(run_id)
+    assert len(before) >= 4  # mlflow run, sh/torchrun, 2 workers
+    assert "node0: RUNNING" in fowlflow("status", run_id).stdout
+    cancel = fowlflow("cancel", run_id)
+    assert cancel.returncode == 0, cancel.stderr
+    code, _, err = finish(proc)  # the attached `mlflow run` sees the end and fails
+    assert code == 1 and "ended KILLED" in err
+    assert not marked_processes(run_id)
+    assert all(not p.is_running() or p.status() == "zombie" for p in before)
+    assert only_run().info.status == "KILLED"
+
+
+def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
+        server_uri, network, loopback_sshd, keys, tmp_path):
+    # through the real CLI: an address on the bridge where nothing answers
+    started = time.monotonic()
+    code, _, err = finish(mlflow_cli(STANDIN, "ssh", {
+        "hosts": ["10.77.0.250"], "identity_file": str(keys.identity),
+        "known_hosts_file": str(keys.known_hosts), "connect_timeout": 3,
+        "python": sys.executable}), timeout=120)
+    assert code == 1 and "ssh to 10.77.0.250 failed" in err and "fix:" in err
+    assert time.monotonic() - started < 60
+    assert _no_runs()
+
+    backend = SshBackend()
+    other_key = tmp_path / "other"
+    os.system(f"ssh-keygen -q -t ed25519 -N '' -f {other_key}")
+    cases = [({"identity_file": str(other_key)}, "key was rejected"),
+             ({"known_hosts_file": str(tmp_path / "empty_known_hosts")}, "host key")]
+    for override, fragment in cases:
+        cfg = {**ssh_config(keys, loopback_sshd), **override}
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match=fragment):
+            backend.run(str(STANDIN), "main", {}, None, cfg, server_uri, "0")
+        assert time.monotonic() - started < 30
+    with pytest.raises(ConfigError, match="http\\(s\\) tracking server"):
+        backend.run(str(STANDIN), "main", {}, None, ssh_config(keys, loopback_sshd),
+                    f"sqlite:///{tmp_path / 'm.db'}", "0")
+    assert _no_runs()
+
+
+def test_environment_is_prepared_once_and_reused(server_uri, loopback_sshd, keys, tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "MLproject").write_text(
+        "name: envcheck\npython_env: python_env.yaml\nentry_points:\n"
+        "  main:\n    command: python report.py\n")
+    (project / "python_env.yaml").write_text(
+        f"python: \"{sys.version_info.major}.{sys.version_info.minor}\"\n"
+        "build_dependencies: []\ndependencies: []\n")
+    (project / "report.py").write_text("import sys\nprint('prefix', sys.prefix)\n")
+    cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"))
+    seen = []
+    for _ in range(2):
+        proc = mlflow_cli(project, "ssh", cfg, env_manager="virtualenv")
+        code, out, err = finish(proc)
+        assert code == 0, err[-3000:]
+        run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 order_by=["start_time DESC"])[0]
+        seen.append((run.data.tags["fowlflow.env"], run.data.tags["fowlflow.env_reused"], out))
+    (env1, reused1, out1), (env2, reused2, out2) = seen
+    assert env1 == env2 and env1.startswith(str(tmp_path / "remote" / "envs" / "virtualenv-"))
+    assert (reused1, reused2) == ("false", "true")
+    assert f"prefix {env1}" in out1 and f"prefix {env1}" in out2

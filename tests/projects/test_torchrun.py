@@ -1,0 +1,128 @@
+"""``mlflow run -b torchrun`` for real: CPU processes with gloo, the real ``mlflow`` CLI.
+
+The first test trains the real trainer (tiny settings) with 2 DDP processes; the others use the
+stand-in entry point in ``standin/`` (deterministic length) to test failure, Ctrl-C, detached
+runs, attach, cancel and a supervisor that died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, TINY_PARAMS
+from tests.projects.helpers import (STANDIN, artifact_text, finish, fowlflow, marked_processes,
+                                    mlflow_cli, only_run, wait_for_metric, wait_for_run)
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tmp_path, **extra) -> dict:
+    return {"run_dir": str(tmp_path / "runs"), **extra}
+
+
+def test_trainer_runs_ddp_on_cpu_with_gloo(tracking_uri, tmp_path):
+    params = {**TINY_PARAMS, "data": "synthetic", "output_dir": str(tmp_path / "out")}
+    code, out, err = finish(mlflow_cli(ROOT, "torchrun", _cfg(tmp_path,
+                                                              process_count_per_node=2),
+                                       params), timeout=400)
+    assert code == 0, err[-4000:]
+    assert "Epoch 1/1" in out  # streamed to the terminal while it ran
+    run = only_run()
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["fowlflow.backend"] == tags["mlflow.project.backend"] == "torchrun"
+    assert tags["fowlflow.process_count_per_node"] == "2"
+    assert tags["fowlflow.gpus"] == "none (CPU, gloo)"
+    assert "--nproc-per-node 2" in tags["fowlflow.command"]
+    assert os.path.exists(tags["fowlflow.log_path"])
+    assert "Epoch 1/1" in artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    assert run.data.metrics, "rank 0 logged no metrics"
+    assert not marked_processes(run.info.run_id)
+
+
+def test_failed_run_exits_nonzero_keeps_output_and_ends_failed(tracking_uri, tmp_path):
+    code, out, err = finish(mlflow_cli(STANDIN, "torchrun",
+                                       _cfg(tmp_path, process_count_per_node=1),
+                                       {"steps": 5, "sleep": 0.1, "fail_at": 1}))
+    assert code == 1
+    assert "failing on purpose" in out
+    assert "ended FAILED" in err
+    run = only_run()
+    assert run.info.status == "FAILED"
+    log = artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    assert "failing on purpose at step 1" in log and "exited with code" in log
+
+
+def test_ctrl_c_cancels_every_process_and_ends_killed(tracking_uri, tmp_path):
+    proc = mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=2),
+                      {"steps": 400, "sleep": 0.3})
+    run = wait_for_run(tag="fowlflow.pid")
+    wait_for_metric(run.info.run_id, "allreduce_sum", 2)
+    pids = [p.pid for p in marked_processes(run.info.run_id)]
+    assert len(pids) >= 3  # torchrun + 2 workers (each in its own session)
+    supervisor = int(run.data.tags["fowlflow.pid"])
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the `mlflow run` process
+    code, _, err = finish(proc, timeout=120)
+    assert code != 0
+    assert not marked_processes(run.info.run_id)
+    for pid in [*pids, supervisor]:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", pid
+    assert only_run().info.status == "KILLED"
+    assert "cancelled" in artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+
+
+def test_detached_run_status_attach_logs_and_cancel(tracking_uri, tmp_path):
+    started = time.monotonic()
+    code, _, err = finish(mlflow_cli(STANDIN, "torchrun",
+                                     _cfg(tmp_path, process_count_per_node=1, wait=False),
+                                     {"steps": 8, "sleep": 0.5}))
+    assert code == 0, err[-3000:]
+    run_id = only_run().info.run_id
+    assert only_run().info.status == "RUNNING"
+    assert f"fowlflow attach {run_id}" in err
+    status = fowlflow("status", run_id)
+    assert status.returncode == 0 and "node0: RUNNING" in status.stdout
+    attach = fowlflow("attach", run_id, timeout=180)  # streams to the end
+    assert attach.returncode == 0, attach.stderr
+    assert "rank 0 done" in attach.stdout
+    assert only_run().info.status == "FINISHED"
+    logs = fowlflow("logs", run_id, "--tail", "1")
+    assert logs.stdout.strip() == "rank 0 done"
+    assert time.monotonic() - started < 200
+
+    # a second detached run, cancelled from "another terminal"
+    finish(mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=2,
+                                                wait=False), {"steps": 400, "sleep": 0.3}))
+    import mlflow
+
+    second = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+              if r.info.run_id != run_id][0]
+    wait_for_metric(second.info.run_id, "allreduce_sum", 1)
+    cancel = fowlflow("cancel", second.info.run_id)
+    assert cancel.returncode == 0, cancel.stderr
+    assert "KILLED" in cancel.stdout
+    assert mlflow.MlflowClient().get_run(second.info.run_id).info.status == "KILLED"
+    assert not marked_processes(second.info.run_id)
+
+
+def test_run_whose_processes_died_does_not_stay_running(tracking_uri, tmp_path):
+    finish(mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=1,
+                                                wait=False), {"steps": 400, "sleep": 0.3}))
+    run = only_run()
+    wait_for_metric(run.info.run_id, "allreduce_sum", 1)
+    victims = [psutil.Process(int(run.data.tags["fowlflow.pid"])),
+               *marked_processes(run.info.run_id)]
+    for p in victims:  # a crash: nothing gets to record how the run ended
+        p.kill()
+    psutil.wait_procs(victims, timeout=30)
+    status = fowlflow("status", run.info.run_id)
+    assert "node0: LOST" in status.stdout, status.stdout + status.stderr
+    assert only_run().info.status == "FAILED"
+    record = json.loads(only_run().data.tags["fowlflow.launch"])
+    assert record["backend"] == "torchrun"
