@@ -8,9 +8,12 @@ folder stays within the CI budget on a 2-core machine.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pytest
+
+from fowlflow.registry.register import Registration
 
 from tests.conftest import HYMENOPTERA, make_imagefolder
 
@@ -88,13 +91,26 @@ def val_dir(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("imgs"), per_class=(1, 4)) / "val"
 
 
+@dataclass(frozen=True)
+class Registered(Registration):
+    """A registration plus each model's aliases right after it (later tests move them)."""
+
+    aliases: dict = field(default_factory=dict)
+
+
 @pytest.fixture(scope="package")
-def registered(store, val_dir):
+def registered(store, val_dir) -> Registered:
     """One model registered as ``fowl-test`` / ``fowl-test-onnx`` (val acc 0.75)."""
+    import mlflow
+
     from fowlflow.registry import register_trained_model
 
     run_id = log_contract_model(val_acc=0.75)
-    return register_trained_model(run_id=run_id, name=MODEL_NAME, val_dir=val_dir)
+    reg = register_trained_model(run_id=run_id, name=MODEL_NAME, val_dir=val_dir)
+    client = mlflow.MlflowClient()
+    aliases = {n: {a: str(v) for a, v in client.get_registered_model(n).aliases.items()}
+               for n in (reg.name, reg.onnx_name)}
+    return Registered(*(getattr(reg, f.name) for f in fields(Registration)), aliases=aliases)
 
 
 def hymenoptera_images(n_per_class: int = 2) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import TURKEY
 from tests.registry.conftest import MODEL_NAME, hymenoptera_images
 
-ONNX_URI = f"models:/{MODEL_NAME}-onnx@candidate"
+ONNX_URI = f"models:/{MODEL_NAME}-onnx/1"  # the `registered` fixture's version
 
 
 def test_predict_reports_a_corrupt_image_and_predicts_the_others(registered, use_store,
