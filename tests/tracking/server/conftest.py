@@ -85,6 +85,7 @@ def stack():
         for log in [*(state / "logs").glob("*.log"), state / "postgres" / "postgres.log"]:
             if log.exists():
                 shutil.copy(log, logs / log.name)
+        (logs / "stop.txt").write_text(stop.stdout + stop.stderr)
         shutil.rmtree(state, ignore_errors=True)
         assert stop.returncode == 0, stop.stderr
 

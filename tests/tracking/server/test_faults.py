@@ -1,0 +1,168 @@
+"""Faults while a run is logging: restart mlflow server, restart PostgreSQL, lose S3.
+
+The client is a separate process (``metric_logger.py``) with the retry settings documented in
+docs/deployment.md: up to 10 retries with backoff factor 1 (1, 2, 4, ... s; about two minutes
+in all), which covers a server or database restart. Each test checks the metrics in
+PostgreSQL itself, not only through the API.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tracking.server.conftest import client_env
+
+LOGGER = Path(__file__).with_name("metric_logger.py")
+RESILIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+class Client:
+    """A metric_logger.py process whose output lines can be awaited."""
+
+    def __init__(self, stack, *args: str, extra_env: dict | None = None):
+        env = {**os.environ, **client_env(stack), **(extra_env or {})}
+        self.proc = subprocess.Popen([sys.executable, str(LOGGER), *args], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._pumps = [threading.Thread(target=self._pump_out, daemon=True),
+                       threading.Thread(target=self._pump_err, daemon=True)]
+        for t in self._pumps:
+            t.start()
+        self.run_id = self.wait_for("RUN ").split()[1]
+
+    def _pump_out(self):
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            self.lines.put(line.strip())
+        self.lines.put("<EOF>")
+
+    def _pump_err(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def wait_for(self, prefix: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line.startswith(prefix):
+                return line
+            if line == "<EOF>":
+                break
+        raise AssertionError(f"client never printed {prefix!r}; stderr:\n{self.finish(10)[1]}")
+
+    def send(self, line: str = "go") -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        """Wait for the exit; return (exit code, stderr)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for t in self._pumps:
+            t.join(timeout=10)
+        return self.proc.returncode, "".join(self.stderr)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _metric_counts(stack, run_id: str) -> dict[str, int]:
+    with stack.postgres.connect() as conn:
+        rows = conn.execute("SELECT key, count(*) FROM metrics WHERE run_uuid = %s GROUP BY key",
+                            (run_id,)).fetchall()
+    return dict(rows)
+
+
+def _run_status(stack, run_id: str) -> str:
+    with stack.postgres.connect() as conn:
+        return conn.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("component,downtime", [("mlflow", 0.0), ("postgres", 3.0)])
+def test_restart_while_logging_loses_no_metric(stack, component, downtime):
+    steps = 80
+    client = Client(stack, f"fault-{component}", str(steps), "--interval", "0.05",
+                    extra_env=RESILIENT)
+    try:
+        client.wait_for("STEP 15")
+        t0 = time.monotonic()
+        stack.stop_component(component)
+        time.sleep(downtime)
+        stack.start_component(component)
+        outage = time.monotonic() - t0
+        code, err = client.finish()
+    finally:
+        client.kill()
+    assert code == 0, err[-3000:]
+    steps_seen = [line for line in client.stdout if line.startswith("STEP ")]
+    assert len(steps_seen) == steps
+    assert _metric_counts(stack, client.run_id) == {"loss": steps, "acc": steps}
+    assert _run_status(stack, client.run_id) == "FINISHED"
+    print(f"{component} outage {outage:.1f}s survived")
+
+
+def test_s3_down_during_upload_fails_the_run_then_retry_succeeds(stack, tmp_path):
+    files = tmp_path / "out"
+    files.mkdir()
+    for i in range(3):
+        (files / f"part{i}.bin").write_bytes(os.urandom(256 * 1024))
+    # Few retries: the client must fail within a minute, not wait out a long outage.
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    client = Client(stack, "fault-s3", "5", "--artifacts", str(files), "--wait-before-upload",
+                    extra_env=quick)
+    try:
+        client.wait_for("UPLOADED part0.bin")
+        client.wait_for("READY")
+        stack.stop_component("s3")
+        client.send()
+        code, err = client.finish(timeout=240)
+    finally:
+        client.kill()
+        stack.start_component("s3")
+    assert code == 1
+    # A clear error: which upload failed, and why (the server could not reach its S3).
+    assert "ERROR" in err and "part1.bin" in err, err[-2000:]
+    assert "500" in err and ("Could not connect to the endpoint URL" in err
+                             or "S3" in err or "s3" in err), err[-2000:]
+    assert _run_status(stack, client.run_id) == "FAILED"
+    assert _metric_counts(stack, client.run_id) == {"loss": 5, "acc": 5}
+
+    # S3 is back: the same job again succeeds and its artifacts read back intact.
+    retry = Client(stack, "fault-s3", "5", "--artifacts", str(files))
+    code, err = retry.finish()
+    assert code == 0, err[-3000:]
+    assert _run_status(stack, retry.run_id) == "FINISHED"
+    import mlflow
+
+    env = stack.client_env()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(
+            run_id=retry.run_id, artifact_path="outputs", dst_path=str(tmp_path / "dl"),
+            tracking_uri=stack.cfg.tracking_uri))
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    for f in files.iterdir():
+        assert (got / f.name).read_bytes() == f.read_bytes()
