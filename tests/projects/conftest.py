@@ -233,12 +233,21 @@ def tracking_server(network, tmp_path_factory) -> TrackingServer:
 
 
 @pytest.fixture
-def server_uri(tracking_server, monkeypatch) -> str:
-    """Point this test (and the ``mlflow`` CLI it starts) at the tracking server."""
+def server_uri(tracking_server, monkeypatch, request) -> str:
+    """Point this test (and the ``mlflow`` CLI it starts) at the tracking server.
+
+    Each test gets its own experiment on the shared server, so "the runs of this test" is
+    simply the active experiment's runs.
+    """
+    import uuid
+
     import mlflow
 
+    name = f"{request.node.name[:60]}-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
     mlflow.set_tracking_uri(tracking_server.uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.MlflowClient().create_experiment(name))
     yield tracking_server.uri
     mlflow.set_tracking_uri(None)
 

@@ -39,7 +39,7 @@ def only_run():
     """The single run in the tracking store (tests start from an empty store)."""
     import mlflow
 
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    runs = mlflow.search_runs(output_format="list")
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return runs[0]
 
@@ -50,7 +50,7 @@ def wait_for_run(timeout: float = 240, tag: str | None = None):
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        runs = mlflow.search_runs(output_format="list")
         if runs and (tag is None or tag in runs[0].data.tags):
             return runs[0]
         time.sleep(0.5)

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def _no_runs() -> bool:
-    return not mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return not mlflow.search_runs(output_format="list")
 
 
 def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
@@ -158,11 +158,12 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
         "hosts": ["10.77.0.250"], "identity_file": str(keys.identity),
         "known_hosts_file": str(keys.known_hosts), "connect_timeout": 3,
         "python": sys.executable}), timeout=120)
-    assert code == 1 and "ssh to 10.77.0.250 failed" in err and "fix:" in err
+    assert code == 1 and "ssh to 10.77.0.250 failed" in err and "fix:" in err, err[-3000:]
     assert time.monotonic() - started < 60
     assert _no_runs()
 
     backend = SshBackend()
+    experiment = os.environ["MLFLOW_EXPERIMENT_ID"]
     other_key = tmp_path / "other"
     os.system(f"ssh-keygen -q -t ed25519 -N '' -f {other_key}")
     cases = [({"identity_file": str(other_key)}, "key was rejected"),
@@ -171,11 +172,11 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
         cfg = {**ssh_config(keys, loopback_sshd), **override}
         started = time.monotonic()
         with pytest.raises(RemoteError, match=fragment):
-            backend.run(str(STANDIN), "main", {}, None, cfg, server_uri, "0")
+            backend.run(str(STANDIN), "main", {}, None, cfg, server_uri, experiment)
         assert time.monotonic() - started < 30
     with pytest.raises(ConfigError, match="http\\(s\\) tracking server"):
         backend.run(str(STANDIN), "main", {}, None, ssh_config(keys, loopback_sshd),
-                    f"sqlite:///{tmp_path / 'm.db'}", "0")
+                    f"sqlite:///{tmp_path / 'm.db'}", experiment)
     assert _no_runs()
 
 
@@ -195,7 +196,7 @@ def test_environment_is_prepared_once_and_reused(server_uri, loopback_sshd, keys
         proc = mlflow_cli(project, "ssh", cfg, env_manager="virtualenv")
         code, out, err = finish(proc)
         assert code == 0, err[-3000:]
-        run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+        run = mlflow.search_runs(output_format="list",
                                  order_by=["start_time DESC"])[0]
         seen.append((run.data.tags["fowlflow.env"], run.data.tags["fowlflow.env_reused"], out))
     (env1, reused1, out1), (env2, reused2, out2) = seen

@@ -101,7 +101,7 @@ def test_detached_run_status_attach_logs_and_cancel(tracking_uri, tmp_path):
                                                 wait=False), {"steps": 400, "sleep": 0.3}))
     import mlflow
 
-    second = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+    second = [r for r in mlflow.search_runs(output_format="list")
               if r.info.run_id != run_id][0]
     wait_for_metric(second.info.run_id, "allreduce_sum", 1)
     cancel = fowlflow("cancel", second.info.run_id)
