@@ -22,3 +22,18 @@ def run_main(main: Callable[[list[str] | None], int]) -> None:
         print(f"fowlflow: error: {exc.message}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+def log_params(params: dict) -> None:
+    """Log an entry point's params to the active run, unless `mlflow run` already has.
+
+    `mlflow run` logs the MLproject parameters itself (as given), and MLflow refuses to log a
+    param twice with another value (e.g. ``0.0`` vs ``0``), so only plain ``python -m`` calls
+    log them here.
+    """
+    import os
+
+    import mlflow
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fowlflow.errors import RegistryError
+from fowlflow.registry._cli import log_params
 from fowlflow.registry.images import list_images
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def evaluate(model_uri: str, data_dir: Path, batch_size: int = 32) -> dict:
     per_class = figures.per_class_table(cm, names)
     metrics = {"accuracy": accuracy, "images": int(ok.sum()), "failed_images": int((~ok).sum())}
     with mlflow.start_run() as run:  # under `mlflow run`, the project run
-        mlflow.log_params({"model_uri": model_uri, "data_dir": str(data_dir)})
+        log_params({"model_uri": model_uri, "data_dir": str(data_dir)})
         mlflow.set_tag("fowlflow.evaluated_model", model_uri)
         mlflow.log_metrics(metrics)
         mlflow.log_metrics({f"{k}_{c}": v for k in ("recall", "precision")

@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output_csv}")
     if os.environ.get("MLFLOW_RUN_ID"):
         with mlflow.start_run():
-            mlflow.log_params({"model_uri": args.model_uri, "images": args.images[:500]})
             mlflow.log_metric("images", len(table))
             mlflow.log_metric("failed_images", int((table["error"] != "").sum()))
             mlflow.log_text(table.to_csv(index=False), "predictions.csv")

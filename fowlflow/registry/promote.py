@@ -172,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     # `python -m` call creates no run.
     run = mlflow.start_run() if os.environ.get("MLFLOW_RUN_ID") else None
     try:
-        if run:
-            mlflow.log_params(vars(args))
         decision = promote(args.name, args.version or None, args.policy, args.threshold)
     except RegistryError as exc:
         if run:

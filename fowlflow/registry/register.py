@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fowlflow.errors import RegistryError
+from fowlflow.registry._cli import log_params
 from fowlflow.registry.card import PAIRED_ONNX, VersionFacts, model_card, version_tags
 from fowlflow.registry.parity import DEFAULT_ATOL, DEFAULT_MAX_IMAGES, ParityReport
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uri = args.model_uri if ":" in args.model_uri else f"runs:/{args.model_uri}/model"
     with mlflow.start_run() as run:  # under `mlflow run`, the project's own run
-        mlflow.log_params({k: v for k, v in vars(args).items()})
+        log_params(vars(args))
         reg = register_model_uri(uri, args.name, args.val_dir, log_run_id=run.info.run_id,
                                  atol=args.atol, max_images=args.max_images,
                                  opset=args.opset or None)
