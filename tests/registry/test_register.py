@@ -149,3 +149,28 @@ def test_a_model_without_fowlflow_metadata_is_refused(use_store, val_dir):
                                         pip_requirements=["torch"])
     with pytest.raises(RegistryError, match="no 'class_names' in its MLmodel metadata"):
         register_model_uri(info.model_uri, "fowl-plain", val_dir)
+
+
+def test_downloaded_onnx_model_is_self_contained_and_torch_free(registered, use_store,
+                                                                 tmp_path):
+    """The one-liner download works, and the model runs from its own code/ without torch."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import BIN
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": use_store}
+    subprocess.run([str(BIN / "mlflow"), "artifacts", "download", "-u",
+                    f"models:/{ONNX_NAME}/{registered.onnx_version}", "-d", str(tmp_path / "m")],
+                   env=env, check=True, capture_output=True, timeout=120)
+    code = ("import sys, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "out = m.predict([sys.argv[2]]); "
+            "import fowlflow.registry.image_pyfunc as f; "
+            "print(f.__file__, 'torch' in sys.modules, out['label'][0])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(TURKEY)],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    module_file, torch_loaded, label = proc.stdout.split()
+    assert module_file.startswith(str(tmp_path / "m" / "code" / "fowlflow"))
+    assert torch_loaded == "False" and label in {"ants", "bees"}
