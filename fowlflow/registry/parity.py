@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fowlflow.errors import RegistryError
 from fowlflow.registry.images import ImageDecodeError, Preprocessing, list_images, preprocess
@@ -78,14 +79,17 @@ def load_parity_images(val_dir: Path, prep: Preprocessing,
     # Round-robin over class folders so a cap still covers every class.
     ordered = [p for group in _interleave(list(by_class.values())) for p in group]
     pixels, used = [], []
-    for path in ordered:
-        if len(used) >= max_images:
-            break
-        try:
-            pixels.append(preprocess(path, prep))
-            used.append(path)
-        except ImageDecodeError as exc:
-            logger.warning("parity: skipping %s", exc.message)
+    with tqdm(total=min(max_images, len(ordered)), desc="parity images", unit="img",
+              disable=None) as bar:
+        for path in ordered:
+            if len(used) >= max_images:
+                break
+            try:
+                pixels.append(preprocess(path, prep))
+                used.append(path)
+                bar.update()
+            except ImageDecodeError as exc:
+                logger.warning("parity: skipping %s", exc.message)
     if not used:
         raise RegistryError(f"parity images: no readable image under {str(val_dir)!r}; give a "
                             "folder of real validation images (e.g. <data>/val)")

@@ -176,6 +176,7 @@ def _register(client, model_uri: str, name: str, facts: VersionFacts, fmt: str,
 
 def _log_onnx(proto, facts: VersionFacts, run_id: str):
     """Log the ONNX model with the onnx flavor and fowlflow's image pyfunc; returns ModelInfo."""
+    import pandas as pd
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Map
@@ -183,8 +184,8 @@ def _log_onnx(proto, facts: VersionFacts, run_id: str):
 
     from fowlflow.registry import image_pyfunc
 
-    import pandas as pd
-
+    # A synthetic 16 px PNG as input example: it exercises the served path at logging time
+    # (MLflow validates it through the pyfunc) without copying a validation photo into the model.
     png = io.BytesIO()
     Image.new("RGB", (16, 16), (128, 128, 128)).save(png, format="PNG")
     signature = ModelSignature(

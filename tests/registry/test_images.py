@@ -74,3 +74,20 @@ def test_preprocessing_from_metadata_needs_image_size():
     assert prep.resize_size == 256 and prep.mean == (0.5, 0.5, 0.5)
     with pytest.raises(RegistryError, match="no 'image_size'"):
         Preprocessing.from_metadata({"class_names": ["a"]})
+
+
+def test_parity_images_cover_every_class_and_skip_unreadable_files(tmp_path):
+    from fowlflow.registry.parity import compare, load_parity_images
+    from tests.conftest import make_imagefolder
+
+    val = make_imagefolder(tmp_path, per_class=(1, 5)) / "val"
+    (val / "ants" / "ants_0.jpg").write_bytes(b"\xff\xd8\xff broken")
+    prep = Preprocessing(image_size=32, resize_size=37)
+    pixels, used = load_parity_images(val, prep, max_images=4)
+    assert pixels.shape == (4, 32, 32, 3)
+    assert [p.parent.name for p in used] == ["ants", "bees", "ants", "bees"]
+    assert all(p.name != "ants_0.jpg" for p in used)
+    p = np.array([[0.6, 0.4], [0.2, 0.8]], dtype=np.float32)
+    assert compare(p, p + 5e-5).passed
+    assert not compare(p, p + 2e-4).passed  # probabilities too far apart
+    assert not compare(p, p[:, ::-1]).passed  # top-1 flipped
