@@ -140,6 +140,7 @@ def test_s3_down_during_upload_fails_the_run_then_retry_succeeds(stack, tmp_path
         client.kill()
         stack.start_component("s3")
     assert code == 1
+    print(err[-1500:])
     # A clear error: which upload failed, and why (the server could not reach its S3).
     assert "ERROR" in err and "part1.bin" in err, err[-2000:]
     assert "500" in err and ("Could not connect to the endpoint URL" in err
