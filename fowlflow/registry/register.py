@@ -7,7 +7,7 @@ The trainer calls, at the end of a run with ``registered_model_name`` set::
 
 and the MLproject entry point does the same for any logged model::
 
-    mlflow run . -e register -P model_uri=runs:/<run_id>/model -P val_dir=data/val
+    mlflow run . -e register -P model_uri=runs:/<run_id>/model [-P val_dir=data/val]
 
 Steps: load the logged PyTorch model → wrap it as a raw-pixel classifier and export ONNX →
 run both on real validation images → register the PyTorch model as a version of ``<name>`` →
@@ -81,7 +81,7 @@ def register_trained_model(run_id: str, name: str, val_dir: str | Path, *,
                               atol=atol, max_images=max_images, opset=opset)
 
 
-def register_model_uri(model_uri: str, name: str, val_dir: str | Path, *,
+def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = None, *,
                        log_run_id: str | None = None, atol: float = DEFAULT_ATOL,
                        max_images: int = DEFAULT_MAX_IMAGES,
                        opset: int | None = None) -> Registration:
@@ -91,7 +91,9 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path, *,
         model_uri: ``runs:/<id>/model``, ``models:/<name>/<version>``, ``models:/m-<id>``…
         log_run_id: the run that receives the ONNX model and parity figures (default: the
             model's source run).
-        name, val_dir, atol, max_images, opset: as for :func:`register_trained_model`.
+        val_dir: a folder of validation images; default: the ``val/`` folder of the data the
+            model was trained on (its ``data_uri`` metadata, resolved like the trainer does).
+        name, atol, max_images, opset: as for :func:`register_trained_model`.
     """
     import mlflow
     import onnx
@@ -114,7 +116,8 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path, *,
         raise RegistryError(f"{model_uri!r} belongs to no run, so there is nowhere to log its "
                             "ONNX model; run the register entry point with `mlflow run`")
     prep = Preprocessing.from_metadata(metadata)
-    pixels, paths = load_parity_images(Path(val_dir), prep, max_images)
+    val_dir = Path(val_dir) if val_dir else training_val_dir(metadata, model_uri)
+    pixels, paths = load_parity_images(val_dir, prep, max_images)
     classifier = PixelClassifier(module, prep)
     with tempfile.TemporaryDirectory(prefix="fowlflow-onnx-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -150,6 +153,29 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path, *,
     logger.info("registered %s/%s and %s/%s; alias %r points at both", name, version,
                 onnx_name, onnx_version, CANDIDATE)
     return Registration(name, version, onnx_name, onnx_version, report)
+
+
+def training_val_dir(metadata: dict, model_uri: str) -> Path:
+    """The ``val/`` folder of the data the model was trained on (its ``data_uri`` metadata).
+
+    Resolved with the trainer's own data sources (downloads are cached), so ``register`` needs
+    no ``val_dir`` for models trained on a reachable source.
+
+    Raises:
+        RegistryError: the model has no ``data_uri``, or the data has no ``val/`` folder.
+    """
+    from fowlflow.trainer.data_sources import resolve_data
+
+    uri = str(metadata.get("data_uri") or "")
+    if not uri:
+        raise RegistryError(f"{model_uri!r} has no data_uri in its metadata, so its validation "
+                            "images are unknown; pass -P val_dir=<ImageFolder>/val")
+    val = resolve_data(uri) / "val"
+    if not val.is_dir():
+        raise RegistryError(f"the training data {uri!r} has no val/ folder ({val}); pass "
+                            "-P val_dir=<folder of validation images>")
+    logger.info("parity images from the training data's val/: %s", val)
+    return val
 
 
 def _register(client, model_uri: str, name: str, facts: VersionFacts, fmt: str,
@@ -234,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_uri", required=True,
                    help="runs:/<run_id>/model, models:/<name>/<version>, or a bare run id")
     p.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
-    p.add_argument("--val_dir", required=True, help="folder of validation images")
+    p.add_argument("--val_dir", default="",
+                   help="folder of validation images ('' = the training data's val/)")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     p.add_argument("--max_images", type=int, default=DEFAULT_MAX_IMAGES)
     p.add_argument("--opset", type=int, default=0, help="ONNX opset (0: fowlflow's default)")
@@ -248,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.model_uri if ":" in args.model_uri else f"runs:/{args.model_uri}/model"
     with mlflow.start_run() as run:  # under `mlflow run`, the project's own run
         log_params(vars(args))
-        reg = register_model_uri(uri, args.name, args.val_dir, log_run_id=run.info.run_id,
+        reg = register_model_uri(uri, args.name, args.val_dir or None, log_run_id=run.info.run_id,
                                  atol=args.atol, max_images=args.max_images,
                                  opset=args.opset or None)
         mlflow.set_tags({"registered_version": f"{reg.name}/{reg.version}",

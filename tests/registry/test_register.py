@@ -174,3 +174,14 @@ def test_downloaded_onnx_model_is_self_contained_and_torch_free(registered, use_
     module_file, torch_loaded, label = proc.stdout.split()
     assert module_file.startswith(str(tmp_path / "m" / "code" / "fowlflow"))
     assert torch_loaded == "False" and label in {"ants", "bees"}
+
+
+def test_val_dir_defaults_to_the_training_data(tmp_path, monkeypatch):
+    from fowlflow.registry.images import list_images
+    from fowlflow.registry.register import training_val_dir
+
+    monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(tmp_path))
+    val = training_val_dir({"data_uri": "synthetic"}, "runs:/x/model")
+    assert val.name == "val" and list_images(val)
+    with pytest.raises(RegistryError, match="no data_uri in its metadata"):
+        training_val_dir({}, "runs:/x/model")
