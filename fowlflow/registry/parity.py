@@ -36,12 +36,21 @@ class ParityReport:
     top1_agreement: float
     max_abs_prob_diff: float
     atol: float
+    error: str = ""  # set when there was nothing to compare: the export itself failed
+
+    @classmethod
+    def export_failed(cls, error: str, atol: float = DEFAULT_ATOL) -> ParityReport:
+        return cls(images=0, top1_agreement=0.0, max_abs_prob_diff=float("nan"), atol=atol,
+                   error=error)
 
     @property
     def passed(self) -> bool:
-        return self.images > 0 and self.top1_agreement == 1.0 and self.max_abs_prob_diff <= self.atol
+        return (not self.error and self.images > 0 and self.top1_agreement == 1.0
+                and self.max_abs_prob_diff <= self.atol)
 
     def summary(self) -> str:
+        if self.error:
+            return f"parity not checked: {self.error}"
         verdict = "passed" if self.passed else "FAILED"
         return (f"parity {verdict} on {self.images} validation images: top-1 agreement "
                 f"{self.top1_agreement:.2%} (need 100%), max |p_onnx - p_torch| "

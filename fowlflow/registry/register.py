@@ -119,21 +119,32 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
     val_dir = Path(val_dir) if val_dir else training_val_dir(metadata, model_uri)
     pixels, paths = load_parity_images(val_dir, prep, max_images)
     classifier = PixelClassifier(module, prep)
+    proto = None
     with tempfile.TemporaryDirectory(prefix="fowlflow-onnx-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        proto = export_onnx(classifier, onnx_path, prep, opset=opset)
-        report = check_parity(classifier, onnx_path, pixels, atol)
-    _log_parity(client, log_run_id, report, paths, model_uri)
+        try:
+            proto = export_onnx(classifier, onnx_path, prep, opset=opset)
+        except RegistryError as exc:  # still register the PyTorch model, marked unpromotable
+            report = ParityReport.export_failed(exc.message, atol)
+        else:
+            report = check_parity(classifier, onnx_path, pixels, atol)
+            _log_parity(client, log_run_id, report, paths, model_uri)
 
     facts = VersionFacts(
         source_run_id=source_run_id, model_uri=model_uri,
         class_names=[str(c) for c in metadata["class_names"]], prep=prep,
         val_acc=_val_acc(metadata, client, source_run_id), parity=report, metadata=metadata,
         versions={"torch": str(torch.__version__), "onnx": str(onnx.__version__),
-                  "onnxruntime": str(onnxruntime.__version__), "opset": str(_opset(proto))},
+                  "onnxruntime": str(onnxruntime.__version__),
+                  "opset": str(_opset(proto) if proto is not None else opset)},
     )
     version = _register(client, register_uri, name, facts, "pytorch")
     onnx_name = onnx_name_for(name)
+    if report.error:
+        client.set_model_version_tag(name, version, PAIRED_ONNX, "none: export failed")
+        raise RegistryError(f"{name} version {version} is registered, but {report.error}; "
+                            f"nothing was registered under {onnx_name!r} and this version can't "
+                            "be promoted.")
     if not report.passed:
         client.set_model_version_tag(name, version, PAIRED_ONNX, "none: parity failed")
         raise RegistryError(

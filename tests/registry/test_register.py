@@ -135,6 +135,29 @@ def test_parity_failure_refuses_the_onnx_model(registered, use_store, val_dir, m
     assert mv.tags["parity_passed"] == "false" and mv.tags["onnx_model"] == "none: parity failed"
     assert float(mv.tags["parity_max_abs_prob_diff"]) > 1e-4
     assert not client.search_model_versions("name='fowl-perturbed-onnx'")
+    assert not client.get_registered_model("fowl-perturbed").aliases  # not a candidate
+
+
+def test_export_failure_still_registers_the_pytorch_model_unpromotable(registered, use_store,
+                                                                       val_dir, monkeypatch):
+    import mlflow
+
+    import fowlflow.registry.export as export
+
+    def failing_export(*args, **kwargs):
+        raise RegistryError("exporting the model to ONNX (opset 20) failed: Unsupported op")
+
+    monkeypatch.setattr(export, "export_onnx", failing_export)
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version(MODEL_NAME, registered.version).run_id
+    from fowlflow.registry import register_trained_model
+
+    with pytest.raises(RegistryError, match="fowl-noexport version 1 is registered, but "
+                                            "exporting the model to ONNX"):
+        register_trained_model(run_id=run_id, name="fowl-noexport", val_dir=val_dir)
+    mv = client.get_model_version("fowl-noexport", "1")
+    assert mv.tags["parity_passed"] == "false" and mv.tags["onnx_model"] == "none: export failed"
+    assert "parity not checked: exporting the model to ONNX" in mv.description
 
 
 def test_a_model_without_fowlflow_metadata_is_refused(use_store, val_dir):
