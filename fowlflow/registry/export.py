@@ -123,9 +123,13 @@ def export_onnx(classifier, path: Path, prep: Preprocessing, *, opset: int = DEF
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        raise RegistryError(f"exporting the model to ONNX (opset {opset}) failed: "
-                            f"{type(exc).__name__}: {exc}; try another -P opset=… or report the "
-                            "model's arch") from exc
+        detail = f"{type(exc).__name__}: {exc}"
+        if len(detail) > 1500:
+            detail = detail[:1500] + " ..."
+        raise RegistryError(
+            f"exporting the model to ONNX (opset {opset}) failed: {detail}. Fix: a model logged "
+            "with a batch-1 input_example has a static batch size (log it with a batch of 2 or "
+            "more); otherwise try another -P opset=... or report the model's arch") from exc
     logger.info("exported ONNX opset %d to %s (%.1f MB)", opset, path,
                 path.stat().st_size / 1e6)
     return proto
