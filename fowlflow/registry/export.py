@@ -15,6 +15,7 @@ the loaded model *is* an exported program) with a dynamic batch dimension.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def export_onnx(classifier, path: Path, prep: Preprocessing, *, opset: int = DEF
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")  # no colours
         if len(detail) > 1500:
             detail = detail[:1500] + " ..."
         raise RegistryError(
