@@ -138,11 +138,9 @@ Subsystem sftp internal-sftp
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     pub = keys.host_key.with_suffix(".pub").read_text().split()
     with open(keys.known_hosts, "a") as fh:
-        fh.write(f"[{address}]:{port} {pub[0]} {pub[1]}\n")
-    if netns is None:
-        wait_port(address, port)
-    else:
-        wait_port(address, port)  # reachable from here through the bridge
+        name = address if port == 22 else f"[{address}]:{port}"  # ssh's known_hosts syntax
+        fh.write(f"{name} {pub[0]} {pub[1]}\n")
+    wait_port(address, port)  # namespaces: reachable from here through the bridge
     return Sshd(address, port, proc, netns, log)
 
 

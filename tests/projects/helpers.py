@@ -44,17 +44,26 @@ def only_run():
     return runs[0]
 
 
-def wait_for_run(timeout: float = 240, tag: str | None = None):
-    """Wait until one run exists (and carries ``tag``), then return it."""
+def wait_for_run(proc: subprocess.Popen | None = None, timeout: float = 240,
+                 tag: str = "fowlflow.pid"):
+    """Wait until this test's run exists and carries ``tag``; fail with ``proc``'s output."""
     import mlflow
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = mlflow.search_runs(output_format="list")
-        if runs and (tag is None or tag in runs[0].data.tags):
+        if runs and tag in runs[0].data.tags:
             return runs[0]
+        if proc is not None and proc.poll() is not None:
+            break
         time.sleep(0.5)
-    raise AssertionError(f"no run{' with tag ' + tag if tag else ''} after {timeout} s")
+    output = ""
+    if proc is not None:
+        if proc.poll() is None:
+            proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        output = f"\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-5000:]}"
+    raise AssertionError(f"no run with tag {tag} after {timeout} s{output}")
 
 
 def wait_for_metric(run_id: str, key: str, min_steps: int, timeout: float = 180) -> None:

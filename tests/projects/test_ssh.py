@@ -47,7 +47,7 @@ def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
            "python": sys.executable, "remote_dir": str(tmp_path / "remote"),
            "process_count_per_node": 2}
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 6, "sleep": 0.5})
-    run = wait_for_run(tag="fowlflow.pid")
+    run = wait_for_run(proc)
     run_id = run.info.run_id
     wait_for_metric(run_id, "allreduce_sum", 1)
     workers = marked_processes(run_id)
@@ -103,7 +103,7 @@ def test_dropped_connection_reattaches_and_the_run_finishes(server_uri, loopback
     cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"),
                      process_count_per_node=1)
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 14, "sleep": 0.5})
-    run_id = wait_for_run(tag="fowlflow.pid").info.run_id
+    run_id = wait_for_run(proc).info.run_id
     wait_for_metric(run_id, "allreduce_sum", 2)
     assert loopback_sshd.drop_connections() >= 1  # every SSH connection dies at once
     code, out, err = finish(proc)
@@ -119,7 +119,7 @@ def test_killed_remote_trainer_fails_the_run_and_keeps_its_output(server_uri, lo
     cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"),
                      process_count_per_node=1)
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
-    run_id = wait_for_run(tag="fowlflow.pid").info.run_id
+    run_id = wait_for_run(proc).info.run_id
     wait_for_metric(run_id, "allreduce_sum", 2)
     trainer = int(mlflow.MlflowClient().get_run(run_id).data.tags["standin.pid"])
     psutil.Process(trainer).kill()
@@ -136,7 +136,7 @@ def test_cancel_from_another_terminal_stops_every_remote_process(server_uri, hos
     sshd = hosts.sshds[1]
     cfg = ssh_config(keys, sshd, remote_dir=str(tmp_path / "remote"), process_count_per_node=2)
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
-    run_id = wait_for_run(tag="fowlflow.pid").info.run_id
+    run_id = wait_for_run(proc).info.run_id
     wait_for_metric(run_id, "allreduce_sum", 2)
     before = marked_processes(run_id)
     assert len(before) >= 4  # mlflow run, sh/torchrun, 2 workers

@@ -62,7 +62,7 @@ def test_failed_run_exits_nonzero_keeps_output_and_ends_failed(tracking_uri, tmp
 def test_ctrl_c_cancels_every_process_and_ends_killed(tracking_uri, tmp_path):
     proc = mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=2),
                       {"steps": 400, "sleep": 0.3})
-    run = wait_for_run(tag="fowlflow.pid")
+    run = wait_for_run(proc)
     wait_for_metric(run.info.run_id, "allreduce_sum", 2)
     pids = [p.pid for p in marked_processes(run.info.run_id)]
     assert len(pids) >= 3  # torchrun + 2 workers (each in its own session)
