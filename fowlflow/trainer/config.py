@@ -37,7 +37,7 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = "outputs"
     resume: str = ""
-    registered_model_name: str = ""
+    registered_model_name: str = "fowl-classifier"
 
     def as_params(self) -> dict[str, str]:
         """The config as MLflow params (strings)."""

@@ -76,7 +76,7 @@ def test_mlflow_run_logs_everything(tracking_uri, messy_folder, tmp_path):
     with open(os.path.join(local, "confusion_matrix.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    (model_info,) = [m for m in client.search_logged_models([exp.experiment_id])]
+    (model_info,) = [m for m in client.search_logged_models([exp.experiment_id]) if m.name == "model"]
     assert model_info.source_run_id == run.info.run_id
     model = mlflow.pytorch.load_model(f"models:/{model_info.model_id}")
     out = model(torch.zeros(3, 3, 32, 32))  # a batch size other than the example's 2
@@ -85,6 +85,11 @@ def test_mlflow_run_logs_everything(tracking_uri, messy_folder, tmp_path):
     assert meta["class_names"] == ["ants", "bees"] and meta["image_size"] == 32
     assert meta["best_val_acc"] == pytest.approx(run.data.metrics["best_val_acc"])
     assert (tmp_path / "out" / "checkpoint.pt").is_file()
+
+    # Registered by default: the PyTorch model and its ONNX twin, both aliased `candidate`.
+    for name in ("fowl-classifier", "fowl-classifier-onnx"):
+        version = client.get_model_version_by_alias(name, "candidate")
+        assert version.run_id == run.info.run_id, name
 
 
 def trainer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -155,7 +160,8 @@ def test_ddp_two_processes_log_one_run(tracking_uri, tmp_path):
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fowlflow.trainer",
          "--data", "synthetic", "--weights", "none", "--image_size", "32", "--batch_size", "8",
-         "--num_epochs", "1", "--workers", "0", "--output_dir", str(tmp_path / "out")],
+         "--num_epochs", "1", "--workers", "0", "--output_dir", str(tmp_path / "out"),
+         "--registered_model_name", ""],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "MLFLOW_EXPERIMENT_NAME": "ddp",
              "FOWLFLOW_CACHE_DIR": str(tmp_path / "cache")})
