@@ -22,7 +22,7 @@ import pytest
 from fowlflow.errors import ConfigError, RemoteError
 from fowlflow.projects.ssh import SshBackend
 from tests.conftest import ROOT, TINY_PARAMS
-from tests.projects.conftest import NS_IFACE, ssh_config
+from tests.projects.conftest import NS_IFACE, Relay, free_port, ssh_config
 from tests.projects.helpers import (STANDIN, artifact_text, finish, fowlflow, marked_processes,
                                     mlflow_cli, only_run, wait_for_metric, wait_for_run)
 
@@ -80,7 +80,7 @@ def test_two_hosts_train_one_ddp_run(server_uri, hosts, keys, tmp_path):
            "identity_file": str(keys.identity), "known_hosts_file": str(keys.known_hosts),
            "python": sys.executable, "remote_dir": str(tmp_path / "remote"),
            "process_count_per_node": 1, "connect_timeout": 5,
-           "env": {"GLOO_SOCKET_IFNAME": NS_IFACE}}
+           "env": {"GLOO_SOCKET_IFNAME": NS_IFACE, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}}
     params = {**TINY_PARAMS, "data": "synthetic", "output_dir": "outputs"}
     code, out, err = finish(mlflow_cli(ROOT, "ssh", cfg, params), timeout=500)
     assert code == 0, out[-3000:] + err[-4000:]
@@ -95,6 +95,9 @@ def test_two_hosts_train_one_ddp_run(server_uri, hosts, keys, tmp_path):
     node1 = artifact_text(run.info.run_id, "fowlflow-logs/node1.log")
     assert "Traceback" not in node1
     assert run.data.metrics and any(not k.startswith("system/") for k in run.data.metrics)
+    for node in ("node0", "node1"):  # each node's system metrics, with its node id
+        assert any(k.startswith(f"system/{node}/") for k in run.data.metrics), sorted(
+            run.data.metrics)
     assert not marked_processes(run.info.run_id)
 
 
@@ -203,3 +206,26 @@ def test_environment_is_prepared_once_and_reused(server_uri, loopback_sshd, keys
     assert env1 == env2 and env1.startswith(str(tmp_path / "remote" / "envs" / "virtualenv-"))
     assert (reused1, reused2) == ("false", "true")
     assert f"prefix {env1}" in out1 and f"prefix {env1}" in out2
+
+
+def test_reverse_tunnel_reaches_a_tracking_server_on_this_machines_localhost(
+        server_uri, tracking_server, hosts, keys, tmp_path):
+    """The host (a namespace) can't reach our 127.0.0.1; ``"tunnel": true`` carries it."""
+    host, port = tracking_server.uri.rsplit("/", 1)[-1].split(":")
+    relay = Relay((host, int(port)))  # "mlflow server" listening on this machine's localhost
+    try:
+        remote_port = free_port()
+        cfg = ssh_config(keys, hosts.sshds[0], remote_dir=str(tmp_path / "remote"),
+                         process_count_per_node=1, tunnel=True, tunnel_remote_port=remote_port)
+        code, out, err = finish(mlflow_cli(STANDIN, "ssh", cfg, {"steps": 3, "sleep": 0.2},
+                                           env={"MLFLOW_TRACKING_URI":
+                                                f"http://127.0.0.1:{relay.port}"}))
+        assert code == 0, err[-4000:]
+    finally:
+        relay.close()
+    run = only_run()
+    assert run.info.status == "FINISHED"
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "allreduce_sum")) == 3
+    assert not any(p.info["name"] == "ssh" and "-R" in (p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["name", "cmdline"])
+                   if f"127.0.0.1:{remote_port}:" in " ".join(p.info["cmdline"] or []))
