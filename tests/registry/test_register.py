@@ -11,7 +11,7 @@ import pytest
 
 from fowlflow.errors import RegistryError
 from tests.conftest import TURKEY
-from tests.registry.conftest import MODEL_NAME, hymenoptera_images, log_contract_model
+from tests.registry.conftest import MODEL_NAME, hymenoptera_images
 
 ONNX_NAME = MODEL_NAME + "-onnx"
 
