@@ -32,6 +32,7 @@ def test_mlflow_run_logs_everything(tracking_uri, messy_folder, tmp_path):
     env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     proc = mlflow_run("--experiment-name", "e2e",
                       params={**TINY_PARAMS, "data": messy_folder, "num_epochs": 2,
+                              "registered_model_name": "fowl-classifier",
                               "output_dir": tmp_path / "out"}, env=env)
     assert "Skipped 2 unreadable file(s)" in proc.stderr
 
