@@ -108,20 +108,43 @@ def terminate(record: ProcessRecord | None, sig: int = signal.SIGTERM, *,
     members = _group_members(pgid) if pgid else []
     with contextlib.suppress(psutil.NoSuchProcess):
         proc.send_signal(sig)
-    _gone, alive = psutil.wait_procs([proc], timeout=timeout)
-    for p in alive:
-        log.warning("pid %d did not exit %.0fs after signal %d; killing it", p.pid, timeout, sig)
+    if not _wait_gone([proc], timeout):
+        log.warning("pid %d did not exit %.0fs after signal %d; killing it", proc.pid, timeout,
+                    sig)
         with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+            proc.kill()
+        _wait_gone([proc], 10)
     # Stragglers of our own group (e.g. a worker that outlived its supervisor).
-    leftovers = [m for m in members if m.is_running()]
-    if leftovers:
-        _gone, alive = psutil.wait_procs(leftovers, timeout=5)
-        for p in alive:
+    leftovers = [m for m in members if _running(m)]
+    if leftovers and not _wait_gone(leftovers, 5):
+        for p in leftovers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-    psutil.wait_procs([proc], timeout=5)
+        _wait_gone(leftovers, 5)
     return True
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Running and not a zombie (reaping it if it is our own child)."""
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return True
+    except psutil.NoSuchProcess:
+        return False
+    # A server started from this process (e.g. a test restarting one) and stopped from
+    # another stays a zombie until we reap it; to everyone else it has exited.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(proc.pid, os.WNOHANG)
+    return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_running(p) for p in procs):
+            return True
+        time.sleep(0.1)
+    return not any(_running(p) for p in procs)
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:

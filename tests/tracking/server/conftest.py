@@ -100,6 +100,13 @@ def admin_env(stack, monkeypatch):
     mlflow.set_tracking_uri(stack.cfg.tracking_uri)
     yield stack.client_env()
     mlflow.set_tracking_uri(None)
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID; don't let it reach later tests.
+    _drop_experiment_env()
+
+
+def _drop_experiment_env() -> None:
+    for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(k, None)
 
 
 @pytest.fixture(scope="session")
@@ -150,6 +157,7 @@ def trained(stack, tmp_path_factory):
     env = {**client_env(stack), **_s3_env(stack),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
            "FOWLFLOW_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    _drop_experiment_env()  # an in-process set_experiment elsewhere must not pick the experiment
     out = tmp_path_factory.mktemp("train-out")
     params = {**TINY_PARAMS, "num_epochs": "2", "data": f"s3://{DATASET_BUCKET}/imgs",
               "registered_model_name": UI_MODEL, "output_dir": str(out)}

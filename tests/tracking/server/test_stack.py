@@ -73,12 +73,11 @@ def test_stop_then_start_keeps_runs_artifacts_and_ports(stack, admin_env, tmp_pa
         mlflow.log_metrics({"m": 1.5}, step=3)
         (tmp_path / "note.txt").write_text("still here")
         mlflow.log_artifact(str(tmp_path / "note.txt"))
-    old = _our_processes(stack)
+    old = [stack.record(name) for name in ("postgres", "s3", "mlflow")]
     ports_before = json.loads((stack.cfg.state_dir / "ports.json").read_text())
 
     fowlflow("server", "stop", "--state-dir", str(stack.cfg.state_dir))
-    psutil.wait_procs(list(old.values()), timeout=10)
-    assert not any(p.is_running() for p in old.values())
+    assert not any(rec.alive() for rec in old)
     status = fowlflow("server", "status", "--state-dir", str(stack.cfg.state_dir), check=False)
     assert status.returncode == 3 and "running" not in status.stdout
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tracking.server.conftest import OUTPUT
+from tests.tracking.server.conftest import DATASET_BUCKET, OUTPUT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -110,6 +110,10 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
         for name in ("learning_rate", "num_epochs", "arch"):
             page.get_by_text(name, exact=True).first.wait_for()
         page.get_by_text("resnet18", exact=True).first.wait_for()
+        page.get_by_text(f"s3://{DATASET_BUCKET}/imgs", exact=True).first.wait_for()
+        # ...and, below them, the run's logged models ("model" and the ONNX export).
+        page.get_by_text("Logged models (", exact=False).first.wait_for()
+        page.get_by_role("link", name="model", exact=True).first.wait_for()
         page.screenshot(path=shots / "2-run-parameters.png")
 
         # A metric chart: the per-step training loss, drawn (an SVG plot with a line).
