@@ -123,7 +123,5 @@ def finish_submit(submitted: SupervisedRun, wait: bool, synchronous: bool) -> Su
         _logger.info("=== run %s finished ===", run_id)
         return submitted
     state = submitted.get_status()
-    tail = submitted.log_tail() if not submitted.stream else ""
-    raise RemoteError(f"run {run_id} ended {state}"
-                      + (f"; last output:\n{tail}" if tail else
-                         "; its output is above and in the artifact fowlflow-logs/"))
+    raise RemoteError(f"run {run_id} ended {state}; the end of its output (all of it is in "
+                      f"the artifact fowlflow-logs/):\n{submitted.log_tail(1500)}")

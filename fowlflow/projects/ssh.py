@@ -132,13 +132,20 @@ class SshBackend(AbstractBackend):
                                        work_dir, version, entry_point, params)
         run_id = active_run.info.run_id
         tunnels = None
+        nodes: list[Node] = []  # filled as nodes start, so a failed launch can stop them
         try:
             if cfg.tunnel:
                 tunnels = Tunnels(runners, tracking_uri, int(urlparse(host_uri).port))
-            nodes, tags = self._launch(cfg, runners, infos, specs, addrs, work_dir, command,
-                                       run_id, experiment_id, host_uri)
+            tags = self._launch(cfg, runners, infos, specs, addrs, work_dir, command,
+                                run_id, experiment_id, host_uri, nodes)
             common.set_tags(run_id, tags)
         except BaseException as exc:
+            if nodes:
+                _logger.error("launch failed (%s); stopping the nodes already started", exc)
+                try:
+                    SupervisedRun(run_id, nodes).cancel()
+                except Exception as cancel_exc:  # keep the launch error; report this one
+                    _logger.error("%s", cancel_exc)
             if tunnels:
                 tunnels.close()
             common.fail_run(run_id, exc)
@@ -159,7 +166,7 @@ class SshBackend(AbstractBackend):
         return info
 
     def _launch(self, cfg, runners, infos, specs, addrs, work_dir, command, run_id,
-                experiment_id, host_uri):
+                experiment_id, host_uri, nodes: list):
         nnodes = cfg.node_count
         rdzv_host = cfg.rdzv_host or addrs[0]
         base_env = {**common.run_env(run_id, experiment_id, host_uri), "SHELL": "/bin/sh"}
@@ -167,7 +174,7 @@ class SshBackend(AbstractBackend):
             if name in os.environ:
                 base_env[name] = os.environ[name]
         base_env.update(cfg.env)
-        nodes, per_node = [], []
+        per_node = []
         for rank, (runner, info, spec) in enumerate(zip(runners, infos, specs)):
             root = cfg.remote_dir if cfg.remote_dir.startswith("/") else \
                 f"{info['home']}/{cfg.remote_dir}"
@@ -235,4 +242,4 @@ class SshBackend(AbstractBackend):
                 "launch": json.dumps(launch_record)}
         if nnodes > 1:
             tags["rdzv_endpoint"] = f"{rdzv_host}:{cfg.rdzv_port}"
-        return nodes, tags
+        return tags

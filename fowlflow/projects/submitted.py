@@ -173,8 +173,13 @@ class SupervisedRun(SubmittedRun):
 
     def wait(self) -> bool:
         """Block until every node ended; True when the run FINISHED. Ctrl-C cancels it."""
+        stop = threading.Event()
+        watchdog = threading.Thread(target=self._watch_peers, args=(stop,), daemon=True)
+        if len(self.nodes) > 1:
+            watchdog.start()
         try:
             first = self._until_ended(self.nodes[0])
+            stop.set()
             rest = [self._settle(n, first) for n in self.nodes[1:]]
             final = self.combine([first, *rest])
             self.reconcile(final)
@@ -184,7 +189,27 @@ class SupervisedRun(SubmittedRun):
             self.cancel()
             raise
         finally:
+            stop.set()
             self._end()
+
+    def _watch_peers(self, stop: threading.Event, every: float = 10) -> None:
+        """A failed node leaves the others blocked in collectives: stop them, run FAILED."""
+        while not stop.wait(every):
+            for node in self.nodes[1:]:
+                try:
+                    state = self.node_state(node)
+                except RemoteError:
+                    continue  # unreachable for now; node 0's stream decides
+                if state in (RunState.FAILED, RunState.LOST):
+                    _logger.error("%s on %s ended %s: stopping the other nodes", node.name,
+                                  node.runner.name, state.value)
+                    for other in self.nodes:
+                        if other is not node:
+                            try:
+                                self._cancel_node(other, RunState.FAILED)
+                            except RemoteError as exc:
+                                _logger.warning("%s", exc)
+                    return
 
     def _settle(self, node: Node, first: RunState, patience: float = 120) -> RunState:
         """Other nodes end with node 0 (torchrun's exit barrier); stop stragglers."""
@@ -233,8 +258,9 @@ class SupervisedRun(SubmittedRun):
                 path.write_bytes(data)
                 client.log_artifact(self.run_id, str(path), "fowlflow-logs")
 
-    def _cancel_node(self, node: Node) -> None:
-        node.runner.run(node.sup("cancel", "--run-id", self.run_id), timeout=90)
+    def _cancel_node(self, node: Node, state: RunState = RunState.KILLED) -> None:
+        node.runner.run(node.sup("cancel", "--run-id", self.run_id, "--state", state.value),
+                        timeout=90)
 
     def cancel(self) -> None:
         """Stop every process of the run on every node; the MLflow run ends KILLED."""

@@ -39,8 +39,8 @@ TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 def _paths(run_dir: str, name: str) -> dict:
     base = os.path.join(run_dir, name)
-    return {k: f"{base}.{k}" for k in ("pid", "log")} | {
-        "status": f"{base}.status.json", "env": f"{base}.env.json"}
+    return {"pid": f"{base}.pid", "log": f"{base}.log", "status": f"{base}.status.json",
+            "env": f"{base}.env.json", "reason": f"{base}.cancel-reason"}
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -164,6 +164,9 @@ def cmd_run(args) -> int:
         if child is not None:
             child.poll()
         status = "KILLED"
+        if os.path.exists(p["reason"]):  # cancelled because another node failed
+            with open(p["reason"]) as fh:
+                status = fh.read().strip() or status
     else:
         kill_tree(marker, None, grace=2.0)  # stragglers the command left behind
         status = "FINISHED" if code == 0 else "FAILED"
@@ -246,6 +249,8 @@ def cmd_cancel(args) -> int:
     """SIGTERM the supervisor (it kills the tree and records KILLED); clean up if it is gone."""
     status = read_status(args.run_dir, args.name)
     if status["state"] == "RUNNING":
+        if args.state != "KILLED":
+            _write_atomic(_paths(args.run_dir, args.name)["reason"], args.state)
         os.kill(status["pid"], signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S + 15
         while time.monotonic() < deadline and read_status(args.run_dir, args.name)["state"] \
@@ -272,6 +277,9 @@ def main(argv=None) -> int:
                             help="end the MLflow run if still RUNNING; upload the log")
             sp.add_argument("--upload-log", action="store_true", help="only upload the log")
             sp.add_argument("argv", nargs=argparse.REMAINDER)
+        if name == "cancel":
+            sp.add_argument("--state", choices=("KILLED", "FAILED"), default="KILLED",
+                            help="how the run ends (FAILED when another node failed)")
         if name == "follow":
             sp.add_argument("--offset", type=int, default=0)
             sp.add_argument("--poll", type=float, default=0.3)

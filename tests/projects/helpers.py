@@ -17,6 +17,11 @@ def mlflow_cli(project: Path, backend: str, config: dict, params: dict | None = 
                env: dict | None = None, env_manager: str = "local",
                **popen) -> subprocess.Popen:
     """Start the real ``mlflow run -b BACKEND`` (its own process group, output captured)."""
+    import mlflow
+
+    # create a fresh SQLite store's tables here first: two processes migrating one new
+    # database at once (the CLI, and this test polling it) race in alembic
+    mlflow.search_experiments()
     cmd = [str(BIN / "mlflow"), "run", str(project), "-b", backend, "--env-manager",
            env_manager, "-c", json.dumps(config)]
     for k, v in (params or {}).items():

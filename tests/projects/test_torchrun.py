@@ -15,6 +15,8 @@ import time
 import psutil
 import pytest
 
+from fowlflow.errors import ConfigError
+from fowlflow.projects.torchrun import TorchrunBackend
 from tests.conftest import ROOT, TINY_PARAMS
 from tests.projects.helpers import (STANDIN, artifact_text, finish, fowlflow, marked_processes,
                                     mlflow_cli, only_run, wait_for_metric, wait_for_run)
@@ -24,6 +26,20 @@ pytestmark = pytest.mark.slow
 
 def _cfg(tmp_path, **extra) -> dict:
     return {"run_dir": str(tmp_path / "runs"), **extra}
+
+
+def test_bad_config_is_rejected_before_a_run_exists(tracking_uri, tmp_path):
+    import mlflow
+
+    config = {"ENV_MANAGER": "local", "SYNCHRONOUS": False, "DOCKER_ARGS": {},
+              "STORAGE_DIR": None, "build_image": False, "docker_auth": None,
+              "proces_count_per_node": 2}
+    with pytest.raises(ConfigError, match="valid keys are: .*process_count_per_node"):
+        TorchrunBackend().run(str(STANDIN), "main", {}, None, config, tracking_uri, "0")
+    with pytest.raises(ConfigError, match="--env-manager local"):
+        TorchrunBackend().run(str(STANDIN), "main", {}, None, {"ENV_MANAGER": "conda"},
+                              tracking_uri, "0")
+    assert not mlflow.search_runs(output_format="list")
 
 
 def test_trainer_runs_ddp_on_cpu_with_gloo(tracking_uri, tmp_path):
