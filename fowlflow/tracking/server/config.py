@@ -99,11 +99,14 @@ class StackConfig:
     host: str = "127.0.0.1"
     bucket: str = "mlflow"
     workers: int = 2
+    # Seconds a verified login is cached per worker (0: a PBKDF2 check on every request).
+    auth_cache_ttl_s: int = 30
 
     @classmethod
     def load(cls, state_dir: Path, *, mlflow_port: int | None = None,
              postgres_port: int | None = None, s3_port: int | None = None,
-             workers: int = 2, pick_free: bool = False) -> StackConfig:
+             workers: int = 2, auth_cache_ttl_s: int = 30,
+             pick_free: bool = False) -> StackConfig:
         """The config of the stack in ``state_dir``: ports from ``ports.json`` if it exists.
 
         Explicit ports override the recorded ones (and are recorded). Unrecorded ports take
@@ -123,7 +126,8 @@ class StackConfig:
             still = [k for k in missing if k not in ports]
             picked = free_ports(len(still), exclude=list(ports.values()))
             ports.update(zip(still, picked))
-        return cls(state_dir=state_dir, ports=ports, workers=workers)
+        return cls(state_dir=state_dir, ports=ports, workers=workers,
+                   auth_cache_ttl_s=auth_cache_ttl_s)
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ from fowlflow.tracking.server.procs import (ProcessRecord, http_status, spawn, t
                                             wait_until)
 
 log = logging.getLogger(__name__)
-AUTH_CACHE_TTL_S = 30
 
 # Variables of the caller that must not leak into the server (a client's own login would
 # otherwise be sent by the server's internal clients, and a stray tracking URI is confusing).
@@ -50,7 +49,7 @@ def auth_ini(cfg: StackConfig, secrets: Secrets) -> str:
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             # Each request otherwise pays a PBKDF2 hash of the password (tens of ms of CPU);
             # a changed password is honoured by every worker at most this long after.
-            f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")
+            f"auth_cache_ttl_seconds = {cfg.auth_cache_ttl_s}\n")
 
 
 def server_argv(cfg: StackConfig) -> list[str]:
