@@ -3,7 +3,7 @@
 Everything comes from the run's ``fowlflow.launch`` tag (hosts, run dirs, supervisor), so any
 terminal with the same tracking URI and SSH access can do it::
 
-    fowlflow status 6a51...          # RUNNING on root@gpu-box (node0 pid 4242); MLflow: RUNNING
+    fowlflow status 6a51...          # node0: RUNNING on root@gpu-box (log /root/.fowlflow/...)
     fowlflow logs 6a51... [--tail 50]   # the output so far
     fowlflow attach 6a51...          # stream until the run ends; exit 0 iff FINISHED
     fowlflow cancel 6a51...          # kill every process on every node; run ends KILLED

@@ -68,6 +68,28 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
             proc.wait(timeout)
 
 
+@pytest.fixture(autouse=True)
+def reap_launched(tmp_path):
+    """After each test, stop what a failed test may have left: supervisors whose run dir is
+    under this test's tmp_path, and every process carrying their run's marker."""
+    yield
+    import psutil
+
+    markers = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if any("supervise" in a for a in argv[:3]) and any(str(tmp_path) in a for a in argv):
+            opts = dict(zip(argv, argv[1:]))
+            markers.add(f"{opts.get('--run-id')}/{opts.get('--name')}")
+            proc.kill()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FOWLFLOW_LAUNCH") in markers:
+                proc.kill()
+        except (psutil.Error, OSError):
+            continue
+
+
 @dataclass
 class Keys:
     """A client key pair and the known_hosts file that trusts our sshd host key."""

@@ -159,3 +159,20 @@ def test_importing_the_backends_imports_neither_torch_nor_boto3():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_env_file_is_written_0600_through_stdin(tmp_path):
+    import json
+    import os
+    import stat
+
+    from fowlflow.projects.common import write_env_file
+    from fowlflow.projects.runners import LocalRunner
+    from fowlflow.projects.submitted import Node
+
+    node = Node(LocalRunner(), str(tmp_path / "run"), "node0", sys.executable, "unused")
+    write_env_file(node.runner, node, {"MLFLOW_TRACKING_PASSWORD": "p w'\"$x"})
+    path = tmp_path / "run" / "node0.env.json"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
+    assert json.loads(path.read_text()) == {"MLFLOW_TRACKING_PASSWORD": "p w'\"$x"}

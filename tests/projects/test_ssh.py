@@ -120,7 +120,7 @@ def test_dropped_connection_reattaches_and_the_run_finishes(server_uri, loopback
 def test_killed_remote_trainer_fails_the_run_and_keeps_its_output(server_uri, loopback_sshd,
                                                                    keys, tmp_path):
     cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"),
-                     process_count_per_node=1)
+                     process_count_per_node=1, ship="tar")  # the no-rsync path
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
     run_id = wait_for_run(proc).info.run_id
     wait_for_metric(run_id, "allreduce_sum", 2)
@@ -129,6 +129,8 @@ def test_killed_remote_trainer_fails_the_run_and_keeps_its_output(server_uri, lo
     code, out, err = finish(proc)
     assert code == 1 and "ended FAILED" in err
     assert only_run().info.status == "FAILED"
+    assert only_run().data.tags["fowlflow.ship"] == "tar"
+    assert "rank 0 step 1 sum" in err  # the error carries the end of the output
     log = artifact_text(run_id, "fowlflow-logs/node0.log")
     assert "rank 0 step 1 sum" in log
     assert not marked_processes(run_id)
