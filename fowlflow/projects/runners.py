@@ -7,7 +7,7 @@ options from :func:`ssh_options`::
     runner = SshRunner(HostSpec("gpu-box", user="alice"), strict_host_key_checking=True)
     info = runner.probe("python3")            # {"home": ..., "gpus": [...], "rsync": true}
     runner.run(["mkdir", "-p", ".fowlflow/runs/abc"])
-    ship_project(work_dir, runner, ".fowlflow/runs/abc/project", method="auto")
+    ship_project(work_dir, runner, ".fowlflow/runs/abc/project", method="auto")  # or "tar"
 """
 
 from __future__ import annotations
@@ -194,9 +194,9 @@ def project_files(work_dir: Path) -> list[str]:
                   if p.is_file() and ".git" not in p.relative_to(work_dir).parts)
 
 
-def ship_project(work_dir: Path, runner: SshRunner, dest: str, extra: dict[str, Path],
-                 method: str = "auto", remote_rsync: bool = True) -> str:
-    """Copy the project's files (plus ``extra`` {remote name: local file}) into ``dest``.
+def ship_project(work_dir: Path, runner: SshRunner, dest: str, method: str = "auto",
+                 remote_rsync: bool = True) -> str:
+    """Copy the project's files (see :func:`project_files`) into ``dest`` on the host.
 
     rsync is used when both ends have it (``method="auto"``), else a tar stream over ssh.
 
@@ -216,13 +216,6 @@ def ship_project(work_dir: Path, runner: SshRunner, dest: str, extra: dict[str, 
         if proc.returncode != 0:
             raise RemoteError(f"rsync of {work_dir} to {runner.name}:{dest} failed "
                               f"({proc.returncode}): {_tail(proc.stderr)}")
-        for name, local in extra.items():
-            proc = subprocess.run(["rsync", "-a", "-e", rsh, str(local),
-                                   f"{runner.host.destination}:{dest}/{name}"],
-                                  capture_output=True, timeout=120)
-            if proc.returncode != 0:
-                raise RemoteError(f"rsync of {local} to {runner.name} failed: "
-                                  f"{_tail(proc.stderr)}")
         return "rsync"
     proc = runner.popen(["tar", "-x", "-f", "-", "-C", dest], stdin=subprocess.PIPE,
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -233,8 +226,6 @@ def ship_project(work_dir: Path, runner: SshRunner, dest: str, extra: dict[str, 
         with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
             for name in files:
                 tar.add(Path(work_dir) / name, arcname=name, recursive=False)
-            for name, local in extra.items():
-                tar.add(local, arcname=name, recursive=False)
         proc.stdin.close()
     except BrokenPipeError:
         pass

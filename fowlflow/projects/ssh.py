@@ -181,7 +181,7 @@ class SshBackend(AbstractBackend):
             run_dir = f"{root}/runs/{run_id}"
             project_dir = f"{run_dir}/project"
             runner.run(["mkdir", "-p", "-m", "700", run_dir])
-            method = ship_project(Path(work_dir), runner, project_dir, {}, cfg.ship,
+            method = ship_project(Path(work_dir), runner, project_dir, cfg.ship,
                                   remote_rsync=info["rsync"])
             supervisor = f"{run_dir}/fowlflow-supervise.py"
             runner.run(["sh", "-c", 'cat > "$1"', "sh", supervisor],

@@ -78,7 +78,8 @@ class SupervisedRun(SubmittedRun):
     """A run whose node 0 streams output and whose status comes from the supervisors."""
 
     def __init__(self, run_id: str, nodes: list[Node], *, stream: bool = True,
-                 reconnect_timeout: float = 300, out=None, on_end=None):
+                 reconnect_timeout: float = 300, out=None, on_end=None,
+                 watch_interval: float = 10):
         super().__init__()
         self._run_id = run_id
         self.nodes = nodes
@@ -87,7 +88,7 @@ class SupervisedRun(SubmittedRun):
         self.out = out or sys.stdout.buffer
         self._offset = 0
         self._on_end = on_end  # e.g. closes an SSH tunnel
-        self._lock = threading.Lock()
+        self.watch_interval = watch_interval  # how often other nodes are checked
 
     @property
     def run_id(self) -> str:
@@ -192,9 +193,9 @@ class SupervisedRun(SubmittedRun):
             stop.set()
             self._end()
 
-    def _watch_peers(self, stop: threading.Event, every: float = 10) -> None:
+    def _watch_peers(self, stop: threading.Event) -> None:
         """A failed node leaves the others blocked in collectives: stop them, run FAILED."""
-        while not stop.wait(every):
+        while not stop.wait(self.watch_interval):
             for node in self.nodes[1:]:
                 try:
                     state = self.node_state(node)
