@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from fowlflow.errors import RemoteError
@@ -54,9 +55,20 @@ def create_run(run_id, project_uri, experiment_id, work_dir, version, entry_poin
                              entry_point, params or {})
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` or ``./mlruns`` made absolute: the entry point runs in the
+    project folder, which need not be the folder ``mlflow run`` was started from."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if "://" not in uri and ":" not in uri and not uri.startswith(("databricks", "uc")):
+        # a plain path: MLflow's file store
+        return os.path.abspath(uri)
+    return uri
+
+
 def run_env(run_id: str, experiment_id, tracking_uri: str) -> dict:
     """What every launched process needs to log to the run (MLflow's own variable names)."""
-    return {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri,
+    return {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": absolute_tracking_uri(tracking_uri),
             "MLFLOW_EXPERIMENT_ID": str(experiment_id)}
 
 

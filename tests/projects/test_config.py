@@ -176,3 +176,14 @@ def test_env_file_is_written_0600_through_stdin(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
     assert json.loads(path.read_text()) == {"MLFLOW_TRACKING_PASSWORD": "p w'\"$x"}
+
+
+def test_relative_local_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
+    from fowlflow.projects.common import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_tracking_uri("mlruns") == str(tmp_path / "mlruns")
+    assert absolute_tracking_uri("http://h:5000") == "http://h:5000"
+    assert absolute_tracking_uri("databricks") == "databricks"
