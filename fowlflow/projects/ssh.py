@@ -33,7 +33,7 @@ from fowlflow.projects.config import (CREDENTIAL_VARS, SshConfig, parse_ssh_conf
                                       split_mlflow_keys)
 from fowlflow.projects.launch import Rendezvous, node_argv, resolve_nproc
 from fowlflow.projects.runners import SshRunner, ship_project
-from fowlflow.projects.submitted import Node, SupervisedRun
+from fowlflow.projects.submitted import Node, RunState, SupervisedRun
 
 _logger = logging.getLogger(__name__)
 SUPERVISOR_SRC = Path(__file__).with_name("supervise.py")
@@ -123,7 +123,7 @@ class SshBackend(AbstractBackend):
         addrs = [r.resolved().get("hostname", r.host.host) for r in runners]
         host_uri = remote_tracking_uri(tracking_uri, cfg, addrs)
         infos = [self._preflight(r, cfg) for r in runners]  # before any run exists
-        project, work_dir, command = common.fetch_command(project_uri, entry_point, params,
+        _, work_dir, command = common.fetch_command(project_uri, entry_point, params,
                                                           version, mlflow_keys.storage_dir)
         specs = [envs.env_spec(Path(work_dir), manager, i["python_version"])
                  if manager != "local" else None for i in infos]
@@ -142,10 +142,14 @@ class SshBackend(AbstractBackend):
         except BaseException as exc:
             if nodes:
                 _logger.error("launch failed (%s); stopping the nodes already started", exc)
-                try:
-                    SupervisedRun(run_id, nodes).cancel()
-                except Exception as cancel_exc:  # keep the launch error; report this one
-                    _logger.error("%s", cancel_exc)
+                state = RunState.KILLED if isinstance(exc, KeyboardInterrupt) else \
+                    RunState.FAILED
+                started = SupervisedRun(run_id, nodes)
+                for node in nodes:
+                    try:
+                        started.cancel_node(node, state)
+                    except Exception as cancel_exc:  # keep the launch error; log this one
+                        _logger.error("%s", cancel_exc)
             if tunnels:
                 tunnels.close()
             common.fail_run(run_id, exc)

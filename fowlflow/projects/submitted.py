@@ -207,7 +207,7 @@ class SupervisedRun(SubmittedRun):
                     for other in self.nodes:
                         if other is not node:
                             try:
-                                self._cancel_node(other, RunState.FAILED)
+                                self.cancel_node(other, RunState.FAILED)
                             except RemoteError as exc:
                                 _logger.warning("%s", exc)
                     return
@@ -225,7 +225,7 @@ class SupervisedRun(SubmittedRun):
             time.sleep(1)
         _logger.warning("%s on %s still running after node0 ended; cancelling it",
                         node.name, node.runner.name)
-        self._cancel_node(node)
+        self.cancel_node(node)
         return RunState.KILLED if first is RunState.KILLED else RunState.FAILED
 
     def _end(self) -> None:
@@ -259,7 +259,8 @@ class SupervisedRun(SubmittedRun):
                 path.write_bytes(data)
                 client.log_artifact(self.run_id, str(path), "fowlflow-logs")
 
-    def _cancel_node(self, node: Node, state: RunState = RunState.KILLED) -> None:
+    def cancel_node(self, node: Node, state: RunState = RunState.KILLED) -> None:
+        """Stop one node; its supervisor records ``state`` (KILLED, or FAILED for a peer)."""
         node.runner.run(node.sup("cancel", "--run-id", self.run_id, "--state", state.value),
                         timeout=90)
 
@@ -268,7 +269,7 @@ class SupervisedRun(SubmittedRun):
         errors = []
         for node in self.nodes:
             try:
-                self._cancel_node(node)
+                self.cancel_node(node)
             except RemoteError as exc:
                 errors.append(str(exc))
         try:

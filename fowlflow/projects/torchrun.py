@@ -52,7 +52,7 @@ class TorchrunBackend(AbstractBackend):
         info = runner.probe(sys.executable)
         gpu_ids, nproc = pick_gpus(info["gpus"], cfg.gpus, cfg.free_gpus,
                                    cfg.process_count_per_node)
-        project, work_dir, command = common.fetch_command(project_uri, entry_point, params,
+        _, work_dir, command = common.fetch_command(project_uri, entry_point, params,
                                                           version, mlflow_keys.storage_dir)
         argv = torchrun_argv(command, nproc, python=sys.executable,
                              max_restarts=cfg.max_restarts)
