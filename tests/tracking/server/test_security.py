@@ -152,15 +152,17 @@ def test_no_secret_leaks_anywhere(stack, trained, reader, tmp_path):
                 n_objects += 1
     for log in stack.log_paths():
         haystacks[f"log {log.name}"] = log.read_bytes()
-    haystacks["ps -eo args"] = subprocess.run(["ps", "-eo", "args"], capture_output=True,
+    # -ww: full command lines (without it ps cuts them at $COLUMNS when not on a terminal).
+    haystacks["ps -eo args"] = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True,
                                               check=True).stdout
     haystacks["training stdout/stderr"] = (trained["stdout"] + trained["stderr"]).encode()
 
     # The search must have had something real to search.
     assert trained["run_id"].encode() in haystacks["pg_dump mlflow"]
     assert n_objects >= 3 and any(k.endswith("confusion_matrix.png") for k in haystacks)
-    assert any(b"mlflow server" in line and b"--app-name basic-auth" in line
-               for line in haystacks["ps -eo args"].splitlines())
+    server_argv = [line for line in haystacks["ps -eo args"].splitlines()
+                   if b"mlflow server" in line and b"--app-name basic-auth" in line]
+    assert server_argv and server_argv[0].endswith(b"--app-name basic-auth"), server_argv
     leaks = [f"{what} found in {where}" for where, hay in haystacks.items()
              for what, secret in secrets.items() if secret.encode() in hay]
     assert not leaks, leaks
