@@ -7,6 +7,9 @@ import subprocess
 import pytest
 import requests
 
+from tests.conftest import BIN
+from tests.tracking.server.conftest import fowlflow
+
 API = "/api/2.0/mlflow"
 
 
@@ -166,3 +169,34 @@ def test_no_secret_leaks_anywhere(stack, trained, reader, tmp_path):
     leaks = [f"{what} found in {where}" for where, hay in haystacks.items()
              for what, secret in secrets.items() if secret.encode() in hay]
     assert not leaks, leaks
+
+
+def test_cli_adds_a_user_and_grants_read(stack, owned):
+    """`fowlflow server user add` (password on stdin) and `grant`, then the user is a reader."""
+    import secrets as _secrets
+
+    password = _secrets.token_urlsafe(16)
+    state = ["--state-dir", str(stack.cfg.state_dir)]
+    proc = subprocess.run([str(BIN / "fowlflow"), "server", "user", "add", *state, "carol"],
+                          input=password + "\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert password not in proc.stdout + proc.stderr
+    fowlflow("server", "grant", *state, "carol", "experiment", owned["experiment_id"], "READ")
+    url = f"{stack.cfg.tracking_uri}{API}"
+    got = requests.get(f"{url}/experiments/get", params={"experiment_id": owned["experiment_id"]},
+                       auth=("carol", password), timeout=30)
+    assert got.status_code == 200
+    denied = requests.post(f"{url}/runs/create", json={"experiment_id": owned["experiment_id"]},
+                           auth=("carol", password), timeout=30)
+    assert denied.status_code == 403
+
+
+def test_command_lines_carry_no_secret(stack):
+    """The argv the stack builds for its servers (what `ps` shows) has no password or key."""
+    from fowlflow.tracking.server.mlflow_server import server_argv
+    from fowlflow.tracking.server.seaweedfs import weed_argv
+
+    for argv in (server_argv(stack.cfg), weed_argv(stack.cfg, stack.s3.data_dir)):
+        joined = " ".join(argv)
+        assert not any(secret in joined for secret in stack.secrets.values())
+    assert "@" in stack.cfg.db_uri() and ":" not in stack.cfg.db_uri().split("//")[1].split("@")[0]
