@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -166,22 +165,21 @@ def trained(stack, tmp_path_factory):
     client = MlflowClient(stack.cfg.tracking_uri)
     with _login(stack):
         exp = client.get_experiment_by_name(UI_EXPERIMENT)
-        runs = client.search_runs([exp.experiment_id], order_by=["start_time DESC"],
-                                  max_results=1)
-        run = runs[0]
-        versions = client.search_model_versions(f"name='{UI_MODEL}'")
-        if not versions:  # registration not wired into the trainer: register here
-            mlflow.set_tracking_uri(stack.cfg.tracking_uri)
-            mlflow.register_model(f"runs:/{run.info.run_id}/model", UI_MODEL)
-        # A second version from the same run, then aliases as a promotion would set them.
-        source = f"runs:/{run.info.run_id}/model"
+        run = client.search_runs([exp.experiment_id], order_by=["start_time DESC"],
+                                 max_results=1)[0]
+        assert run.info.status == "FINISHED"
+        # The registry, unchanged, registered version 1 through the server and aliased it.
+        assert client.get_model_version_by_alias(UI_MODEL, "candidate").version == "1"
+        # A second version from the same run, then the aliases a promotion would leave.
         mlflow.set_tracking_uri(stack.cfg.tracking_uri)
-        mlflow.register_model(source, UI_MODEL)
+        try:
+            mlflow.register_model(f"runs:/{run.info.run_id}/model", UI_MODEL)
+        finally:
+            mlflow.set_tracking_uri(None)
         versions = sorted(client.search_model_versions(f"name='{UI_MODEL}'"),
                           key=lambda v: int(v.version))
         client.set_registered_model_alias(UI_MODEL, "champion", versions[0].version)
         client.set_registered_model_alias(UI_MODEL, "candidate", versions[-1].version)
-        mlflow.set_tracking_uri(None)
     return {"run_id": run.info.run_id, "experiment_id": exp.experiment_id,
             "model_name": UI_MODEL, "versions": [v.version for v in versions],
             "stdout": proc.stdout, "stderr": proc.stderr}
@@ -204,10 +202,3 @@ class _login:
             else:
                 os.environ[k] = v
 
-
-def python_script(path: Path, *args: str, env: dict, timeout: int = 300
-                  ) -> subprocess.Popen:
-    """Start ``python path args`` (a client process) with ``env`` added."""
-    return subprocess.Popen([sys.executable, str(path), *args], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
