@@ -128,3 +128,39 @@ def test_taken_port_is_reported_with_the_fix(tmp_path):
         cfg = StackConfig.load(state, pick_free=True, postgres_port=taken)
         with pytest.raises(ServerError, match=f"port {taken} for postgres.*--postgres-port"):
             Stack(cfg).start_component("postgres")
+
+
+def test_failed_start_stops_what_it_started():
+    """mlflow's port is taken: start fails, naming it, after stopping PostgreSQL and S3 again."""
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    from fowlflow.errors import ServerError
+    from fowlflow.tracking.server import Stack, StackConfig
+
+    state = Path(tempfile.mkdtemp(prefix="ffstack-fail-", dir="/tmp"))
+    os.chmod(state, 0o711)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            stack = Stack(StackConfig.load(state, pick_free=True, mlflow_port=s.getsockname()[1]))
+            started = []
+            real_start = stack.start_component
+
+            def recording_start(name):
+                rec = real_start(name)
+                started.append(rec)
+                return rec
+
+            stack.start_component = recording_start
+            with pytest.raises(ServerError, match="port .* for mlflow .* --port"):
+                stack.start()
+        assert len(started) == 2  # postgres and s3 did start ...
+        assert not any(rec.alive() for rec in started)  # ... and were stopped again
+        assert all(v is None for v in json.loads((state / "state.json").read_text()).values())
+    finally:
+        Stack(StackConfig.load(state)).stop()
+        shutil.rmtree(state, ignore_errors=True)
