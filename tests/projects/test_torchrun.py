@@ -93,11 +93,11 @@ def test_ctrl_c_cancels_every_process_and_ends_killed(tracking_uri, tmp_path):
     assert "cancelled" in artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
 
 
-def test_detached_run_status_attach_logs_and_cancel(tracking_uri, tmp_path):
+def test_detached_run_status_attach_and_logs(tracking_uri, tmp_path):
     started = time.monotonic()
     code, _, err = finish(mlflow_cli(STANDIN, "torchrun",
                                      _cfg(tmp_path, process_count_per_node=1, wait=False),
-                                     {"steps": 8, "sleep": 0.5}))
+                                     {"steps": 12, "sleep": 0.5}))
     assert code == 0, err[-3000:]
     run_id = only_run().info.run_id
     assert only_run().info.status == "RUNNING"
@@ -112,19 +112,6 @@ def test_detached_run_status_attach_logs_and_cancel(tracking_uri, tmp_path):
     assert logs.stdout.strip() == "rank 0 done"
     assert time.monotonic() - started < 200
 
-    # a second detached run, cancelled from "another terminal"
-    finish(mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=2,
-                                                wait=False), {"steps": 400, "sleep": 0.3}))
-    import mlflow
-
-    second = [r for r in mlflow.search_runs(output_format="list")
-              if r.info.run_id != run_id][0]
-    wait_for_metric(second.info.run_id, "allreduce_sum", 1)
-    cancel = fowlflow("cancel", second.info.run_id)
-    assert cancel.returncode == 0, cancel.stderr
-    assert "KILLED" in cancel.stdout
-    assert mlflow.MlflowClient().get_run(second.info.run_id).info.status == "KILLED"
-    assert not marked_processes(second.info.run_id)
 
 
 def test_run_whose_processes_died_does_not_stay_running(tracking_uri, tmp_path):
