@@ -109,9 +109,22 @@ class StackConfig:
              pick_free: bool = False) -> StackConfig:
         """The config of the stack in ``state_dir``: ports from ``ports.json`` if it exists.
 
-        Explicit ports override the recorded ones (and are recorded). Unrecorded ports take
-        the defaults (5000, 5433, 8333), or, with ``pick_free``, random free ports (tests).
-        SeaweedFS's internal ports are always picked free once, then kept.
+        Explicit ports override the recorded ones (and are recorded by :meth:`save`).
+        Unrecorded ports take the defaults (5000, 5433, 8333), or, with ``pick_free``, random
+        free ports (tests, benchmarks). SeaweedFS's internal ports are always picked free once,
+        then kept.
+
+        Args:
+            state_dir: the stack's directory (created on save/start).
+            mlflow_port: port of the tracking server.
+            postgres_port: port of PostgreSQL.
+            s3_port: port of the S3 API.
+            workers: mlflow server worker processes.
+            auth_cache_ttl_s: seconds a verified login is cached (0: off).
+            pick_free: choose free ports instead of the defaults for unrecorded ones.
+
+        Returns:
+            The config (not yet saved).
         """
         state_dir = Path(state_dir).absolute()
         ports_file = state_dir / "ports.json"

@@ -75,6 +75,18 @@ def spawn(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str],
 
     Its own session means Ctrl-C in the terminal that ran ``fowlflow server start`` does not
     reach the servers, and the whole group can be cleaned up if the leader leaves children.
+
+    Args:
+        argv: the command (no secrets: other users see it in ``ps``).
+        log_path: file that receives stdout and stderr (appended).
+        env: the complete environment of the process (secrets go here).
+        cwd: working directory.
+
+    Returns:
+        The started process (its pid is the server's pid, not a shell's).
+
+    Raises:
+        ServerError: the executable could not be started.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
@@ -93,7 +105,17 @@ def terminate(record: ProcessRecord | None, sig: int = signal.SIGTERM, *,
     """Stop a recorded process (and, with ``group``, what is left of its process group).
 
     Sends ``sig``, waits up to ``timeout`` seconds, then SIGKILLs. Only signals the process if
-    it is still the one recorded. Returns True if something was stopped.
+    it is still the one recorded (same pid and start time), and a group only if the process
+    leads it (we created it with ``start_new_session``).
+
+    Args:
+        record: the process to stop; None is a no-op.
+        sig: the polite signal (SIGTERM; SIGINT is PostgreSQL's fast shutdown).
+        timeout: seconds to wait before SIGKILL.
+        group: also stop the rest of its process group (e.g. uvicorn workers).
+
+    Returns:
+        True if the recorded process was running and is now stopped.
     """
     proc = record.process() if record else None
     if proc is None:
@@ -207,7 +229,19 @@ def http_status(url: str, timeout: float = 3.0) -> int | None:
 def wait_until(check: Callable[[], bool], *, what: str, timeout: float,
                record: ProcessRecord | None = None, log_path: Path | None = None,
                interval: float = 0.25) -> None:
-    """Poll ``check`` until true; fail early (with the log tail) if ``record`` died."""
+    """Poll ``check`` until it returns true.
+
+    Args:
+        check: the readiness probe.
+        what: name of the thing waited for, for the error message.
+        timeout: seconds before giving up.
+        record: the process being waited for; if it exits, fail at once.
+        log_path: its log, whose tail goes into the error.
+        interval: seconds between probes.
+
+    Raises:
+        ServerError: the process exited, or ``check`` stayed false for ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():

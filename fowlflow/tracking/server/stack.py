@@ -10,14 +10,18 @@ exactly what was started, and nothing else::
     stack.stop_component("mlflow"); stack.start_component("mlflow")   # fault tests
     stack.stop()                            # reverse order; data stays for the next start
 
-A failed start stops whatever it had started before raising.
+A failed start stops whatever it had started before raising. Starting and stopping hold an
+exclusive lock on ``<state>/.lock``, so two commands on one state directory never interleave.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -52,6 +56,23 @@ class Stack:
         self.mlflow = MlflowServer(cfg, self.secrets, pg_env=self.postgres.client_env(),
                                    s3_env=self.s3.s3_env())
         self._state_path = cfg.state_dir / "state.json"
+        self._lock_fd: int | None = None
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold ``<state>/.lock`` (re-entrant within this object)."""
+        if self._lock_fd is not None:
+            yield
+            return
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.cfg.state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd = fd
+            yield
+        finally:
+            self._lock_fd = None
+            os.close(fd)  # releases the lock
 
     # -- recorded pids ---------------------------------------------------------------------
     def _records(self) -> dict[str, ProcessRecord | None]:
@@ -78,55 +99,87 @@ class Stack:
         return self.cfg.ports[name]
 
     def start_component(self, name: str) -> ProcessRecord:
-        """Start ``name`` unless its recorded process is running; return its record."""
-        running = self.record(name)
-        if running:
-            return running
-        if not port_free(self._port(name), self.cfg.host):
-            raise ServerError(
-                f"port {self._port(name)} for {name} on {self.cfg.host} is taken by another "
-                f"program; stop it, or start with another port (fowlflow server start "
-                f"{_PORT_FLAGS[name]} N), which "
-                f"{self.cfg.state_dir / 'ports.json'} then keeps")
-        record = self._server(name).start()
-        self._save_record(name, record)
-        return record
+        """Start one part of the stack unless its recorded process is running.
+
+        Args:
+            name: ``"postgres"``, ``"s3"`` or ``"mlflow"``.
+
+        Returns:
+            The record (pid + start time) of the running process, as saved in state.json.
+
+        Raises:
+            ServerError: its port is taken by another program, or it did not come up (with
+                the tail of its log).
+        """
+        with self._locked():
+            running = self.record(name)
+            if running:
+                return running
+            if not port_free(self._port(name), self.cfg.host):
+                raise ServerError(
+                    f"port {self._port(name)} for {name} on {self.cfg.host} is taken by another "
+                    f"program; stop it, or start with another port (fowlflow server start "
+                    f"{_PORT_FLAGS[name]} N), which "
+                    f"{self.cfg.state_dir / 'ports.json'} then keeps")
+            record = self._server(name).start()
+            self._save_record(name, record)
+            return record
 
     def stop_component(self, name: str) -> bool:
-        """Stop ``name`` if this stack started it and it runs; True if something stopped."""
-        rec = self._records().get(name)
-        t0 = time.monotonic()
-        stopped = self._server(name).stop(rec)
-        self._save_record(name, None)
-        if stopped:
-            log.info("stopped %s (pid %d) in %.1fs", name, rec.pid, time.monotonic() - t0)
-        return stopped
+        """Stop one part of the stack if this state directory started it and it still runs.
+
+        Args:
+            name: ``"postgres"``, ``"s3"`` or ``"mlflow"``.
+
+        Returns:
+            True if a process was stopped, False if none of ours was running.
+        """
+        with self._locked():
+            rec = self._records().get(name)
+            t0 = time.monotonic()
+            stopped = self._server(name).stop(rec)
+            self._save_record(name, None)
+            if stopped:
+                log.info("stopped %s (pid %d) in %.1fs", name, rec.pid, time.monotonic() - t0)
+            return stopped
 
     # -- the whole stack ---------------------------------------------------------------------
     def start(self) -> None:
-        """Start every component not already running, in dependency order."""
-        self.cfg.save()
-        started = []
-        t0 = time.monotonic()
-        try:
-            for name in COMPONENTS:
-                was_running = self.record(name) is not None
-                self.start_component(name)
-                if not was_running:
-                    started.append(name)
-        except BaseException:
-            for name in reversed(started):
-                self.stop_component(name)
-            raise
+        """Start every part not already running: PostgreSQL, then S3, then mlflow server.
+
+        Raises:
+            ServerError: a part could not start; the parts this call had started are stopped
+                again before it is raised.
+        """
+        with self._locked():
+            self.cfg.save()
+            started = []
+            t0 = time.monotonic()
+            try:
+                for name in COMPONENTS:
+                    was_running = self.record(name) is not None
+                    self.start_component(name)
+                    if not was_running:
+                        started.append(name)
+            except BaseException:
+                for name in reversed(started):
+                    self.stop_component(name)
+                raise
         log.info("stack up in %.1fs: %s (user %s; password in %s)", time.monotonic() - t0,
                  self.cfg.tracking_uri, self.secrets.admin_username,
                  self.cfg.secrets_dir / "admin_password")
 
     def stop(self) -> list[str]:
-        """Stop the components this state directory started; return the names stopped."""
-        return [name for name in reversed(COMPONENTS) if self.stop_component(name)]
+        """Stop, in reverse order, the parts this state directory started.
+
+        Returns:
+            The names of the parts that were running and are now stopped.
+        """
+        with self._locked():
+            return [name for name in reversed(COMPONENTS) if self.stop_component(name)]
 
     def status(self) -> list[ComponentStatus]:
+        """Each part's pid (if running) and address, in start order."""
         addresses = {"postgres": f"{self.cfg.host}:{self.cfg.ports['postgres']}",
                      "s3": self.cfg.s3_endpoint, "mlflow": self.cfg.tracking_uri}
         out = []
@@ -138,7 +191,15 @@ class Stack:
 
     def client_env(self, username: str | None = None, password: str | None = None
                    ) -> dict[str, str]:
-        """What an MLflow client sets to use this server (default: the admin login)."""
+        """The variables an MLflow client sets to use this server.
+
+        Args:
+            username: the login to use; default the admin.
+            password: its password; default the admin's.
+
+        Returns:
+            ``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``.
+        """
         return {"MLFLOW_TRACKING_URI": self.cfg.tracking_uri,
                 "MLFLOW_TRACKING_USERNAME": username or self.secrets.admin_username,
                 "MLFLOW_TRACKING_PASSWORD": password or self.secrets.admin_password}
