@@ -75,7 +75,10 @@ class MlflowServer:
         self.auth_config = cfg.secrets_dir / "auth.ini"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _DROP_FROM_ENV}
+        # The caller's own AWS settings (profile, session token, endpoint) would point the
+        # artifact store elsewhere: the stack's S3 settings replace all of them.
+        env = {k: v for k, v in os.environ.items()
+               if k not in _DROP_FROM_ENV and not k.startswith("AWS_")}
         env.update(self.pg_env)
         env.update(self.s3_env)
         env.update({

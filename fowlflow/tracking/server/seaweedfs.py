@@ -76,7 +76,8 @@ class SeaweedFS:
     def start(self) -> ProcessRecord:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
-        env = {**os.environ, **self.s3_env()}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+               **self.s3_env()}
         proc = spawn(weed_argv(self.cfg, self.data_dir), log_path=self.log_path, env=env,
                      cwd=self.data_dir)
         record = ProcessRecord.of(proc.pid)
