@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from fowlflow.errors import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +94,18 @@ class RunTracker:
 
     def log_figure(self, figure, artifact_file: str) -> None:
         if self.enabled:
-            mlflow.log_figure(figure, artifact_file)
+            with artifact_upload(artifact_file):
+                mlflow.log_figure(figure, artifact_file)
 
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         if self.enabled:
-            mlflow.log_table(data=data, artifact_file=artifact_file)
+            with artifact_upload(artifact_file):
+                mlflow.log_table(data=data, artifact_file=artifact_file)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:
-            mlflow.log_dict(data, artifact_file)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            mlflow.log_artifact(str(path), artifact_path)
+            with artifact_upload(artifact_file):
+                mlflow.log_dict(data, artifact_file)
 
     def log_model(self, model, input_example, metadata: dict[str, Any]) -> str | None:
         """Log the PyTorch model (pt2, dynamic batch) with signature and input example."""
@@ -119,9 +122,10 @@ class RunTracker:
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_cls))]))
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
-                                        signature=signature, input_example=example,
-                                        metadata=metadata)
+        with artifact_upload("model"):
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
+                                            signature=signature, input_example=example,
+                                            metadata=metadata)
         return info.model_uri
 
     def flush(self) -> None:
@@ -135,6 +139,26 @@ class RunTracker:
             mlflow.flush_async_logging()
         finally:
             mlflow.end_run(status)
+
+
+@contextmanager
+def artifact_upload(name: str):
+    """Turn a failed artifact upload into an error that says where to look and what to do.
+
+    With a team server (proxied artifacts), an unreachable artifact store reaches the client
+    only as HTTP 500s; the cause is in the server's log.
+    """
+    try:
+        yield
+    except MlflowException as exc:
+        text = str(exc)
+        if not any(sign in text for sign in ("500", "503", "Max retries", "Connection", "timed out")):
+            raise  # not a transport failure (e.g. the model could not be exported)
+        raise ServerError(
+            f"Uploading the artifact {name!r} to {mlflow.get_tracking_uri()} failed: "
+            f"{str(exc).splitlines()[0][:300]}. The tracking server could not store it: check "
+            "its artifact store (S3) and the server log, then run again (the run is marked "
+            "FAILED; -P resume=<output_dir>/checkpoint.pt skips the finished epochs).") from exc
 
 
 def _dataset_source(uri: str):

@@ -1,0 +1,71 @@
+"""The run tracker against a real ``mlflow server`` whose artifact store is down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+from fowlflow.errors import ServerError
+from fowlflow.tracking import RunTracker
+from tests.conftest import BIN
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server_with_dead_s3(tmp_path):
+    """mlflow server (SQLite) proxying artifacts to an S3 endpoint where nothing listens."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_MAX_ATTEMPTS": "1"}
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         "--artifacts-destination", "s3://bucket/artifacts", "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError((tmp_path / "server.log").read_text()[-2000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_failed_artifact_upload_says_where_to_look(server_with_dead_s3, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server_with_dead_s3)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(server_with_dead_s3)
+    tracker = RunTracker()
+    run_id = tracker.start()
+    try:
+        tracker.log_epoch({"val_acc": 0.5}, 1)  # metrics still work: only artifacts are down
+        with pytest.raises(ServerError) as info:
+            tracker.log_dict({"a": 1}, "data/skipped_files.json")
+        message = str(info.value)
+        assert "'data/skipped_files.json'" in message and server_with_dead_s3 in message
+        assert "artifact store (S3)" in message and "server log" in message
+    finally:
+        tracker.finish("FAILED")
+        mlflow.set_tracking_uri(None)
+    run = mlflow.MlflowClient(server_with_dead_s3).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["val_acc"] == 0.5
