@@ -32,6 +32,18 @@ TINY_PARAMS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_experiment(monkeypatch):
+    """No test sees an experiment chosen by an earlier one (``mlflow.set_experiment`` writes
+    MLFLOW_EXPERIMENT_ID into the environment and a module global)."""
+    import mlflow
+
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.setenv(name, "x")  # recorded, so the original state comes back afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store with a local artifact root, set for this test."""

@@ -53,10 +53,13 @@ def server_with_dead_s3(tmp_path):
 def test_failed_artifact_upload_says_where_to_look(server_with_dead_s3, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_with_dead_s3)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(leaked, raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # Our own experiment on this server (setenv is undone after the test, unlike set_experiment).
+    exp_id = mlflow.MlflowClient(server_with_dead_s3).create_experiment("dead-s3")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(server_with_dead_s3)
-    mlflow.set_experiment("dead-s3")  # on this server; not an experiment id left by another test
     tracker = RunTracker()
     run_id = tracker.start()
     try:
@@ -69,6 +72,5 @@ def test_failed_artifact_upload_says_where_to_look(server_with_dead_s3, monkeypa
     finally:
         tracker.finish("FAILED")
         mlflow.set_tracking_uri(None)
-        mlflow.tracking.fluent._active_experiment_id = None  # don't leak ours either
     run = mlflow.MlflowClient(server_with_dead_s3).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.metrics["val_acc"] == 0.5
