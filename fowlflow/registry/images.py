@@ -4,12 +4,15 @@
     pixels = preprocess_batch(["turkey.jpg", open("a.jpg", "rb").read()], prep)  # uint8 (N,S,S,3)
 
 The pipeline is torchvision's validation transform written with PIL only, so that the served
-ONNX model needs neither torch nor torchvision: RGB → resize the shorter side to
+ONNX model needs neither torch nor torchvision: :func:`to_rgb` (EXIF orientation applied,
+16-bit grayscale scaled to 8 bits, decoded pixels bounded by :func:`max_image_pixels`) → resize
+the shorter side to
 ``resize_size`` (bilinear, antialiased: PIL always filters when shrinking) → center crop
 ``image_size`` → uint8 HWC. Scaling to [0, 1] and the mean/std normalization are *not* done
 here: they are a layer of the exported ONNX graph and of the PyTorch wrapper
 (``fowlflow.registry.export.PixelClassifier``), so any client that can produce RGB bytes gets
-the same numbers. This module imports no torch; it is copied into every ONNX model's ``code/``.
+the same numbers. The trainer decodes with the same :func:`to_rgb`, so validation pixels and
+served pixels agree. This module imports no torch; it is copied into every ONNX model's ``code/``.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from fowlflow.errors import RegistryError
+from fowlflow.errors import ConfigError, RegistryError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # Signatures of the formats PIL reads that we accept; anything else is tried as base64 text.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*", b"P6")
+MAX_PIXELS_ENV = "FOWLFLOW_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 64_000_000  # ~200 MB of decoded RGB; a 48-megapixel photo fits
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageDecodeError(RegistryError):
@@ -78,8 +84,63 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+def max_image_pixels() -> int:
+    """The most pixels one image may decode to: ``$FOWLFLOW_MAX_IMAGE_PIXELS`` or 64 million.
+
+    Raises:
+        ConfigError: the variable is set but is not a positive whole number.
+    """
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} is invalid: set it to "
+                          f"a whole number of pixels such as {DEFAULT_MAX_PIXELS}, or unset it.")
+    return int(text)
+
+
+def to_rgb(img, *, fit: tuple[int, int] | None = None, max_pixels: int | None = None):
+    """Decode an opened PIL image into upright 8-bit RGB, with bounded memory.
+
+    EXIF orientation is applied; 16-bit (and 32-bit integer) grayscale is scaled to 8 bits
+    instead of being clipped to white. An image whose size exceeds ``max_pixels``
+    (default :func:`max_image_pixels`) is refused before decoding, unless it is a JPEG, which
+    is then decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``, in the DCT domain) to fit.
+    ``fit`` asks JPEGs to be decoded at the smallest such scale that still covers ``fit`` (the
+    trainer's draft mode). With ``fit=None``, images under the limit get exactly the pixels of
+    ``img.convert("RGB")``.
+    ``img`` is modified (decoded, transposed) in place.
+
+    Raises:
+        ImageDecodeError: the image is over the pixel limit and can't be decoded smaller.
+    """
+    from PIL import ImageOps
+
+    limit = max_pixels or max_image_pixels()
+    w, h = img.size
+    if fit or w * h > limit:  # only JPEGs can decode smaller; draft() is a no-op for others
+        scale = 1
+        while scale < 8 and -(-w // scale) * -(-h // scale) > limit:
+            scale *= 2
+        fit_w, fit_h = fit or (w, h)
+        img.draft("RGB", (max(1, min(fit_w, w // scale)), max(1, min(fit_h, h // scale))))
+    if img.size[0] * img.size[1] > limit:
+        raise ImageDecodeError(
+            f"{w}x{h} = {w * h:,} pixels, over the decode limit of {limit:,} pixels; "
+            f"downscale the image, or raise {MAX_PIXELS_ENV}")
+    ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in _16BIT_MODES:
+        from PIL import Image
+
+        pixels = np.asarray(img)
+        if img.mode == "I":
+            pixels = np.clip(pixels, 0, 65535)
+        img = Image.fromarray((pixels >> 8).astype(np.uint8))  # mode L
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def load_image(source: Any, *, allow_paths: bool = True):
-    """Open one image as a PIL RGB image.
+    """Open one image as a PIL RGB image (see :func:`to_rgb`).
 
     Args:
         source: a path (str or ``os.PathLike``), raw encoded bytes, base64 text (str or bytes,
@@ -92,31 +153,33 @@ def load_image(source: Any, *, allow_paths: bool = True):
     """
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
     if isinstance(source, np.ndarray) and source.ndim == 0:
         source = source.item()
     if isinstance(source, (bytearray, memoryview)):
         source = bytes(source)
     what = _describe(source)
-    if isinstance(source, os.PathLike):
-        data = _read_file(Path(source), what)
+    if isinstance(source, Image.Image):
+        stream = source.copy()  # to_rgb works in place; the caller's image stays as it is
+    elif isinstance(source, os.PathLike) or (
+            isinstance(source, str) and allow_paths and _is_file(source)):
+        stream = _open_file(Path(source), what)  # PIL reads only what it decodes
     elif isinstance(source, str):
-        if allow_paths and _is_file(source):
-            data = _read_file(Path(source), what)
-        else:
-            data = _from_base64(source, what, maybe_path=allow_paths)
+        stream = io.BytesIO(_from_base64(source, what, maybe_path=allow_paths))
     elif isinstance(source, bytes):
-        data = source if source.startswith(_MAGIC) else _from_base64(source, what)
+        stream = io.BytesIO(source if source.startswith(_MAGIC) else _from_base64(source, what))
     elif hasattr(source, "read"):
-        data = source.read()
+        stream = io.BytesIO(source.read())
     else:
         raise ImageDecodeError(
             f"{what}: unsupported input type {type(source).__name__}; give a path, image bytes, "
             "base64 text or a PIL image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+        if isinstance(stream, Image.Image):
+            return to_rgb(stream)
+        with stream, Image.open(stream) as img:
+            return to_rgb(img)  # decoded before the file closes
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{what}: {exc.message}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(
             f"{what} is not a readable image ({type(exc).__name__}: {exc}); "
@@ -132,9 +195,9 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def _read_file(path: Path, what: str) -> bytes:
+def _open_file(path: Path, what: str):
     try:
-        return path.read_bytes()
+        return path.open("rb")
     except OSError as exc:
         raise ImageDecodeError(f"{what}: can't read the file ({exc.strerror}); "
                                "give an existing, readable image path") from None

@@ -6,9 +6,10 @@
 Training images are resized ("squashed") to ``S x S`` with ``S = resize_size(image_size)`` and
 their original aspect ratio is kept, so the batched random-resized-crop in ``augment`` can
 sample crops in the original geometry without losing the image's edges. Validation images get
-the classic eval transform once (shorter side to ``S``, centre crop ``image_size``). Decoding
-runs in ``workers`` processes with a progress bar; files that fail to decode are reported,
-not fatal.
+the classic eval transform once (shorter side to ``S``, centre crop ``image_size``). Both decode
+with the served model's :func:`fowlflow.registry.images.to_rgb` (EXIF orientation, 16-bit
+grayscale, the ``FOWLFLOW_MAX_IMAGE_PIXELS`` decode limit). Decoding runs in ``workers``
+processes with a progress bar; files that fail to decode are reported, not fatal.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from fowlflow.registry.images import (ImageDecodeError, Preprocessing, max_image_pixels,
+                                      resize_and_crop, to_rgb)
+
 log = logging.getLogger(__name__)
 
 
@@ -30,33 +34,33 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
-def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
+def eval_transform(img: Image.Image, image_size: int, max_pixels: int | None = None) -> np.ndarray:
     """Shorter side to ``resize_size``, centre crop ``image_size``; uint8 (H, W, 3).
 
-    The same function the registered models use at prediction time, so validation pixels and
+    The same functions the registered models use at prediction time, so validation pixels and
     served pixels agree exactly.
     """
-    from fowlflow.registry.images import Preprocessing, resize_and_crop
-
     prep = Preprocessing(image_size=image_size, resize_size=resize_size(image_size))
-    return resize_and_crop(img.convert("RGB"), prep)
+    return resize_and_crop(to_rgb(img, max_pixels=max_pixels), prep)
 
 
-def train_transform(img: Image.Image, image_size: int) -> tuple[np.ndarray, float]:
-    """The whole image squashed to ``S x S``; uint8 (S, S, 3) and the original w/h.
+def train_transform(img: Image.Image, image_size: int, max_pixels: int | None = None
+                    ) -> tuple[np.ndarray, float]:
+    """The whole (upright) image squashed to ``S x S``; uint8 (S, S, 3) and its w/h.
 
     JPEGs are decoded in draft mode (downscaled in the DCT domain to at least ``S x S``), which
     makes decoding large photos several times faster.
     """
     size = resize_size(image_size)
-    img.draft("RGB", (size, size))
+    img = to_rgb(img, fit=(size, size), max_pixels=max_pixels)
     aspect = img.size[0] / img.size[1]
-    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)), aspect
+    return np.asarray(img.resize((size, size), Image.BILINEAR)), aspect
 
 
 class _Decode(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], mode: str, image_size: int):
+    def __init__(self, paths: list[Path], mode: str, image_size: int, max_pixels: int):
         self.paths, self.mode, self.image_size = paths, mode, image_size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,10 +69,12 @@ class _Decode(torch.utils.data.Dataset):
         try:
             with Image.open(self.paths[i]) as img:
                 if self.mode == "train":
-                    arr, aspect = train_transform(img, self.image_size)
+                    arr, aspect = train_transform(img, self.image_size, self.max_pixels)
                 else:
-                    arr, aspect = eval_transform(img, self.image_size), 1.0
+                    arr, aspect = eval_transform(img, self.image_size, self.max_pixels), 1.0
             return i, torch.from_numpy(arr.copy()).permute(2, 0, 1), aspect, None
+        except ImageDecodeError as exc:  # over the pixel limit
+            return i, None, 1.0, f"too large: {exc.message}"
         except Exception as exc:  # any decoder failure is a per-file problem, reported
             return i, None, 1.0, f"cannot decode: {type(exc).__name__}: {exc}"
 
@@ -111,7 +117,7 @@ def decode_split(paths: list[Path], labels: list[int], mode: str, image_size: in
     ok = torch.zeros(len(paths), dtype=torch.bool)
     failures: list[tuple[Path, str]] = []
     loader = torch.utils.data.DataLoader(
-        _Decode(paths, mode, image_size), batch_size=16, num_workers=workers,
+        _Decode(paths, mode, image_size, max_image_pixels()), batch_size=16, num_workers=workers,
         collate_fn=list, shuffle=False)
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
         for batch in loader:
