@@ -18,7 +18,7 @@ Modules: ``config`` (state dir, ports, secrets), ``postgres``, ``seaweedfs``,
 permissions), ``commands`` (the CLI), ``procs`` (pids, ports, readiness).
 """
 
-from fowlflow.tracking.server.config import DEFAULT_STATE_DIR, Secrets, StackConfig
+from fowlflow.tracking.server.config import Secrets, StackConfig, default_state_dir
 from fowlflow.tracking.server.stack import Stack
 
-__all__ = ["DEFAULT_STATE_DIR", "Secrets", "Stack", "StackConfig"]
+__all__ = ["Secrets", "Stack", "StackConfig", "default_state_dir"]

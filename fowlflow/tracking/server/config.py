@@ -1,20 +1,22 @@
 """Where the stack keeps its state, which ports it uses, and its secrets.
 
 A state directory holds everything, so stopping and starting again keeps all runs, models and
-artifacts::
+artifacts. Its default (:func:`default_state_dir`) is fixed, so every shell of a user finds
+the same server: ``$FOWLFLOW_SERVER_HOME``, else ``~/.fowlflow/server`` (as root
+``/var/lib/fowlflow/server``, which the ``postgres`` user can reach)::
 
-    .fowlflow/server/
+    ~/.fowlflow/server/
       ports.json          the ports chosen at first start (reused on every restart)
       state.json          pids of the running servers (pid + process start time)
-      secrets/            0700; secrets.json, pgpass, auth.ini (all 0600)
+      secrets/            0700; secrets.json, pgpass, auth.ini (all 0600), seaweedfs-tls/
       postgres/           the PostgreSQL cluster (owned by the postgres user when run as root)
       seaweedfs/          the S3 server's volumes and filer metadata
-      logs/               postgres.log, seaweedfs.log, mlflow.log
+      logs/               postgres.log, seaweedfs.log, mlflow.log (each rotated, capped)
 
 Secrets are generated once (``secrets.token_urlsafe``) and only ever handed to the servers
 through their environment or 0600 files, never on a command line::
 
-    cfg = StackConfig.load(Path(".fowlflow/server"), mlflow_port=5000)
+    cfg = StackConfig.load(default_state_dir(), mlflow_port=5000)
     secrets = Secrets.load_or_create(cfg.secrets_dir)
 """
 
@@ -27,18 +29,48 @@ import secrets as _secrets
 from pathlib import Path
 
 from fowlflow.errors import ServerError
-from fowlflow.tracking.server.procs import free_ports
+from fowlflow.tracking.server.procs import free_ports, port_free
 
-DEFAULT_STATE_DIR = Path(".fowlflow/server")
 DEFAULT_PORTS = {"mlflow": 5000, "postgres": 5433, "s3": 8333}
 # SeaweedFS `weed mini` runs five services, each with an HTTP and a gRPC port; all are pinned
-# so that nothing binds a default port another program (or a second stack) may hold.
+# so that nothing binds a default port another program (or a second stack) may hold. Its
+# maintenance worker dials the admin's gRPC port as admin HTTP port + 10000 whatever
+# -admin.port.grpc says, so that pair is always picked with that offset.
 SEAWEED_PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                       "s3_grpc", "admin", "admin_grpc")
 ADMIN_USERNAME = "admin"
 DB_USER = "mlflow"
 TRACKING_DB = "mlflow"
 AUTH_DB = "mlflow_auth"
+GRPC_PORT_OFFSET = 10000
+# Every log is rotated at this size and keeps this many old files (40 MB per log at most).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+
+
+def default_state_dir() -> Path:
+    """Where ``fowlflow server`` keeps its state unless told otherwise.
+
+    ``$FOWLFLOW_SERVER_HOME`` if set; else ``~/.fowlflow/server``; as root
+    ``/var/lib/fowlflow/server`` (root's home is 0700, and the ``postgres`` user must reach
+    the cluster's directory).
+    """
+    home = os.environ.get("FOWLFLOW_SERVER_HOME")
+    if home:
+        return Path(home).expanduser().absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/fowlflow/server")
+    return Path.home() / ".fowlflow" / "server"
+
+
+def _free_port_pair(exclude: list[int]) -> tuple[int, int]:
+    """A free port P with P + 10000 free too, both below the ephemeral range (32768)."""
+    for _ in range(200):
+        (port,) = free_ports(1, low=20000, high=32768 - GRPC_PORT_OFFSET, exclude=exclude)
+        if port_free(port + GRPC_PORT_OFFSET) and port + GRPC_PORT_OFFSET not in exclude:
+            return port, port + GRPC_PORT_OFFSET
+    raise ServerError("could not find two free TCP ports 10000 apart in 20000-32767 on "
+                      "127.0.0.1; free some ports, or stop other servers")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -101,11 +133,14 @@ class StackConfig:
     workers: int = 2
     # Seconds a verified login is cached per worker (0: a PBKDF2 check on every request).
     auth_cache_ttl_s: int = 30
+    log_max_bytes: int = LOG_MAX_BYTES
+    log_backups: int = LOG_BACKUPS
 
     @classmethod
     def load(cls, state_dir: Path, *, mlflow_port: int | None = None,
              postgres_port: int | None = None, s3_port: int | None = None,
              workers: int = 2, auth_cache_ttl_s: int = 30,
+             log_max_bytes: int = LOG_MAX_BYTES, log_backups: int = LOG_BACKUPS,
              pick_free: bool = False) -> StackConfig:
         """The config of the stack in ``state_dir``: ports from ``ports.json`` if it exists.
 
@@ -121,6 +156,8 @@ class StackConfig:
             s3_port: port of the S3 API.
             workers: mlflow server worker processes.
             auth_cache_ttl_s: seconds a verified login is cached (0: off).
+            log_max_bytes: size at which each log is rotated.
+            log_backups: rotated files kept per log.
             pick_free: choose free ports instead of the defaults for unrecorded ones.
 
         Returns:
@@ -131,6 +168,10 @@ class StackConfig:
         ports = json.loads(ports_file.read_text()) if ports_file.exists() else {}
         wanted = {"mlflow": mlflow_port, "postgres": postgres_port, "s3": s3_port}
         ports.update({k: v for k, v in wanted.items() if v is not None})
+        if ports.get("admin_grpc") != ports.get("admin", -1) + GRPC_PORT_OFFSET:
+            ports.pop("admin", None)
+            ports.pop("admin_grpc", None)
+            ports["admin"], ports["admin_grpc"] = _free_port_pair(list(ports.values()))
         missing = [k for k in (*DEFAULT_PORTS, *SEAWEED_PORT_NAMES) if k not in ports]
         if missing:
             if not pick_free:
@@ -140,11 +181,17 @@ class StackConfig:
             picked = free_ports(len(still), exclude=list(ports.values()))
             ports.update(zip(still, picked))
         return cls(state_dir=state_dir, ports=ports, workers=workers,
-                   auth_cache_ttl_s=auth_cache_ttl_s)
+                   auth_cache_ttl_s=auth_cache_ttl_s, log_max_bytes=log_max_bytes,
+                   log_backups=log_backups)
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "ports.json").write_text(json.dumps(self.ports, indent=1) + "\n")
+
+    @property
+    def marker(self) -> str:
+        """The value of ``FOWLFLOW_SERVER_STATE`` in every process of this stack."""
+        return str(self.state_dir)
 
     @property
     def secrets_dir(self) -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 from fowlflow.errors import ServerError
 from fowlflow.tracking.server.config import (AUTH_DB, DB_USER, TRACKING_DB, Secrets,
                                              StackConfig, _write_private)
-from fowlflow.tracking.server.procs import ProcessRecord, tcp_open, terminate, wait_until
+from fowlflow.tracking.server.procs import Owner, ProcessRecord, log_tail, spawn, stop, wait_until
 
 log = logging.getLogger(__name__)
 OS_USER = "postgres"
@@ -67,7 +67,8 @@ class PostgresServer:
         self.root = cfg.state_dir / "postgres"
         self.data_dir = self.root / "data"
         self.socket_dir = self.root / "run"
-        self.log_path = self.root / "postgres.log"  # written by the postgres user
+        self.log_path = cfg.logs_dir / "postgres.log"
+        self.owner = Owner(cfg.marker, "postgres", workdir=str(self.data_dir))
         self.pgpass = cfg.secrets_dir / "pgpass"
         self.port = cfg.ports["postgres"]
 
@@ -147,21 +148,35 @@ class PostgresServer:
         if fresh:
             self.init()
         self.write_pgpass()
-        if not self.log_path.exists():
-            self.log_path.touch(mode=0o600)
-            self._chown(self.log_path)
-        # Why not Popen(postgres): pg_ctl handles a stale postmaster.pid after a crash.
+        # Why not Popen(postgres): pg_ctl handles a stale postmaster.pid after a crash. Without
+        # -l, the postmaster writes to pg_ctl's stdout: the pipe to the rotated log.
         opts = (f"-p {self.port} -k {self.socket_dir} -c listen_addresses={self.cfg.host} "
                 "-c unix_socket_permissions=0700")
-        self._run([str(pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), "-l",
-                   str(self.log_path), "-o", opts, "-w", "-t", "60", "start"], "pg_ctl start")
+        argv = [str(pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), "-o", opts, "-w", "-t",
+                "60", "start"]
+        pg_ctl = spawn(self._as_owner(argv), owner=self.owner, log_path=self.log_path,
+                       env=os.environ, cwd=Path("/"), max_bytes=self.cfg.log_max_bytes,
+                       backups=self.cfg.log_backups)
+        if pg_ctl.wait(timeout=90) != 0:
+            raise ServerError(f"pg_ctl start failed (exit {pg_ctl.returncode}); log tail:\n"
+                              f"{log_tail(self.log_path)}")
         record = ProcessRecord.of(self.postmaster_pid())
-        wait_until(lambda: tcp_open(self.port, self.cfg.host), what="PostgreSQL",
-                   timeout=30, record=record, log_path=self.log_path)
+        wait_until(self.healthy, what="PostgreSQL", timeout=30, record=record,
+                   log_path=self.log_path)
         if fresh:
             self.create_databases()
         log.info("PostgreSQL on %s:%d (pid %d)", self.cfg.host, self.port, record.pid)
         return record
+
+    def healthy(self) -> bool:
+        """The cluster accepts a login and answers a query."""
+        import psycopg
+
+        try:
+            with self.connect("postgres", connect_timeout=3) as conn:
+                return conn.execute("SELECT 1").fetchone() == (1,)
+        except psycopg.Error:
+            return False
 
     def postmaster_pid(self) -> int:
         pidfile = self.data_dir / "postmaster.pid"
@@ -180,8 +195,8 @@ class PostgresServer:
                     conn.execute(f'CREATE DATABASE "{db}"')  # names are our constants
 
     def stop(self, record: ProcessRecord | None) -> bool:
-        """Fast shutdown (SIGINT: abort open transactions, checkpoint, exit)."""
-        return terminate(record, signal.SIGINT, timeout=60, group=False)
+        """Fast shutdown (SIGINT: abort open transactions, checkpoint, exit), then leftovers."""
+        return stop(self.owner, record, signal.SIGINT, timeout=60)
 
     def dump(self, path: Path, database: str = TRACKING_DB) -> Path:
         """Write a plain-SQL ``pg_dump`` of ``database`` to ``path``."""

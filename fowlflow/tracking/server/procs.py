@@ -1,15 +1,21 @@
-"""Process plumbing for the server stack: start detached, record, check and stop by pid.
+"""Process plumbing for the server stack: start, find and stop every process of one part.
 
-Every server the stack starts is recorded as a :class:`ProcessRecord` (pid + the kernel's start
-time of that pid), so ``stop`` only ever signals a process it started itself, even after the
-pid has been reused by something else::
+Every process a part of the stack starts carries two variables in its environment,
+``FOWLFLOW_SERVER_STATE`` (the stack's state directory) and ``FOWLFLOW_SERVER_PART``
+(``postgres``, ``s3`` or ``mlflow``), and children inherit them (uvicorn's workers,
+PostgreSQL's backends). That :class:`Owner` mark is how ``stop`` and ``start`` find all of a
+part's processes, including the ones left behind when its main process died (kill -9), and
+never anyone else's. The main process is also recorded as a :class:`ProcessRecord` (pid + the
+kernel's start time of that pid)::
 
-    proc = spawn(["weed", "mini", ...], log_path=logs / "seaweedfs.log", env=env)
+    owner = Owner(str(state_dir), "s3")
+    proc = spawn(["weed", "mini", ...], owner=owner, log_path=logs / "seaweedfs.log", env=env)
     record = ProcessRecord.of(proc.pid)
     ...
-    terminate(record, signal.SIGTERM, timeout=20)
+    stop(owner, record, signal.SIGTERM, timeout=30)
 
-Also: free-port picking and readiness polling (TCP, HTTP).
+Each server's stdout and stderr go through a pipe to a ``logpipe`` process (same mark) that
+writes a rotated, size-capped log. Also: free-port picking and readiness polling (TCP, HTTP).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +40,8 @@ import psutil
 from fowlflow.errors import ServerError
 
 log = logging.getLogger(__name__)
+MARK_STATE = "FOWLFLOW_SERVER_STATE"
+MARK_PART = "FOWLFLOW_SERVER_PART"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +61,7 @@ class ProcessRecord:
             proc = psutil.Process(self.pid)
             if abs(proc.create_time() - self.create_time) > 0.5:
                 return None  # pid reused: not ours
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc
+            return proc if _running(proc) else None
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
 
@@ -69,17 +76,52 @@ class ProcessRecord:
         return cls(int(data["pid"]), float(data["create_time"])) if data else None
 
 
-def spawn(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str],
-          cwd: Path | None = None) -> subprocess.Popen:
-    """Start ``argv`` detached in its own session, output appended to ``log_path``.
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """The mark that every process of one part of one stack carries in its environment.
+
+    ``workdir`` also claims every process working in that directory: PostgreSQL's backends
+    overwrite their environment with their process title, but all work in the data directory.
+    """
+
+    state: str
+    part: str
+    workdir: str | None = None
+
+    def env(self) -> dict[str, str]:
+        return {MARK_STATE: self.state, MARK_PART: self.part}
+
+    def processes(self) -> list[psutil.Process]:
+        """Every running process with this mark (its environment must be readable: same
+        user, or root)."""
+        found = []
+        for p in psutil.process_iter():
+            if p.pid == os.getpid():
+                continue
+            with contextlib.suppress(psutil.Error, OSError):
+                env = p.environ()
+                marked = env.get(MARK_STATE) == self.state and env.get(MARK_PART) == self.part
+                if (marked or (self.workdir and p.cwd() == self.workdir)) and _running(p):
+                    found.append(p)
+        return found
+
+
+def spawn(argv: Sequence[str], *, owner: Owner, log_path: Path, env: Mapping[str, str],
+          max_bytes: int, backups: int, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``argv`` detached in its own session, marked as ``owner``'s, output logged.
 
     Its own session means Ctrl-C in the terminal that ran ``fowlflow server start`` does not
-    reach the servers, and the whole group can be cleaned up if the leader leaves children.
+    reach the servers. stdout and stderr go through a pipe to a ``logpipe`` process that
+    rotates ``log_path`` at ``max_bytes``, keeping ``backups`` old files. Files the server
+    creates are private to its user (umask 077).
 
     Args:
         argv: the command (no secrets: other users see it in ``ps``).
-        log_path: file that receives stdout and stderr (appended).
-        env: the complete environment of the process (secrets go here).
+        owner: the mark put into its environment (and so into its children's).
+        log_path: the log file.
+        env: the environment of the process (secrets go here); the mark is added.
+        max_bytes: size at which the log is rotated.
+        backups: rotated files kept.
         cwd: working directory.
 
     Returns:
@@ -89,61 +131,67 @@ def spawn(argv: Sequence[str], *, log_path: Path, env: Mapping[str, str],
         ServerError: the executable could not be started.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
+    read_end, write_end = os.pipe()
+    try:
         try:
-            return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, env=dict(env), cwd=cwd,
-                                    start_new_session=True)
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=write_end,
+                                    stderr=write_end, env={**env, **owner.env()}, cwd=cwd,
+                                    start_new_session=True, umask=0o077)
         except OSError as exc:
             raise ServerError(f"could not start {argv[0]}: {exc}; check that it is installed "
                               "(pip install 'fowlflow[server]', apt-get install postgresql)"
                               ) from exc
+        pump_env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG")}
+        subprocess.Popen([sys.executable, "-m", "fowlflow.tracking.server.logpipe",
+                          str(log_path), str(max_bytes), str(backups)],
+                         stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**pump_env, **owner.env()}, cwd="/", start_new_session=True,
+                         umask=0o077)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    return proc
 
 
-def terminate(record: ProcessRecord | None, sig: int = signal.SIGTERM, *,
-              timeout: float = 30.0, group: bool = True) -> bool:
-    """Stop a recorded process (and, with ``group``, what is left of its process group).
+def stop(owner: Owner, record: ProcessRecord | None, sig: int = signal.SIGTERM, *,
+         timeout: float = 30.0) -> bool:
+    """Stop every process of ``owner``: its recorded main process first, then leftovers.
 
-    Sends ``sig``, waits up to ``timeout`` seconds, then SIGKILLs. Only signals the process if
-    it is still the one recorded (same pid and start time), and a group only if the process
-    leads it (we created it with ``start_new_session``).
+    The main process (if it is still the one recorded) gets ``sig`` and ``timeout`` seconds to
+    shut down with its children. What is left with the mark (children of a main process that
+    was killed, a stuck worker, the log pipe) gets SIGTERM, then SIGKILL 10 s later. A process
+    without the mark is never signalled, even if it now has a recorded pid.
 
     Args:
-        record: the process to stop; None is a no-op.
-        sig: the polite signal (SIGTERM; SIGINT is PostgreSQL's fast shutdown).
-        timeout: seconds to wait before SIGKILL.
-        group: also stop the rest of its process group (e.g. uvicorn workers).
+        owner: whose processes.
+        record: the main process; None or dead is fine.
+        sig: the polite signal for the main process (SIGINT: PostgreSQL's fast shutdown).
+        timeout: seconds the main process gets.
 
     Returns:
-        True if the recorded process was running and is now stopped.
+        True if any process of ``owner`` was running.
     """
-    proc = record.process() if record else None
-    if proc is None:
-        return False
-    # Children started by the server (uvicorn workers) live in the group we created at spawn.
-    try:
-        pgid = os.getpgid(proc.pid) if group else None
-    except ProcessLookupError:
-        return False
-    if pgid is not None and pgid != proc.pid:
-        pgid = None  # not a group leader we created: never signal a foreign group
-    members = _group_members(pgid) if pgid else []
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc.send_signal(sig)
-    if not _wait_gone([proc], timeout):
-        log.warning("pid %d did not exit %.0fs after signal %d; killing it", proc.pid, timeout,
-                    sig)
+    ours = owner.processes()
+    main = record.process() if record else None
+    if main is not None and main.pid not in {p.pid for p in ours}:
+        main = None  # not marked as ours: leave it alone
+    if main is not None:
         with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-        _wait_gone([proc], 10)
-    # Stragglers of our own group (e.g. a worker that outlived its supervisor).
-    leftovers = [m for m in members if _running(m)]
-    if leftovers and not _wait_gone(leftovers, 5):
-        for p in leftovers:
+            main.send_signal(sig)
+        if not _wait_gone([main], timeout):
+            log.warning("pid %d did not exit %.0fs after signal %d; killing it", main.pid,
+                        timeout, sig)
+    # The log pipe exits by itself once the last writer is gone; give it a moment.
+    _wait_gone(ours, 2)
+    for sig_now in (signal.SIGTERM, signal.SIGKILL):
+        left = owner.processes()
+        if not left:
+            break
+        for p in left:
             with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        _wait_gone(leftovers, 5)
-    return True
+                p.send_signal(sig_now)
+        _wait_gone(left, 10)
+    return bool(ours)
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -167,15 +215,6 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return not any(_running(p) for p in procs)
-
-
-def _group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-            if p.pid != pgid and os.getpgid(p.pid) == pgid:
-                members.append(p)
-    return members
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -1,16 +1,20 @@
 """The team tracking stack: PostgreSQL + SeaweedFS S3 + ``mlflow server`` with basic-auth.
 
-One object starts, inspects and stops the three servers of one state directory, recording
-their pids in ``state.json`` so that a later ``fowlflow server stop`` (another process) stops
-exactly what was started, and nothing else::
+One object starts, inspects and stops the three servers of one state directory. Every process
+of a part carries the stack's mark in its environment (:class:`~.procs.Owner`), and its main
+process is recorded in ``state.json``, so that a later ``fowlflow server stop`` (another
+process) stops exactly what was started, all of it (workers, backends, the log pipes) even
+when a main process was killed, and nothing else. A part is running when its health check
+answers (``/health``, S3 ``/healthz``, a PostgreSQL login)::
 
-    stack = Stack(StackConfig.load(Path(".fowlflow/server")))
+    stack = Stack(StackConfig.load(default_state_dir()))
     stack.start()                           # idempotent: starts what is not running
     env = stack.client_env()                # MLFLOW_TRACKING_URI/USERNAME/PASSWORD
     stack.stop_component("mlflow"); stack.start_component("mlflow")   # fault tests
     stack.stop()                            # reverse order; data stays for the next start
 
-A failed start stops whatever it had started before raising. Starting and stopping hold an
+``start`` restarts a part whose main process is gone or which does not answer, after stopping
+its leftovers. A failed start stops whatever it had started before raising. Starting and stopping hold an
 exclusive lock on ``<state>/.lock``, so two commands on one state directory never interleave.
 """
 
@@ -39,10 +43,31 @@ _PORT_FLAGS = {"postgres": "--postgres-port", "s3": "--s3-port", "mlflow": "--po
 
 @dataclasses.dataclass(frozen=True)
 class ComponentStatus:
+    """One part: its recorded main process (if alive), health, and marked processes left
+    without a main process."""
+
     name: str
     pid: int | None
-    running: bool
+    healthy: bool
+    leftovers: tuple[int, ...]
     address: str
+
+    @property
+    def running(self) -> bool:
+        return self.healthy and self.pid is not None
+
+    @property
+    def state(self) -> str:
+        """A one-line description, with the fix when the part needs one."""
+        if self.running:
+            return f"running (pid {self.pid})"
+        if self.pid is not None:
+            return f"not answering (pid {self.pid}); restart it: fowlflow server start"
+        if self.leftovers:
+            return (f"main process gone, {len(self.leftovers)} of its processes left "
+                    f"({'answering' if self.healthy else 'not answering'}); "
+                    "clean up and restart: fowlflow server start")
+        return "stopped"
 
 
 class Stack:
@@ -112,21 +137,27 @@ class Stack:
                 the tail of its log).
         """
         with self._locked():
+            server = self._server(name)
             running = self.record(name)
-            if running:
+            if running and server.healthy():
                 return running
+            if running or server.owner.processes():
+                log.warning("%s: main process %s, not healthy or its leftovers remain; "
+                            "stopping what is left before starting it again", name,
+                            "alive" if running else "gone")
+                self.stop_component(name)
             if not port_free(self._port(name), self.cfg.host):
                 raise ServerError(
                     f"port {self._port(name)} for {name} on {self.cfg.host} is taken by another "
                     f"program; stop it, or start with another port (fowlflow server start "
                     f"{_PORT_FLAGS[name]} N), which "
                     f"{self.cfg.state_dir / 'ports.json'} then keeps")
-            record = self._server(name).start()
+            record = server.start()
             self._save_record(name, record)
             return record
 
     def stop_component(self, name: str) -> bool:
-        """Stop one part of the stack if this state directory started it and it still runs.
+        """Stop every process of one part of the stack (those with its mark), if any.
 
         Args:
             name: ``"postgres"``, ``"s3"`` or ``"mlflow"``.
@@ -140,7 +171,7 @@ class Stack:
             stopped = self._server(name).stop(rec)
             self._save_record(name, None)
             if stopped:
-                log.info("stopped %s (pid %d) in %.1fs", name, rec.pid, time.monotonic() - t0)
+                log.info("stopped %s in %.1fs", name, time.monotonic() - t0)
             return stopped
 
     # -- the whole stack ---------------------------------------------------------------------
@@ -179,14 +210,16 @@ class Stack:
             return [name for name in reversed(COMPONENTS) if self.stop_component(name)]
 
     def status(self) -> list[ComponentStatus]:
-        """Each part's pid (if running) and address, in start order."""
+        """Each part's main pid (if alive), health, leftovers and address, in start order."""
         addresses = {"postgres": f"{self.cfg.host}:{self.cfg.ports['postgres']}",
                      "s3": self.cfg.s3_endpoint, "mlflow": self.cfg.tracking_uri}
         out = []
         for name in COMPONENTS:
+            server = self._server(name)
             rec = self.record(name)
-            out.append(ComponentStatus(name, rec.pid if rec else None, rec is not None,
-                                       addresses[name]))
+            leftovers = () if rec else tuple(p.pid for p in server.owner.processes())
+            out.append(ComponentStatus(name, rec.pid if rec else None, server.healthy(),
+                                       leftovers, addresses[name]))
         return out
 
     def client_env(self, username: str | None = None, password: str | None = None
