@@ -145,7 +145,8 @@ def check_nonempty(layout: Layout) -> None:
                        if _nfc_parts(s["path"])[:2] in [(split_name, c) for c in empty]]
             fix = "Add images there or remove the class folder from both splits."
             if skipped:
-                fix = (f"Every file there was skipped:\n" + "\n".join(skipped)
+                more = [f"  ... and {len(skipped) - 20} more"] if len(skipped) > 20 else []
+                fix = ("Every file there was skipped:\n" + "\n".join(skipped[:20] + more)
                        + "\nReplace those files with readable images, add images, or remove "
                        "the class folder from both splits.")
             raise DataError(f"{split_name}/ has no readable image for class(es) {empty} in "

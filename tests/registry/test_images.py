@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from fowlflow.registry.images import (ImageDecodeError, Preprocessing, load_image, preprocess,
-                                      preprocess_batch)
+                                      preprocess_batch, resize_and_crop)
 from tests.conftest import TURKEY
+from tests.image_samples import BLUE, RED, gray16_png, sideways_jpeg, top_and_bottom
 from tests.registry.conftest import hymenoptera_images
 
 
@@ -59,6 +60,44 @@ def test_bad_inputs_raise_a_clear_400_error(source, fragment):
     with pytest.raises(ImageDecodeError) as err:
         preprocess_batch([TURKEY.read_bytes(), source], prep)
     assert err.value.message.startswith("item 1: ") and fragment in err.value.message
+    assert err.value.get_http_status_code() == 400
+
+
+def test_served_16bit_grayscale_png_is_gray_not_white(tmp_path):
+    prep = Preprocessing(image_size=32, resize_size=37)
+    path = tmp_path / "scan.png"
+    expected = resize_and_crop(Image.fromarray(gray16_png(path)).convert("RGB"), prep)
+    served = preprocess_batch([base64.b64encode(path.read_bytes()).decode()], prep,
+                              allow_paths=False)[0]
+    np.testing.assert_array_equal(served, expected)  # a gradient, not 255 everywhere
+    assert served.std() > 50
+
+
+def test_served_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    prep = Preprocessing(image_size=32, resize_size=37)
+    path = tmp_path / "portrait.jpg"
+    sideways_jpeg(path)
+    with Image.open(path) as pil:
+        sources = [base64.b64encode(path.read_bytes()).decode(), path, pil]
+        for pixels in preprocess_batch(sources, prep):
+            top, bottom = top_and_bottom(pixels)
+            assert np.abs(top - RED).max() < 25 and np.abs(bottom - BLUE).max() < 25, (top, bottom)
+        assert pil.size == (60, 40)  # the caller's image is left as it was
+
+
+def test_served_image_over_the_pixel_limit_is_a_clear_400(monkeypatch):
+    prep = Preprocessing(image_size=32, resize_size=37)
+    pngs = []
+    for size in [(100, 150), (200, 150)]:
+        buf = io.BytesIO()
+        Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    monkeypatch.setenv("FOWLFLOW_MAX_IMAGE_PIXELS", "20000")
+    with pytest.raises(ImageDecodeError) as err:
+        preprocess_batch(pngs, prep)
+    assert err.value.message == (
+        f"item 1: {len(pngs[1])} bytes {pngs[1][:12]!r}: 200x150 = 30,000 pixels, over the "
+        "decode limit of 20,000 pixels; downscale the image, or raise FOWLFLOW_MAX_IMAGE_PIXELS")
     assert err.value.get_http_status_code() == 400
 
 
