@@ -2,6 +2,8 @@
 
     if __name__ == "__main__":
         run_main(main)     # logging set up; a FowlflowError → its message on stderr, exit 2
+    given(args.val_dir)    # "" and "none" → None
+    log_params(vars(args)) # to the active run, leaving `mlflow run`'s own values alone
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ def run_main(main: Callable[[list[str] | None], int]) -> None:
     sys.exit(code)
 
 
+def given(value: str | None) -> str | None:
+    """An optional entry-point value: ``""`` and ``none`` (MLproject's default) mean not given."""
+    text = (value or "").strip()
+    return None if text.lower() in ("", "none") else text
+
+
 def log_params(params: dict) -> None:
-    """Log an entry point's params to the active run, unless `mlflow run` already has.
-
-    `mlflow run` logs the MLproject parameters itself (as given), and MLflow refuses to log a
-    param twice with another value (e.g. ``0.0`` vs ``0``), so only plain ``python -m`` calls
-    log them here.
-    """
-    import os
-
+    """Log an entry point's params to the active run by fowlflow's one rule (see
+    :func:`fowlflow.tracking.run_tracker.log_new_params`): ``mlflow run``'s own values stay."""
     import mlflow
 
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+    from fowlflow.tracking.run_tracker import log_new_params
+
+    log_new_params(mlflow.active_run().info.run_id, params)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,18 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     return cm
 
 
-def evaluate(model_uri: str, data_dir: Path, batch_size: int = 32) -> dict:
-    """Predict every image and log the results to the active (or a new) run; returns metrics."""
+def evaluate(model_uri: str, data_dir: str | os.PathLike, batch_size: int = 32) -> dict:
+    """Predict every image and log the results to the active (or a new) run; returns metrics.
+
+    ``data_dir`` is logged as given (``val/`` stays ``val/``), as ``mlflow run`` logs it.
+    """
     import mlflow
 
     from fowlflow.registry.classifier import load_classifier
     from fowlflow.registry.predict import predict_files
     from fowlflow.tracking import figures
 
+    given_dir, data_dir = os.fspath(data_dir), Path(data_dir)
     clf = load_classifier(model_uri)
     names = clf.class_names
     paths, labels = labelled_images(data_dir, names)
@@ -81,7 +86,7 @@ def evaluate(model_uri: str, data_dir: Path, batch_size: int = 32) -> dict:
     per_class = figures.per_class_table(cm, names)
     metrics = {"accuracy": accuracy, "images": int(ok.sum()), "failed_images": int((~ok).sum())}
     with mlflow.start_run() as run:  # under `mlflow run`, the project run
-        log_params({"model_uri": model_uri, "data_dir": str(data_dir)})
+        log_params({"model_uri": model_uri, "data_dir": given_dir})
         mlflow.set_tag("fowlflow.evaluated_model", model_uri)
         mlflow.log_metrics(metrics)
         mlflow.log_metrics({f"{k}_{c}": v for k in ("recall", "precision")
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = evaluate(args.model_uri, Path(args.data_dir), args.batch_size)
+    result = evaluate(args.model_uri, args.data_dir, args.batch_size)
     print(f"accuracy {result['accuracy']:.4f} on {result['images']} images "
           f"({result['failed_images']} unreadable); run {result['run_id']}")
     print("confusion matrix (rows true, columns predicted):")

@@ -1,9 +1,10 @@
 """The python_function flavor of fowlflow's ONNX models: images in, label and probabilities out.
 
     model = mlflow.pyfunc.load_model("models:/fowl-classifier-onnx@champion")
-    model.predict(["turkey.jpg", "ant.jpg"])          # paths, bytes, base64 text, PIL images
-    #    label     score  probabilities
-    # 0  turkey    0.97   {'chicken': 0.02, 'turkey': 0.97, ...}
+    model.predict(["turkey.jpg", "notes.txt"])        # paths, bytes, base64 text, PIL images
+    #     label  score  probabilities                          error
+    # 0  turkey   0.97  {'chicken': 0.03, 'turkey': 0.97}     None
+    # 1    None   None  None                                   item 1: 'notes.txt' is not ...
 
 An ONNX model logged by :func:`save_model` has two flavors: ``onnx`` (MLflow's: the graph,
 for any language and for ``mlflow.onnx.load_model``) and ``python_function``, whose loader is
@@ -12,9 +13,10 @@ this module instead of ``mlflow.onnx``. The loader decodes and preprocesses imag
 graph, whose input is raw RGB pixels (uint8 ``[N, S, S, 3]``) with normalization built in.
 This module and ``images.py`` import no torch and are copied into the model's ``code/``
 folder, so ``mlflow models serve`` needs only mlflow, onnxruntime, numpy, pandas and Pillow.
-Inside the scoring server, str inputs are read as base64 only (never as server-side paths),
-and an undecodable image raises :class:`~fowlflow.registry.images.ImageDecodeError`, which
-the server answers with HTTP 400 and keeps serving.
+Inside the scoring server, str inputs are read as base64 only (never as server-side paths).
+Results are per item: an input that is not a readable image gets a row with ``error`` set
+(and no label) while the others are classified, so one bad photo never fails a batch, and the
+server answers HTTP 200 with one entry per input (none for an empty input).
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from fowlflow.registry.images import ImageDecodeError, Preprocessing, preprocess_batch
+from fowlflow.registry.images import ImageDecodeError, Preprocessing, preprocess
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("logits", "probabilities")
+# What predict() takes; the model's signature declares the outputs only (see register.py).
+PYFUNC_INPUT = ("images, one per row: a list, or a DataFrame column 'image' (or its only column); "
+                "each base64-encoded image bytes, and in Python also a path, bytes or a PIL image")
 _CHUNK = 64  # images per onnxruntime call: bounds memory for large predict() batches
 # The files a served model imports; everything else in fowlflow may need torch.
 _CODE_FILES = ("__init__.py", "errors.py", "registry/__init__.py", "registry/images.py",
@@ -60,7 +65,7 @@ class OnnxImageClassifier:
                                                             dtype=np.float32)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None):
-        """Classify images.
+        """Classify images, each on its own: a bad item gets an error, the others a label.
 
         Args:
             model_input: one image or a batch: a path, encoded bytes, base64 text, a PIL image,
@@ -68,15 +73,14 @@ class OnnxImageClassifier:
             params: unused.
 
         Returns:
-            A DataFrame with one row per image: ``label``, ``score`` (its probability) and
-            ``probabilities`` (a dict class name → probability).
-
-        Raises:
-            ImageDecodeError: an item is not a readable image (HTTP 400 when served).
+            A DataFrame with one row per input, in order: ``label``, ``score`` (its
+            probability), ``probabilities`` (a dict class name → probability) and ``error``
+            (None; for an input that is not a readable image: the reason, starting
+            ``item <i>:``, with ``label``, ``score`` and ``probabilities`` None).
         """
-        sources = _as_sources(model_input)
-        pixels = preprocess_batch(sources, self.prep, allow_paths=not _in_scoring_server())
-        return results_frame(self.predict_pixels(pixels), self.class_names)
+        pixels, errors = decode_each(_as_sources(model_input), self.prep,
+                                     allow_paths=not _in_scoring_server())
+        return results_frame(self.predict_pixels(pixels), self.class_names, errors)
 
 
 def _in_scoring_server() -> bool:
@@ -85,16 +89,40 @@ def _in_scoring_server() -> bool:
     return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() in ("true", "1")
 
 
-def results_frame(probs: np.ndarray, class_names: list[str]):
-    """The pyfunc output for a probability matrix: label, score, probabilities per row."""
+def decode_each(sources: list, prep: Preprocessing, *, allow_paths: bool = True
+                ) -> tuple[np.ndarray, dict[int, str]]:
+    """Preprocess every source on its own: pixels of the readable ones, errors of the others.
+
+    Returns:
+        uint8 pixels ``(n_ok, S, S, 3)`` in input order, and ``{index: message}`` for the
+        inputs that are not readable images.
+    """
+    pixels, errors = [], {}
+    for i, src in enumerate(sources):
+        try:
+            pixels.append(preprocess(src, prep, allow_paths=allow_paths))
+        except ImageDecodeError as exc:
+            errors[i] = exc.message
+    shape = (0, prep.image_size, prep.image_size, 3)
+    return (np.stack(pixels) if pixels else np.zeros(shape, dtype=np.uint8)), errors
+
+
+def results_frame(probs: np.ndarray, class_names: list[str], errors: dict[int, str] | None = None):
+    """The pyfunc output: one row per input; ``probs`` holds the rows without an error."""
     import pandas as pd
 
-    top = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
-    return pd.DataFrame({
-        "label": [class_names[i] for i in top],
-        "score": [float(p[i]) for p, i in zip(probs, top)],
-        "probabilities": [{c: float(v) for c, v in zip(class_names, p)} for p in probs],
-    })
+    errors = errors or {}
+    rows, ok = [], iter(probs)
+    for i in range(len(probs) + len(errors)):
+        if i in errors:
+            rows.append((None, None, None, f"item {i}: {errors[i]}"))
+            continue
+        p = next(ok)
+        top = int(p.argmax())
+        rows.append((class_names[top], float(p[top]),
+                     {c: float(v) for c, v in zip(class_names, p)}, None))
+    # object columns: a failed item's score is None (JSON null), never NaN
+    return pd.DataFrame(rows, columns=["label", "score", "probabilities", "error"], dtype=object)
 
 
 def _as_sources(model_input: Any) -> list:
@@ -113,8 +141,11 @@ def _as_sources(model_input: Any) -> list:
             raise ImageDecodeError(f"the input dict has keys {sorted(model_input)}; put the "
                                    "images under 'image'")
         return _as_sources(model_input["image"])
-    if isinstance(model_input, np.ndarray):
-        return list(model_input.ravel()) if model_input.dtype.kind in "OSUV" else [model_input]
+    if isinstance(model_input, np.ndarray):  # the server's parse of {"inputs": [...]}
+        if model_input.size == 0:
+            return []
+        return [x.item() if isinstance(x, np.generic) else x for x in model_input.ravel()] \
+            if model_input.dtype.kind in "OSUV" else [model_input]
     if isinstance(model_input, (list, tuple)):
         return list(model_input)
     return [model_input]

@@ -63,6 +63,14 @@ class ParityReport:
                 "parity_max_abs_prob_diff": f"{self.max_abs_prob_diff:.3e}",
                 "parity_atol": f"{self.atol:g}"}
 
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> ParityReport:
+        """The report a registered version's tags (:meth:`as_tags`) describe."""
+        return cls(images=int(tags["parity_images"]),
+                   top1_agreement=float(tags["parity_top1_agreement"]),
+                   max_abs_prob_diff=float(tags["parity_max_abs_prob_diff"]),
+                   atol=float(tags["parity_atol"]))
+
     def as_metrics(self) -> dict[str, float]:
         return {"parity_top1_agreement": self.top1_agreement,
                 "parity_max_abs_prob_diff": self.max_abs_prob_diff}

@@ -5,8 +5,8 @@
     python -m fowlflow.registry.predict --model_uri ... --images a.jpg,b.png,folder/
 
 ``images`` is a comma-separated list of files and folders (searched recursively for image
-extensions). A file that can't be decoded gets its own row with the error; the others are still
-predicted. The exit status is 0 unless no image at all could be read. Under ``mlflow run`` the
+extensions). A file that is missing or can't be decoded gets its own row with the error; the
+others are still predicted. The exit status is 0 unless no image at all could be read. Under ``mlflow run`` the
 CSV is also logged to the project run as ``predictions.csv``.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from fowlflow.errors import RegistryError
-from fowlflow.registry.images import ImageDecodeError, list_images, preprocess
+from fowlflow.registry._cli import given
+from fowlflow.registry.images import IMAGE_EXTENSIONS, list_images
 
 logger = logging.getLogger(__name__)
 
@@ -27,48 +28,47 @@ logger = logging.getLogger(__name__)
 def expand_images(spec: str) -> list[Path]:
     """Files and folders (comma-separated) → image paths; folders are searched recursively.
 
+    A path that does not exist is kept: its row reports the error, the others are predicted.
+
     Raises:
-        RegistryError: a listed path does not exist, or nothing was found.
+        RegistryError: ``spec`` names nothing at all.
     """
     paths: list[Path] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
         p = Path(item).expanduser()
-        if p.is_dir():
-            paths += list_images(p)
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise RegistryError(f"predict: {item!r} does not exist; give image files or folders, "
-                                "comma-separated")
+        found = list_images(p) if p.is_dir() else [p]
+        if not found:
+            logger.warning("predict: no image files in the folder %s (extensions: %s)", p,
+                           " ".join(IMAGE_EXTENSIONS))
+        paths += found
     if not paths:
-        raise RegistryError(f"predict: no image files in {spec!r} (extensions: .jpg .png ...)")
+        raise RegistryError(f"predict: no image files in {spec!r}; give image files or folders, "
+                            "comma-separated (extensions: .jpg .png ...)")
     return paths
 
 
 def predict_files(classifier, paths: list[Path], batch_size: int = 32):
     """One row per path: path, label, score, one ``p_<class>`` column per class, error.
 
-    Undecodable files get an ``error`` and empty predictions; the rest are classified.
+    Unreadable or missing files get an ``error`` and empty predictions; the rest are classified.
     """
     import pandas as pd
     from tqdm import tqdm
 
-    pixels, ok, errors = [], [], {}
-    for i, path in enumerate(tqdm(paths, desc="decode", unit="img", disable=None)):
-        try:
-            pixels.append(preprocess(path, classifier.prep))
-            ok.append(i)
-        except ImageDecodeError as exc:
-            errors[i] = exc.message
-            logger.warning("%s", exc.message)
+    from fowlflow.registry.image_pyfunc import decode_each
+
+    pixels, errors = decode_each(tqdm(paths, desc="decode", unit="img", disable=None),
+                                 classifier.prep)
+    for message in errors.values():
+        logger.warning("%s", message)
     names = classifier.class_names
     probs = np.full((len(paths), len(names)), np.nan)
+    ok = [i for i in range(len(paths)) if i not in errors]
     if ok:
-        batch = np.stack(pixels)
-        out = [classifier.predict_pixels(batch[j:j + batch_size])
-               for j in range(0, len(batch), batch_size)]
+        out = [classifier.predict_pixels(pixels[j:j + batch_size])
+               for j in range(0, len(pixels), batch_size)]
         probs[ok] = np.concatenate(out)
     rows = []
     for i, path in enumerate(paths):
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_uri", required=True,
                    help="e.g. models:/fowl-classifier-onnx@champion (ONNX or PyTorch)")
     p.add_argument("--images", required=True, help="comma-separated image files and folders")
-    p.add_argument("--output_csv", default="", help="also write the table here")
+    p.add_argument("--output_csv", default="none", help="also write the table here (none: don't)")
     p.add_argument("--batch_size", type=int, default=32)
     return p
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.max_rows", None, "display.width", 200,
                            "display.max_colwidth", 80):
         print(table[["path", "label", "score", "error"]].to_string(index=False))
-    if args.output_csv:
+    if given(args.output_csv):
         table.to_csv(args.output_csv, index=False)
         print(f"wrote {args.output_csv}")
     if os.environ.get("MLFLOW_RUN_ID"):

@@ -1,6 +1,7 @@
 """Move alias ``champion`` to a candidate version, for the PyTorch and the ONNX model together.
 
     mlflow run . -e promote -P name=fowl-classifier                        # the @candidate
+    mlflow run . -e promote -P name=fowl-classifier-onnx                   # the same pair
     mlflow run . -e promote -P version=7 -P policy=min_accuracy -P threshold=0.9
     mlflow run . -e promote -P version=5 -P policy=manual                  # roll back
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from fowlflow.errors import RegistryError
+from fowlflow.registry._cli import given
 from fowlflow.registry.card import PAIRED_ONNX, PAIRED_PYTORCH
 from fowlflow.registry.register import CANDIDATE, DEFAULT_NAME
 
@@ -89,6 +91,10 @@ def promote(name: str = DEFAULT_NAME, version: str | None = None,
             policy: Policy | str = Policy.NO_REGRESSION, threshold: float = 0.0) -> Decision:
     """Point ``champion`` at ``version`` (default: the ``candidate``) of ``name`` and its ONNX twin.
 
+    ``version`` is a version number or an alias (``candidate``, ``previous_champion``…). ``name``
+    may also be the ``<name>-onnx`` model: its version is promoted together with its PyTorch
+    twin, exactly as if the twin had been named.
+
     Returns:
         The accepted :class:`Decision` (also when the version already is the champion).
 
@@ -100,13 +106,19 @@ def promote(name: str = DEFAULT_NAME, version: str | None = None,
 
     policy = _policy(policy)
     client = mlflow.MlflowClient()
+    version = str(version or CANDIDATE).lstrip("@")
     try:
-        mv = (client.get_model_version(name, str(version)) if version
-              else client.get_model_version_by_alias(name, CANDIDATE))
+        mv = (client.get_model_version(name, version) if version.isdigit()
+              else client.get_model_version_by_alias(name, version))
     except MlflowException as exc:
-        which = f"version {version}" if version else f"alias @{CANDIDATE}"
+        which = f"version {version}" if version.isdigit() else f"alias @{version}"
         raise RegistryError(f"promote: {name!r} has no {which} ({exc.message}); register a "
                             "model first or give -P version=<n>") from exc
+    if PAIRED_PYTORCH in mv.tags:  # an ONNX version: the pair is promoted through its PyTorch twin
+        twin_name, twin_version = mv.tags[PAIRED_PYTORCH].rsplit("/", 1)
+        logger.info("%s/%s is the ONNX twin of %s/%s; promoting the pair through %s", name,
+                    mv.version, twin_name, twin_version, twin_name)
+        name, mv = twin_name, client.get_model_version(twin_name, twin_version)
     champion = _by_alias(client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(mv.version):
         return Decision(True, f"{name}/{mv.version} already is the champion")
@@ -155,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fowlflow.registry.promote",
                                 description="Move alias 'champion' (PyTorch + ONNX models).")
     p.add_argument("--name", default=DEFAULT_NAME)
-    p.add_argument("--version", default="", help="version to promote ('' = @candidate)")
+    p.add_argument("--version", default=CANDIDATE,
+                   help="version number or alias to promote (default: candidate)")
     p.add_argument("--policy", default=Policy.NO_REGRESSION.value,
                    choices=[x.value for x in Policy])
     p.add_argument("--threshold", type=float, default=0.0)
@@ -172,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     # `python -m` call creates no run.
     run = mlflow.start_run() if os.environ.get("MLFLOW_RUN_ID") else None
     try:
-        decision = promote(args.name, args.version or None, args.policy, args.threshold)
+        decision = promote(args.name, given(args.version), args.policy, args.threshold)
     except RegistryError as exc:
         if run:
             mlflow.set_tag("promotion", f"refused: {exc.message}")

@@ -15,11 +15,14 @@ if parity passed, log the ONNX model (``onnx`` + image ``python_function`` flavo
 register it as a version of ``<name>-onnx`` → link the two versions by tags, write model cards,
 point alias ``candidate`` at both. On a parity failure nothing is registered for ONNX, the
 PyTorch version says so in its tags, and :class:`~fowlflow.errors.RegistryError` is raised.
+Registering a model that already is a version (with its ONNX twin) returns that version and
+registers nothing new.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import logging
 import tempfile
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fowlflow.errors import RegistryError
-from fowlflow.registry._cli import log_params
+from fowlflow.registry._cli import given, log_params
 from fowlflow.registry.card import PAIRED_ONNX, VersionFacts, model_card, version_tags
 from fowlflow.registry.parity import DEFAULT_ATOL, DEFAULT_MAX_IMAGES, ParityReport
 
@@ -48,6 +51,7 @@ class Registration:
     onnx_name: str
     onnx_version: str | None
     parity: ParityReport
+    reused: bool = False  # the versions already held this model; nothing new was registered
 
 
 def onnx_name_for(name: str) -> str:
@@ -94,6 +98,11 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
         val_dir: a folder of validation images; default: the ``val/`` folder of the data the
             model was trained on (its ``data_uri`` metadata, resolved like the trainer does).
         name, atol, max_images, opset: as for :func:`register_trained_model`.
+
+    Returns:
+        The :class:`Registration`. When this logged model already is a version of ``name``
+        with its ONNX twin, those versions, with ``reused=True``: nothing is registered,
+        tagged or moved (registration is idempotent).
     """
     import mlflow
     import onnx
@@ -106,11 +115,14 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
 
     opset = opset or DEFAULT_OPSET
     client = mlflow.MlflowClient()
-    module, metadata = load_pytorch(model_uri)
-    info = mlflow.models.get_model_info(model_uri)
+    info = _model_info(model_uri)
     source_run_id = info.run_id or ""
     # Register the logged model itself (runs:/ URIs resolve to it, with a warning).
     register_uri = f"models:/{info.model_id}" if getattr(info, "model_id", None) else model_uri
+    existing = _already_registered(client, name, register_uri, source_run_id)
+    if existing is not None:
+        return existing
+    module, metadata = load_pytorch(model_uri)
     log_run_id = log_run_id or source_run_id
     if not log_run_id:
         raise RegistryError(f"{model_uri!r} belongs to no run, so there is nowhere to log its "
@@ -164,6 +176,38 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
     logger.info("registered %s/%s and %s/%s; alias %r points at both", name, version,
                 onnx_name, onnx_version, CANDIDATE)
     return Registration(name, version, onnx_name, onnx_version, report)
+
+
+def _model_info(model_uri: str):
+    import mlflow
+
+    try:
+        return mlflow.models.get_model_info(model_uri)
+    except Exception as exc:  # MlflowException, OSError: the URI names no logged model
+        raise RegistryError(f"register: can't find a model at {model_uri!r} ({exc}); give "
+                            "runs:/<run_id>/model of a fowlflow training run, or "
+                            "models:/<name>/<version>") from exc
+
+
+def _already_registered(client, name: str, register_uri: str,
+                        run_id: str) -> Registration | None:
+    """The complete pair (``name`` + its ONNX twin) already registered from this very model.
+
+    Registration is idempotent: registering the same run's model again returns these versions
+    (``reused=True``) and registers, tags and moves nothing. A version without an ONNX twin
+    (parity or export failed) is not reused: registering again retries the export.
+    """
+    query = f"name='{name}'" + (f" and run_id='{run_id}'" if run_id else "")
+    for mv in sorted(client.search_model_versions(query), key=lambda v: int(v.version)):
+        paired = mv.tags.get(PAIRED_ONNX, "")
+        if mv.source != register_uri or "/" not in paired:
+            continue
+        onnx_name, onnx_version = paired.rsplit("/", 1)
+        logger.info("%s version %s and %s version %s already hold %s (run %s); nothing new "
+                    "registered", name, mv.version, onnx_name, onnx_version, register_uri, run_id)
+        return Registration(name, str(mv.version), onnx_name, onnx_version,
+                            ParityReport.from_tags(mv.tags), reused=True)
+    return None
 
 
 def training_val_dir(metadata: dict, model_uri: str) -> Path:
@@ -225,19 +269,26 @@ def _log_onnx(proto, facts: VersionFacts, run_id: str):
     # (MLflow validates it through the pyfunc) without copying a validation photo into the model.
     png = io.BytesIO()
     Image.new("RGB", (16, 16), (128, 128, 128)).save(png, format="PNG")
+    # Outputs only: with an input schema MLflow checks requests before the pyfunc runs, and
+    # refuses an empty batch ({"inputs": []}) that should get an empty answer. The input is
+    # described in the metadata (PYFUNC_INPUT); the pyfunc checks every item itself.
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary)]),
-        outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score"),
-                        ColSpec(Map(DataType.double), "probabilities")]))
+        inputs=None,
+        outputs=Schema([ColSpec(DataType.string, "label", required=False),
+                        ColSpec(DataType.double, "score", required=False),
+                        ColSpec(Map(DataType.double), "probabilities", required=False),
+                        ColSpec(DataType.string, "error", required=False)]))
     metadata = {**facts.metadata, **facts.prep.as_dict(),
                 "class_names": facts.class_names, "source_run_id": facts.source_run_id,
                 "pytorch_model_uri": facts.model_uri,
                 "onnx_input": "pixels: uint8 [N, image_size, image_size, 3] RGB",
+                "pyfunc_input": image_pyfunc.PYFUNC_INPUT,
                 "onnx_outputs": "logits, probabilities: float32 [N, num_classes]",
                 **facts.parity.as_tags(), **{f"{k}_version": v for k, v in facts.versions.items()}}
     return Model.log(
         artifact_path=None, name=ONNX_ARTIFACT, flavor=image_pyfunc, onnx_model=proto, run_id=run_id,
-        signature=signature, input_example=pd.DataFrame({"image": [png.getvalue()]}),
+        signature=signature,
+        input_example=pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]}),
         metadata=metadata, pip_requirements=image_pyfunc.pip_requirements(),
         onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
     )
@@ -271,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_uri", required=True,
                    help="runs:/<run_id>/model, models:/<name>/<version>, or a bare run id")
     p.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
-    p.add_argument("--val_dir", default="",
-                   help="folder of validation images ('' = the training data's val/)")
+    p.add_argument("--val_dir", default="none",
+                   help="folder of validation images (none: the training data's val/)")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     p.add_argument("--max_images", type=int, default=DEFAULT_MAX_IMAGES)
     p.add_argument("--opset", type=int, default=0, help="ONNX opset (0: fowlflow's default)")
@@ -286,13 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.model_uri if ":" in args.model_uri else f"runs:/{args.model_uri}/model"
     with mlflow.start_run() as run:  # under `mlflow run`, the project's own run
         log_params(vars(args))
-        reg = register_model_uri(uri, args.name, args.val_dir or None, log_run_id=run.info.run_id,
+        reg = register_model_uri(uri, args.name, given(args.val_dir), log_run_id=run.info.run_id,
                                  atol=args.atol, max_images=args.max_images,
                                  opset=args.opset or None)
         mlflow.set_tags({"registered_version": f"{reg.name}/{reg.version}",
-                         "registered_onnx_version": f"{reg.onnx_name}/{reg.onnx_version}"})
-    print(f"registered {reg.name} version {reg.version} and {reg.onnx_name} version "
-          f"{reg.onnx_version} (alias {CANDIDATE!r}); {reg.parity.summary()}")
+                         "registered_onnx_version": f"{reg.onnx_name}/{reg.onnx_version}",
+                         "registration": "reused" if reg.reused else "new"})
+    if reg.reused:
+        print(f"already registered: {uri} is {reg.name} version {reg.version} and "
+              f"{reg.onnx_name} version {reg.onnx_version}; nothing new registered, aliases "
+              f"unchanged ({reg.parity.summary()})")
+    else:
+        print(f"registered {reg.name} version {reg.version} and {reg.onnx_name} version "
+              f"{reg.onnx_version} (alias {CANDIDATE!r}); {reg.parity.summary()}")
     return 0
 
 

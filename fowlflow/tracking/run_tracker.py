@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fowlflow.errors import ServerError
+from fowlflow.errors import FowlflowError, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,25 @@ def start_node_system_metrics(run_id: str, node_id: str):
     return monitor
 
 
+UNSET = "none"  # how an empty param is spelled: MLproject defaults and logged params alike
+
+
+def log_new_params(run_id: str, params: dict[str, Any]) -> dict[str, str]:
+    """Log params to a run by fowlflow's one rule; returns what was logged.
+
+    * A key the run already has is left alone: ``mlflow run`` logs every ``-P`` value itself
+      (shell-quoted, e.g. ``'a b'``), and MLflow refuses a second, differently spelled value.
+    * A value is logged as given (no path normalisation), except that an empty value is
+      spelled ``none``, the word MLproject's defaults use, never ``''`` or nothing.
+    """
+    existing = MlflowClient().get_run(run_id).data.params
+    new = {k: (str(v) if v is not None and str(v) != "" else UNSET)[:6000]
+           for k, v in params.items() if k not in existing}
+    if new:
+        MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in new.items()])
+    return new
+
+
 class RunTracker:
     """Rank-0 MLflow logging; every method is a no-op when ``enabled`` is false."""
 
@@ -42,6 +63,8 @@ class RunTracker:
         self.enabled = enabled
         self.run_id: str | None = None
         self._client: MlflowClient | None = None
+        self._queued: list[tuple[list[str], Any]] = []  # (keys, RunOperations) since log_epoch
+        self._landed: list[tuple[list[str], Any]] = []  # those queued before the last log_epoch
 
     def start(self, node_id: str | None = None, run_name: str | None = None) -> str | None:
         if not self.enabled:
@@ -56,13 +79,9 @@ class RunTracker:
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log params, leaving alone those ``mlflow run`` already logged from ``-P``."""
-        if not self.enabled:
-            return
-        existing = self._client.get_run(self.run_id).data.params
-        new = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
-        if new:
-            mlflow.log_params(new)
+        """Log params by the one rule of :func:`log_new_params`."""
+        if self.enabled:
+            log_new_params(self.run_id, params)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
@@ -78,11 +97,13 @@ class RunTracker:
         mlflow.log_input(dataset, context=context)
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        """Queue one batch (async). Raises FowlflowError if an earlier epoch's batch failed."""
         if not self.enabled:
             return
+        self._check(self._landed)  # queued an epoch ago: long written (no wait in practice)
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        self._log_async([Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        self._landed, self._queued = self._queued, []
 
     def log_step_losses(self, losses: list[float], first_step: int, key: str = "train_loss_step") -> None:
         if not self.enabled or not losses:
@@ -90,7 +111,27 @@ class RunTracker:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(losses)]
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
-            self._client.log_batch(self.run_id, metrics=batch[i:i + 1000], synchronous=False)
+            self._log_async(batch[i:i + 1000])
+
+    def _log_async(self, batch: list[Metric]) -> None:
+        ops = self._client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        self._queued.append((sorted({m.key for m in batch}), ops))
+
+    def _check(self, queued: list[tuple[list[str], Any]]) -> None:
+        """Wait for queued batches; a refused one fails the run (MLflow only logs an ERROR)."""
+        while queued:
+            keys, ops = queued.pop(0)
+            try:
+                ops.wait()
+            except MlflowException as exc:
+                self._queued.clear()
+                self._landed.clear()
+                raise FowlflowError(
+                    f"MLflow did not store the metrics {', '.join(keys)[:500]} of run "
+                    f"{self.run_id} ({mlflow.get_tracking_uri()}): {str(exc)[:600]}. The run is "
+                    "marked FAILED rather than left with metrics missing; check the tracking "
+                    "server and its log, then run again (-P resume=<output_dir>/checkpoint.pt "
+                    "skips the finished epochs).") from exc
 
     def log_figure(self, figure, artifact_file: str) -> None:
         if self.enabled:
@@ -129,8 +170,11 @@ class RunTracker:
         return info.model_uri
 
     def flush(self) -> None:
+        """Write everything queued. Raises FowlflowError if MLflow refused a metric batch."""
         if self.enabled:
             mlflow.flush_async_logging()
+            self._check(self._landed)
+            self._check(self._queued)
 
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled or self.run_id is None:
@@ -139,6 +183,24 @@ class RunTracker:
             mlflow.flush_async_logging()
         finally:
             mlflow.end_run(status)
+
+
+def metric_names(names: list[str]) -> dict[str, str]:
+    """A metric-key-safe spelling of each name (class folder names), deterministic and unique.
+
+    MLflow keys may hold only letters, digits, ``_ - . /`` and spaces (``:`` too, but not on
+    Windows); every other character becomes ``_``. A changed name that then equals another
+    name's spelling gets 8 hex digits of its SHA-256: ``turkey+poult`` -> ``turkey_poult`` or,
+    next to a class really called ``turkey_poult``, ``turkey_poult-1b4f0e98``.
+    """
+    safe = {n: re.sub(r"[^\w.\- ]", "_", n) for n in names}
+    taken = list(safe.values())
+    out = {}
+    for name, key in safe.items():
+        if key != name and taken.count(key) > 1:
+            key = f"{key}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        out[name] = key
+    return out
 
 
 @contextmanager

@@ -53,6 +53,11 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _optional(text: str) -> str:
+    """``none`` (MLproject's default for an unset value) and ``""`` both mean unset: ``""``."""
+    return "" if text.strip().lower() in ("", "none") else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser; flag names equal the MLproject parameter names."""
     d = TrainConfig()
@@ -80,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints and local outputs")
-    p.add_argument("--resume", default=d.resume,
-                   help="a checkpoint file to continue from (e.g. outputs/checkpoint.pt)")
-    p.add_argument("--registered_model_name", default=d.registered_model_name,
-                   help="register the trained model under this name ('' to skip)")
+    p.add_argument("--resume", default=d.resume, type=_optional,
+                   help="a checkpoint file to continue from (e.g. outputs/checkpoint.pt); none: don't")
+    p.add_argument("--registered_model_name", default=d.registered_model_name, type=_optional,
+                   help="register the trained model under this name (none: don't register)")
     return p
 
 

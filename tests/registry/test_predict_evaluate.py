@@ -37,12 +37,24 @@ def test_predict_reports_a_corrupt_image_and_predicts_the_others(registered, use
     assert {"p_ants", "p_bees"} <= set(table.columns)
 
 
-def test_predict_refuses_missing_paths(use_store):
+def test_predict_gives_a_missing_path_its_own_row(registered, use_store, tmp_path, capsys):
+    """Issue 8.11: one missing path aborted the whole batch, with no CSV."""
     from fowlflow.errors import RegistryError
-    from fowlflow.registry.predict import expand_images
+    from fowlflow.registry import predict
 
-    with pytest.raises(RegistryError, match="'/nope' does not exist"):
-        expand_images(f"{TURKEY},/nope")
+    csv = tmp_path / "out.csv"
+    assert predict.main(["--model_uri", ONNX_URI, "--images", f"{TURKEY},/nope/hen.jpg",
+                         "--output_csv", str(csv)]) == 0
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert list(table["path"]) == [str(TURKEY), "/nope/hen.jpg"]
+    assert table["label"][0] in {"ants", "bees"} and not table["error"][0]
+    assert table["label"][1] == "" and "can't read the file" in table["error"][1]
+    assert "1 of 2 images could not be read" in capsys.readouterr().out
+    # Nothing readable at all: an error naming the problem, non-zero exit (see run_main).
+    with pytest.raises(RegistryError, match="none of the 1 images could be read"):
+        predict.main(["--model_uri", ONNX_URI, "--images", "/nope/hen.jpg"])
+    with pytest.raises(RegistryError, match="no image files in ' , '"):
+        predict.expand_images(" , ")
 
 
 def test_evaluate_logs_accuracy_and_confusion_matrix_to_a_new_run(registered, use_store,

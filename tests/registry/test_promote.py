@@ -76,9 +76,14 @@ def test_promotion_accepted_then_refused_then_by_min_accuracy(registered, use_st
         assert (aliases["champion"], aliases["previous_champion"]) == (new, old)
         assert "min_accuracy" in client.get_model_version(name, new).tags["promotion"]
 
-    # Roll back by hand so the serving tests get the first model again.
-    promote(MODEL_NAME, version=registered.version, policy="manual")
+    # Roll back by hand so the serving tests get the first model again, naming the ONNX model
+    # (issue 8.12: that was refused with "it has no registered ONNX version").
+    back = promote(onnx, version=registered.onnx_version, policy="manual")
+    assert back.accepted and back.reason == "policy manual: accuracy not compared"
     assert _aliases(client, onnx)["champion"] == registered.onnx_version
+    assert _aliases(client, MODEL_NAME)["champion"] == registered.version
+    again = promote(onnx, version="champion")  # an alias works as the version, too
+    assert again.reason == f"{MODEL_NAME}/{registered.version} already is the champion"
 
 
 def test_unknown_policy_and_missing_version_say_what_to_do(registered, use_store):

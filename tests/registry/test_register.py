@@ -75,11 +75,12 @@ def test_pyfunc_takes_paths_bytes_base64_and_batches(registered, use_store):
     model = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}/{registered.onnx_version}")
     photos = [TURKEY, *hymenoptera_images(2)]
     batch = model.predict([str(p) for p in photos])
-    assert list(batch.columns) == ["label", "score", "probabilities"] and len(batch) == 5
+    assert list(batch.columns) == ["label", "score", "probabilities", "error"] and len(batch) == 5
+    assert batch["error"].isna().all()
     assert set(batch["label"]) <= {"ants", "bees"}
     probs = np.array([[r["ants"], r["bees"]] for r in batch["probabilities"]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(batch["score"], probs.max(1))
+    np.testing.assert_allclose(batch["score"].astype(float), probs.max(1))
     # One image as bytes, as base64 text, in a DataFrame column: the same answer.
     raw = TURKEY.read_bytes()
     for single in (raw, base64.b64encode(raw).decode(), pd.DataFrame({"image": [raw]})):
@@ -91,14 +92,45 @@ def test_pyfunc_takes_paths_bytes_base64_and_batches(registered, use_store):
     np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 
-def test_pyfunc_rejects_a_non_image_with_its_index(registered, use_store):
+def test_pyfunc_answers_per_item_so_one_bad_image_does_not_fail_the_batch(registered, use_store):
     import mlflow
 
-    from fowlflow.registry.images import ImageDecodeError
-
     model = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}/{registered.onnx_version}")
-    with pytest.raises(ImageDecodeError, match=r"item 1: .* is not a readable image"):
-        model.predict([TURKEY.read_bytes(), b"GIF89a but not really"])
+    out = model.predict([TURKEY.read_bytes(), b"GIF89a but not really", str(TURKEY)])
+    assert len(out) == 3
+    assert out["label"][0] in {"ants", "bees"} and out["error"][0] is None
+    assert out["label"][1] is None and out["score"][1] is None
+    assert out["error"][1].startswith("item 1: ") and "is not a readable image" in out["error"][1]
+    assert out["probabilities"][2] == out["probabilities"][0]
+    empty = model.predict([])
+    assert len(empty) == 0 and list(empty.columns) == list(out.columns)
+
+
+def test_registering_the_same_model_again_reuses_its_versions(registered, use_store, val_dir,
+                                                              capsys):
+    """Issue 8.12: the same run registered twice gave identical new versions."""
+    import mlflow
+
+    from fowlflow.registry import register_trained_model
+    from fowlflow.registry.register import main
+
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version(MODEL_NAME, registered.version).run_id
+    before = {n: len(client.search_model_versions(f"name='{n}'")) for n in (MODEL_NAME, ONNX_NAME)}
+    aliases = {n: dict(client.get_registered_model(n).aliases) for n in (MODEL_NAME, ONNX_NAME)}
+    again = register_trained_model(run_id=run_id, name=MODEL_NAME, val_dir=val_dir)
+    assert again.reused and (again.version, again.onnx_version) == (registered.version,
+                                                                    registered.onnx_version)
+    assert again.parity.as_tags() == registered.parity.as_tags()
+    # The entry point's module, with the model named by its run id: the same, and says so.
+    assert main(["--model_uri", run_id, "--name", MODEL_NAME]) == 0
+    out = capsys.readouterr().out
+    assert (f"already registered: runs:/{run_id}/model is {MODEL_NAME} version "
+            f"{registered.version} and {ONNX_NAME} version {registered.onnx_version}; nothing "
+            "new registered") in out
+    after = {n: len(client.search_model_versions(f"name='{n}'")) for n in (MODEL_NAME, ONNX_NAME)}
+    assert after == before
+    assert {n: dict(client.get_registered_model(n).aliases) for n in after} == aliases
 
 
 def test_parity_failure_refuses_the_onnx_model(registered, use_store, val_dir, monkeypatch):
