@@ -21,13 +21,16 @@ from fowlflow.errors import DataError
 from fowlflow.tracking import RunTracker, start_node_system_metrics
 from fowlflow.tracking import figures
 from fowlflow.tracking.lineage import lineage_tags
+from fowlflow.tracking.run_tracker import metric_names
 from fowlflow.trainer.augment import IMAGENET_MEAN, IMAGENET_STD, eval_batch
-from fowlflow.trainer.checkpoint import load_checkpoint, save_checkpoint
+from fowlflow.trainer.checkpoint import (check_classes, check_output_dir, load_checkpoint,
+                                         save_checkpoint)
 from fowlflow.trainer.config import TrainConfig
 from fowlflow.trainer.data_sources import resolve_data
 from fowlflow.trainer.distributed import DistContext
 from fowlflow.trainer.image_cache import decode_split, resize_size
 from fowlflow.trainer.imagefolder import Split, check_nonempty, scan_imagefolder
+from fowlflow.trainer.lifecycle import Terminated
 from fowlflow.trainer.loop import LoopSetup, evaluate, train_epoch
 from fowlflow.trainer.model import build_model
 
@@ -92,10 +95,12 @@ def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc) -> Non
     tracker.log_figure(fig, "confusion_matrix.png")
     figures.close(fig)
     table = figures.per_class_table(cm, layout.classes)
+    names = metric_names(layout.classes)  # MLflow refuses e.g. "(" and "+" in metric keys
+    table["metric_name"] = [names[c] for c in layout.classes]  # val_recall_<metric_name>
     tracker.log_table(table, "per_class_metrics.json")
-    tracker.log_epoch({f"val_recall_{c}": r for c, r in zip(table["class"], table["recall"])}
-                      | {f"val_precision_{c}": p for c, p in zip(table["class"], table["precision"])},
-                      cfg.num_epochs)
+    tracker.log_epoch({f"val_recall_{names[c]}": r for c, r in zip(table["class"], table["recall"])}
+                      | {f"val_precision_{names[c]}": p
+                         for c, p in zip(table["class"], table["precision"])}, cfg.num_epochs)
     fig = figures.misclassified_grid(val_cache.images.cpu().numpy(),
                                      val_cache.labels.cpu().numpy(), result.predictions.numpy(),
                                      layout.classes)
@@ -125,12 +130,13 @@ def run(cfg: TrainConfig, tracking: bool = True) -> dict:
         if tracking and not ctx.is_main and ctx.local_rank == 0 and os.environ.get("MLFLOW_RUN_ID"):
             node_monitor = start_node_system_metrics(os.environ["MLFLOW_RUN_ID"], f"node{ctx.node_rank}")
         summary = _train(cfg, ctx, tracker)
+        tracker.flush()  # raises if MLflow refused a metric batch
         tracker.finish("FINISHED")
         return summary
     except BaseException as exc:
         if tracker.run_id:
             tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, Terminated)) else "FAILED")
         raise
     finally:
         if node_monitor is not None:
@@ -139,9 +145,14 @@ def run(cfg: TrainConfig, tracking: bool = True) -> dict:
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
+    if ctx.is_main:
+        check_output_dir(cfg.output_dir)
+    state = load_checkpoint(cfg.resume, _ckpt_config(cfg)) if cfg.resume else None
     device = ctx.device()
     bf16 = use_bf16(cfg.amp, device)
     layout, train_cache, val_cache = _load_data(cfg, ctx)
+    if state is not None:
+        check_classes(state, cfg.resume, layout.classes)
     if len(train_cache) < 2 * ctx.world_size:
         raise DataError(f"Only {len(train_cache)} readable training images for "
                         f"{ctx.world_size} process(es); add images.")
@@ -155,8 +166,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
     optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     start_epoch, best_acc, best_state = 1, -1.0, None
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume, _ckpt_config(cfg), layout.classes)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,109 @@
+"""How the trainer stops when told to: signals, and an ``mlflow run`` that died.
+
+    lifecycle.install()     # first thing in ``python -m fowlflow.trainer``
+
+SIGTERM and SIGHUP (``timeout``, ``kill``, a cancelled CI job, a closed terminal) raise
+:class:`Terminated` in the main thread, so ``train.run`` ends the MLflow run as KILLED with an
+``error`` tag and the process exits with 128 + the signal number.
+
+``mlflow run`` dies of SIGTERM without passing it on, and a SIGKILL can't be passed on, so when
+``mlflow run`` started the trainer (directly, or through the ``bash -c`` of a conda/virtualenv
+activation) a watcher thread stops the trainer the same way once that process is gone: no
+orphan trains on. A trainer started any other way (by hand, ``nohup``, ``torchrun``) is left to
+outlive its parent.
+
+Signals that arrive while the run is being ended (a signal sent to the whole process group, then
+the launcher's death) are ignored; the cleanup gets ``GRACE_S`` seconds, then the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+
+GRACE_S = 30.0
+POLL_S = 0.5
+SHELLS = ("bash", "sh", "dash", "zsh")
+
+_stopping = threading.Event()
+_launcher_gone: list[str] = []  # why the watcher stopped the trainer, when it did
+
+
+class Terminated(BaseException):
+    """The trainer was told to stop (a BaseException, like KeyboardInterrupt: nothing swallows it)."""
+
+    def __init__(self, signum: int, reason: str):
+        super().__init__(reason)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def install() -> psutil.Process | None:
+    """Handle SIGTERM/SIGHUP/SIGINT and watch the ``mlflow run`` that started us (returned)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    launcher = find_mlflow_run()
+    if launcher is not None:
+        threading.Thread(target=_watch, args=(launcher,), name="fowlflow-launcher-watch",
+                         daemon=True).start()
+    return launcher
+
+
+def _on_signal(signum: int, _frame) -> None:
+    if _stopping.is_set():
+        return  # the run is already being ended
+    _stopping.set()
+    timer = threading.Timer(GRACE_S, _give_up, (signum,))
+    timer.daemon = True
+    timer.start()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    name = signal.Signals(signum).name
+    raise Terminated(signum, _launcher_gone[0] if _launcher_gone else f"received {name}")
+
+
+def _give_up(signum: int) -> None:
+    print(f"fowlflow: the run was not ended within {GRACE_S:.0f}s of the stop signal; exiting",
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def find_mlflow_run() -> psutil.Process | None:
+    """The ``mlflow run`` process that started this one: the parent, or the parent of a
+    ``bash -c`` parent. None when started any other way."""
+    try:
+        proc = psutil.Process().parent()
+        for _ in range(2):
+            if proc is None:
+                return None
+            cmd = proc.cmdline()
+            if any(os.path.basename(a) == "mlflow" and b == "run" for a, b in zip(cmd, cmd[1:])):
+                return proc
+            if not (len(cmd) > 1 and os.path.basename(cmd[0]) in SHELLS and cmd[1] == "-c"):
+                return None
+            proc = proc.parent()
+    except psutil.Error:
+        return None
+    return None
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:  # is_running() also checks the start time, so a reused pid is not mistaken for it
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _watch(launcher: psutil.Process) -> None:
+    while _alive(launcher):
+        time.sleep(POLL_S)
+    _launcher_gone.append(f"the `mlflow run` that started it (pid {launcher.pid}) exited")
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,265 @@
+"""The trainer's lifecycle (issue 8), each through the real CLI and a real MLflow store:
+a checkpoint that would run code, stop signals and a killed ``mlflow run``, class names MLflow
+refuses in metric keys, an unusable output_dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from fowlflow.errors import FowlflowError
+from fowlflow.tracking import RunTracker
+from fowlflow.tracking.run_tracker import metric_names
+from tests.conftest import BIN, HYMENOPTERA, ROOT, TINY_PARAMS, make_imagefolder, mlflow_run
+
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def trainer(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_args(data: Path, **extra) -> list[str]:
+    args = []
+    for key, value in {**TINY_PARAMS, "data": data, **extra}.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def only_run(experiment: str):
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+# -- 2. a checkpoint is loaded with weights_only=True ------------------------------------------
+
+class PlantFile:
+    """Unpickling this creates a file: what a hostile checkpoint could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tracking_uri, tmp_path):
+    planted = tmp_path / "planted-by-checkpoint"
+    hostile = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1, "config": {}, "payload": PlantFile(str(planted))}, hostile)
+    proc = mlflow_run("--experiment-name", "hostile", check=False, params={
+        **TINY_PARAMS, "data": make_imagefolder(tmp_path / "d"), "resume": hostile,
+        "output_dir": tmp_path / "out"})
+    assert not planted.exists(), "loading the checkpoint ran code"
+    assert proc.returncode != 0
+    assert f"fowlflow: error: -P resume='{hostile}' was not loaded" in proc.stderr
+    assert "could run code" in proc.stderr and "leave -P resume= empty" in proc.stderr
+    assert "weights_only=False" not in proc.stderr  # torch's advice to load it anyway
+    assert "Traceback" not in proc.stderr
+    run = only_run("hostile")
+    assert run.info.status == "FAILED" and "was not loaded" in run.data.tags["error"]
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "json", "tensor"])
+def test_resume_refuses_corrupt_or_unrelated_files(tracking_uri, tmp_path, kind):
+    path = tmp_path / "checkpoint.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"PK\x03\x04" + os.urandom(300))
+    elif kind == "json":
+        path.write_text(json.dumps({"epoch": 1}))
+    else:
+        torch.save(torch.zeros(3), path)
+    proc = trainer(*tiny_args(tmp_path / "no-data-needed", resume=path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    want = "not a fowlflow checkpoint" if kind == "tensor" else "not a readable PyTorch file"
+    assert f"fowlflow: error: -P resume='{path}' " in proc.stderr and want in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- 3. stop signals, and a killed `mlflow run` --------------------------------------------
+
+def start_long_run(tmp_path: Path, experiment: str) -> subprocess.Popen:
+    """`mlflow run .` on hymenoptera for many epochs; returns once the trainer is training."""
+    cmd = [str(BIN / "mlflow"), "run", str(ROOT), "--env-manager", "local",
+           "--experiment-name", experiment]
+    for key, value in {**TINY_PARAMS, "data": HYMENOPTERA, "num_epochs": 500,
+                       "output_dir": tmp_path / "out"}.items():
+        cmd += ["-P", f"{key}={value}"]
+    log = open(tmp_path / "mlflow-run.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    wait_training(proc, experiment, tmp_path / "mlflow-run.log")
+    return proc
+
+
+def wait_training(proc: subprocess.Popen, experiment: str, log: Path, timeout: float = 300):
+    """Until the run is RUNNING and its trainer has loaded the data (params logged)."""
+    client = MlflowClient()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early:\n{log.read_text()[-3000:]}"
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and runs[0].info.status == "RUNNING" and "data_digest" in runs[0].data.params:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the trainer did not start training:\n{log.read_text()[-3000:]}")
+
+
+def trainer_procs(root_pid: int) -> list[psutil.Process]:
+    found = [p for p in psutil.Process(root_pid).children(recursive=True)
+             if "fowlflow.trainer" in " ".join(p.cmdline())]
+    assert found, "no trainer process under the launcher"
+    return found
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive(procs)
+
+
+def kill_leftovers(procs: list[psutil.Process]) -> None:
+    for p in alive(procs):  # only processes this test started
+        p.kill()
+
+
+def test_sigterm_to_mlflow_run_stops_its_trainer_and_ends_the_run(tracking_uri, tmp_path):
+    proc = start_long_run(tmp_path, "term-launcher")
+    trainers = trainer_procs(proc.pid)
+    try:
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        left = wait_gone(trainers, timeout=60)
+        assert not left, f"trainer(s) {[p.pid for p in left]} trained on after `mlflow run` died"
+        took = time.monotonic() - start
+    finally:
+        kill_leftovers(trainers)
+    run = only_run("term-launcher")
+    assert run.info.status == "KILLED"
+    assert "Terminated: the `mlflow run` that started it" in run.data.tags["error"]
+    log = (tmp_path / "mlflow-run.log").read_text()
+    assert "fowlflow: stopped (the `mlflow run` that started it" in log
+    print(f"trainer gone {took:.1f}s after SIGTERM to mlflow run")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_signal_to_the_trainer_ends_the_run_killed(tracking_uri, tmp_path, sig):
+    """The trainer started without `mlflow run` (by hand, torchrun): no one else ends its run."""
+    log = tmp_path / "trainer.log"
+    args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT,
+                                env={**ENV, "MLFLOW_EXPERIMENT_NAME": "term-trainer"},
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_training(proc, "term-trainer", log)
+        start = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+        print(f"trainer exited {time.monotonic() - start:.1f}s after {sig.name}")
+    finally:
+        kill_leftovers([psutil.Process(proc.pid)] if proc.poll() is None else [])
+    assert code == 128 + sig, log.read_text()[-3000:]
+    assert f"fowlflow: stopped (received {sig.name})" in log.read_text()
+    run = only_run("term-trainer")
+    assert run.info.status == "KILLED"
+    assert run.data.tags["error"] == f"Terminated: received {sig.name}"
+
+
+# -- 4. class names MLflow refuses in metric keys ---------------------------------------------
+
+def test_class_names_mlflow_refuses_in_metric_keys(tracking_uri, tmp_path):
+    classes = ("hen (adult)", "turkey+poult")
+    data = make_imagefolder(tmp_path / "d", classes=classes)
+    proc = mlflow_run("--experiment-name", "odd-names",
+                      params={**TINY_PARAMS, "data": data, "output_dir": tmp_path / "out"})
+    assert "ERROR" not in proc.stderr
+    run = only_run("odd-names")
+    assert run.info.status == "FINISHED"
+    for key in ("val_precision_hen _adult_", "val_recall_hen _adult_",
+                "val_precision_turkey_poult", "val_recall_turkey_poult"):
+        assert key in run.data.metrics, (key, sorted(run.data.metrics))
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                artifact_path="per_class_metrics.json",
+                                                dst_path=str(tmp_path / "a"))
+    table = json.load(open(local))
+    columns = table["columns"]
+    rows = {row[columns.index("class")]: row[columns.index("metric_name")] for row in table["data"]}
+    assert rows == {"hen (adult)": "hen _adult_", "turkey+poult": "turkey_poult"}
+
+
+def test_metric_names_are_safe_deterministic_and_unique():
+    from mlflow.utils.validation import _validate_metric_name
+
+    names = ["turkey+poult", "turkey_poult", "turkey(poult", "a:b", "poulet fermière", "ants"]
+    mapped = metric_names(names)
+    assert mapped == metric_names(list(names))
+    assert len(set(mapped.values())) == len(names)
+    assert mapped["turkey_poult"] == "turkey_poult" and mapped["ants"] == "ants"
+    assert mapped["turkey+poult"].startswith("turkey_poult-") and mapped["a:b"] == "a_b"
+    for key in mapped.values():
+        _validate_metric_name(f"val_recall_{key}")  # raises if MLflow would refuse it
+
+
+def test_a_refused_metric_batch_fails_loudly(tracking_uri):
+    mlflow.set_experiment("refused")
+    tracker = RunTracker()
+    tracker.start()
+    try:
+        tracker.log_epoch({"val_acc": 0.5, "val_recall_hen (adult)": 1.0}, 1)
+        with pytest.raises(FowlflowError, match=r"did not store the metrics val_acc, "
+                                                r"val_recall_hen \(adult\)"):
+            tracker.flush()
+    finally:
+        tracker.finish("FAILED")
+
+
+# -- 6. output_dir that can't hold checkpoints ------------------------------------------------
+
+@pytest.mark.parametrize("where", ["file", "below-file"])
+def test_output_dir_that_is_a_file_fails_before_training(tracking_uri, tmp_path, where):
+    blocker = tmp_path / "outputs"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "run1"
+    start = time.monotonic()
+    proc = trainer(*tiny_args(HYMENOPTERA, output_dir=out))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"fowlflow: error: -P output_dir='{out}' " in proc.stderr
+    assert "choose a folder" in proc.stderr and "Epoch 1" not in proc.stdout
+    assert blocker.read_text() == "not a folder"
+    print(f"refused after {time.monotonic() - start:.1f}s")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_output_dir_not_writable_fails_before_training(tracking_uri, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    proc = trainer(*tiny_args(HYMENOPTERA, output_dir=locked / "out"))
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
