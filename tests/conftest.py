@@ -28,7 +28,7 @@ TINY_PARAMS = {
     "batch_size": "8",
     "num_epochs": "1",
     "workers": "0",
-    "registered_model_name": "",  # registration has its own tests; it adds an ONNX export
+    "registered_model_name": "none",  # registration has its own tests; it adds an ONNX export
 }
 
 
