@@ -48,7 +48,8 @@ def top_and_bottom(rgb_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def huge_png(path: Path, width: int, height: int) -> None:
     """An RGB PNG with a repeating gradient, streamed row by row (never whole in memory)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
 
     row = b"\0" + (bytes(range(256)) * (width * 3 // 256 + 1))[:width * 3]  # filter 0 + pixels
     deflate = zlib.compressobj(1)

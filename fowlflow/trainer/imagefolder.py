@@ -122,8 +122,9 @@ def scan_imagefolder(root: Path) -> Layout:
     if len(classes) < 2:
         raise DataError(f"{root} has only one class ({classes}); a classifier needs at least 2.")
     skipped: list[dict] = []
-    layout = Layout(root, classes, _scan_split(root / "train", train_folders, classes, skipped, root),
-                    _scan_split(root / "val", val_folders, classes, skipped, root), skipped)
+    train = _scan_split(root / "train", train_folders, classes, skipped, root)
+    val = _scan_split(root / "val", val_folders, classes, skipped, root)
+    layout = Layout(root, classes, train, val, skipped)
     check_nonempty(layout)
     layout.train_digest = digest_files(layout.train.paths, root)
     layout.val_digest = digest_files(layout.val.paths, root)

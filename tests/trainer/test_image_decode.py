@@ -72,14 +72,16 @@ def _old_eval(path: Path) -> np.ndarray:  # the decode before issue 8, for norma
 def _old_train(path: Path) -> tuple[np.ndarray, float]:
     with Image.open(path) as img:
         img.draft("RGB", (37, 37))
-        return np.asarray(img.convert("RGB").resize((37, 37), Image.BILINEAR)), img.size[0] / img.size[1]
+        aspect = img.size[0] / img.size[1]
+        return np.asarray(img.convert("RGB").resize((37, 37), Image.BILINEAR)), aspect
 
 
 def test_normal_images_keep_exactly_their_pixels(tmp_path):
     """Photos, grayscale JPEGs, palette and RGBA PNGs decode to the same pixels as before."""
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8)).save(tmp_path / "gray.jpg")
-    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).convert("P").save(tmp_path / "pal.png")
+    colour = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    colour.convert("P").save(tmp_path / "pal.png")
     Image.fromarray(rng.integers(0, 255, (30, 20, 4), dtype=np.uint8)).save(tmp_path / "rgba.png")
     paths = [TURKEY, *sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:3],
              *sorted(tmp_path.iterdir())]
