@@ -4,7 +4,8 @@
     python bench/load_server.py --clients 8 --steps 100 --metrics 5 --auth-cache-ttl 0
     python bench/load_server.py --state-dir .fowlflow/server   # an already running stack
 
-Each client is its own process (as each training job is) with its own login: it creates a run,
+Each client is its own process (as each training job is) with its own login and the retry
+settings of ``fowlflow server env``: it creates a run,
 then for every step sends one synchronous ``log_batch`` with ``--metrics`` values and times it.
 All clients start together (a barrier). Afterwards the benchmark counts the rows in
 PostgreSQL's ``metrics`` table for those runs and fails unless every value sent is there.
@@ -71,6 +72,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from fowlflow.tracking.server import Stack, StackConfig
+    from fowlflow.tracking.server.mlflow_server import CLIENT_RETRY_ENV
     from fowlflow.tracking.server.users import AuthAdmin
 
     own = args.state_dir is None
@@ -96,9 +98,7 @@ def main() -> int:
             user, pw = f"loaduser{i}-{exp_id}", os.urandom(12).hex()
             admin.create_user(user, pw)
             admin.grant(user, "experiment", exp_id, "EDIT")
-            envs.append({**stack.client_env(user, pw),
-                         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",
-                         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
+            envs.append({**stack.client_env(user, pw), **CLIENT_RETRY_ENV})
 
         ctx = mp.get_context("spawn")
         barrier, results = ctx.Barrier(args.clients + 1), ctx.Queue()
