@@ -14,10 +14,12 @@ MLflow's permission model lacks; permissions themselves stay MLflow's:
   add --read-only``) may not create experiments, registered models (or prompts) or AI-gateway
   objects (403); MLflow itself offers no "read but not create" unless workspaces are on.
 - **attribution**: ``runs/create`` is stamped with the *authenticated* user (``user_id`` and
-  the ``mlflow.user`` tag), not the client's OS user; new experiments get
+  the ``mlflow.user`` tag), not the client's OS user, and so is ``model-versions/create`` (the
+  ``mlflow.user`` tag: MLflow's registry stores no user); new experiments get
   ``mlflow.experimentKind = custom_model_development`` unless the client set a kind.
-- **the UI's default view**: the UI page starts in the "Machine learning" workflow (runs,
-  models) instead of GenAI (traces), unless the browser already chose one.
+- **the UI's defaults**: the UI starts in its "Model training" workflow (experiments open on
+  their runs, not on traces) and doesn't pop up its assistant panel, unless the browser
+  already chose otherwise.
 - **a duplicate user**: ``users/create`` of an existing name answers 409 with a plain message
   (MLflow's own error embeds the SQL statement, including the password hash).
 
@@ -44,10 +46,17 @@ TRAINING_KIND = "custom_model_development"
 _CREATE_SUFFIXES = ("/mlflow/experiments/create", "/mlflow/registered-models/create",
                     "/mlflow/gateway/secrets/create", "/mlflow/gateway/endpoints/create",
                     "/mlflow/gateway/model-definitions/create")
-# The UI keeps its workflow choice in localStorage under this key (mlflow's useLocalStorage).
-_UI_DEFAULT = ("<script>try{if(!localStorage.getItem('mlflow.workflowType_v1'))"
-               "localStorage.setItem('mlflow.workflowType_v1','\"machine_learning\"')}"
-               "catch(e){}</script>")
+# POST bodies the hook reads (and may rewrite before MLflow's handler parses them).
+_JSON_REWRITES = ("/mlflow/runs/create", "/mlflow/model-versions/create",
+                  "/mlflow/experiments/create", "/mlflow/users/create")
+# UI defaults, kept by the UI in localStorage (mlflow's useLocalStorage: "<key>_v<version>"):
+# the "Model training" workflow (runs, models) rather than GenAI (traces), and the assistant
+# panel not opened by itself on the first visit. A choice made in the UI is kept.
+_UI_DEFAULTS = {"mlflow.workflowType_v1": "machine_learning",
+                "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True}
+_UI_SCRIPT = ("<script>try{var d=%s;for(var k in d)if(localStorage.getItem(k)===null)"
+              "localStorage.setItem(k,JSON.stringify(d[k]))}catch(e){}</script>"
+              % json.dumps(_UI_DEFAULTS))
 
 
 def _config() -> tuple[int, float]:
@@ -153,18 +162,24 @@ def _apply_rules(authorization) -> Response | None:
                       "experiments or registered models; ask the admin for write access "
                       f"(`fowlflow server user role {username} member`) or an EDIT grant on "
                       "an existing one")
+    if not path.endswith(_JSON_REWRITES):  # never read other bodies (artifact uploads)
+        return None
     body = request.get_json(force=True, silent=True)  # cached: MLflow's handler reads this dict
     if not isinstance(body, dict):
         return None
-    if path.endswith("/mlflow/runs/create"):
-        body["user_id"] = username
+    if path.endswith(("/mlflow/runs/create", "/mlflow/model-versions/create")):
+        # Who did it is the login, not what the client says (`mlflow run` sends the OS user).
+        # MLflow's registry never stores a version's user ("Created by" stays empty there);
+        # the tag at least records it.
+        if path.endswith("/mlflow/runs/create"):
+            body["user_id"] = username
         tags = [t for t in body.get("tags") or [] if t.get("key") != "mlflow.user"]
         body["tags"] = [*tags, {"key": "mlflow.user", "value": username}]
     elif path.endswith("/mlflow/experiments/create"):
         tags = body.setdefault("tags", [])
         if not any(t.get("key") == EXPERIMENT_KIND_TAG for t in tags):
             tags.append({"key": EXPERIMENT_KIND_TAG, "value": TRAINING_KIND})
-    elif path.endswith("/mlflow/users/create") and store.get_user(username).is_admin:
+    elif store.get_user(username).is_admin:  # users/create
         name = body.get("username")
         if name and store.has_user(name):
             return _error(409, "RESOURCE_ALREADY_EXISTS", f"user {name!r} already exists")
@@ -177,9 +192,8 @@ def is_read_only(store, username: str) -> bool:
 
 
 def _ui_index() -> Response:
-    """The UI page with a default of the "Machine learning" workflow (a browser's own choice,
-    once made in the UI, is kept)."""
+    """MLflow's UI page, with fowlflow's defaults set before the UI reads them."""
     from mlflow.server import app
 
     html = open(os.path.join(app.static_folder, "index.html"), encoding="utf-8").read()
-    return Response(html.replace("<head>", "<head>" + _UI_DEFAULT, 1), mimetype="text/html")
+    return Response(html.replace("<head>", "<head>" + _UI_SCRIPT, 1), mimetype="text/html")

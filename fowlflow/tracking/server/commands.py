@@ -5,9 +5,14 @@
     eval "$(fowlflow server env)"          # point this shell's MLflow clients at the server
     fowlflow server stop
     fowlflow server user add alice         # password read from the terminal (or stdin)
-    fowlflow server grant alice experiment 1 READ
+    fowlflow server user add viewer --read-only
+    fowlflow server user password alice    # a new password (terminal or stdin)
+    fowlflow server user role viewer member
+    fowlflow server grant alice experiment 1 EDIT
+    fowlflow server revoke alice experiment 1
 
-The state directory (default ``./.fowlflow/server``) keeps data, ports and secrets across
+The state directory (default ``$FOWLFLOW_SERVER_HOME``, else ``~/.fowlflow/server``; as root
+``/var/lib/fowlflow/server``) keeps data, ports and secrets across
 restarts; ``stop`` stops only the processes that ``start`` recorded there.
 """
 
@@ -26,10 +31,13 @@ def _stack(args, *, create: bool = False):
     from fowlflow.tracking.server.config import StackConfig
     from fowlflow.tracking.server.stack import Stack
 
-    state_dir = Path(args.state_dir)
+    from fowlflow.tracking.server.config import default_state_dir
+
+    state_dir = Path(args.state_dir).absolute() if args.state_dir else default_state_dir()
     if not create and not (state_dir / "ports.json").exists():
-        raise ServerError(f"no server state in {state_dir.absolute()}; start one with "
-                          f"`fowlflow server start --state-dir {state_dir}`")
+        raise ServerError(f"no server state in {state_dir}; start one with "
+                          f"`fowlflow server start --state-dir {state_dir}`, or point "
+                          "--state-dir or FOWLFLOW_SERVER_HOME at an existing one")
     cfg = StackConfig.load(state_dir, mlflow_port=getattr(args, "port", None),
                            postgres_port=getattr(args, "postgres_port", None),
                            s3_port=getattr(args, "s3_port", None),
@@ -43,7 +51,8 @@ def cmd_start(args) -> int:
     print(f"fowlflow server running at {stack.cfg.tracking_uri} (state in {stack.cfg.state_dir})")
     print(f"  admin user: {stack.secrets.admin_username}; password in "
           f"{stack.cfg.secrets_dir / 'admin_password'}")
-    print(f"  use it:     eval \"$(fowlflow server env --state-dir {shlex.quote(args.state_dir)})\"")
+    where = f" --state-dir {shlex.quote(args.state_dir)}" if args.state_dir else ""
+    print(f"  use it:     eval \"$(fowlflow server env{where})\"")
     return 0
 
 
@@ -57,18 +66,22 @@ def cmd_status(args) -> int:
     stack = _stack(args)
     rows = stack.status()
     for s in rows:
-        state = f"running (pid {s.pid})" if s.running else "stopped"
+        state = s.state
         print(f"{s.name:9s} {state:22s} {s.address}")
     return 0 if all(s.running for s in rows) else 3
 
 
 def cmd_env(args) -> int:
     """Print shell exports; the password is read from its 0600 file when evaluated."""
+    from fowlflow.tracking.server.mlflow_server import CLIENT_RETRY_ENV
+
     stack = _stack(args)
     pw_file = stack.cfg.secrets_dir / "admin_password"
     print(f"export MLFLOW_TRACKING_URI={shlex.quote(stack.cfg.tracking_uri)}")
     print(f"export MLFLOW_TRACKING_USERNAME={shlex.quote(stack.secrets.admin_username)}")
     print(f"export MLFLOW_TRACKING_PASSWORD=\"$(cat {shlex.quote(str(pw_file))})\"")
+    for name, value in CLIENT_RETRY_ENV.items():  # ride out a server restart
+        print(f"export {name}={value}")
     if args.s3:
         # Only for reading `s3://` datasets from this server's S3; artifacts never need it.
         creds = stack.cfg.secrets_dir / "secrets.json"
@@ -88,15 +101,35 @@ def _admin(args):
                      stack.secrets.admin_password)
 
 
-def cmd_user_add(args) -> int:
+def _read_password(username: str) -> str:
     if sys.stdin.isatty():
-        password = getpass.getpass(f"password for {args.username}: ")
+        password = getpass.getpass(f"password for {username}: ")
     else:
         password = sys.stdin.readline().rstrip("\n")
     if len(password) < 12:
         raise ServerError("the password must have at least 12 characters")
-    _admin(args).create_user(args.username, password)
-    print(f"created user {args.username}")
+    return password
+
+
+def cmd_user_add(args) -> int:
+    admin = _admin(args)
+    if admin.user_exists(args.username):  # before asking for a password
+        raise ServerError(f"user {args.username} already exists; to give it a new password "
+                          f"run `fowlflow server user password {args.username}`")
+    admin.create_user(args.username, _read_password(args.username), read_only=args.read_only)
+    print(f"created user {args.username}" + (" (read-only)" if args.read_only else ""))
+    return 0
+
+
+def cmd_user_password(args) -> int:
+    _admin(args).set_password(args.username, _read_password(args.username))
+    print(f"changed the password of {args.username}")
+    return 0
+
+
+def cmd_user_role(args) -> int:
+    _admin(args).set_role(args.username, args.role)
+    print(f"{args.username} is now {args.role}")
     return 0
 
 
@@ -107,16 +140,24 @@ def cmd_grant(args) -> int:
     return 0
 
 
+def cmd_revoke(args) -> int:
+    _admin(args).revoke(args.username, args.resource_type, args.resource_id)
+    print(f"revoked the grant of {args.username} on {args.resource_type} {args.resource_id}; "
+          "the default (READ) applies")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add ``server`` and its sub-commands to the ``fowlflow`` CLI."""
-    from fowlflow.tracking.server.users import PERMISSIONS, RESOURCE_TYPES
+    from fowlflow.tracking.server.users import PERMISSIONS, RESOURCE_TYPES, ROLES
 
     server = subparsers.add_parser("server", help="the team tracking server stack",
                                    description=__doc__.split("\n\n")[0])
     sub = server.add_subparsers(dest="server_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state-dir", default=".fowlflow/server",
-                        help="data, ports, secrets and pids (default: %(default)s)")
+    common.add_argument("--state-dir", default=None,
+                        help="data, ports, secrets and pids (default: $FOWLFLOW_SERVER_HOME, "
+                             "else ~/.fowlflow/server; as root /var/lib/fowlflow/server)")
 
     start = sub.add_parser("start", parents=[common], help="start (or complete) the stack")
     start.add_argument("--port", type=int, help="mlflow server port (first start: 5000)")
@@ -138,12 +179,28 @@ def register(subparsers) -> None:
         dest="user_command", required=True)
     add = user.add_parser("add", parents=[common], help="create a user (password on stdin)")
     add.add_argument("username")
+    add.add_argument("--read-only", action="store_true",
+                     help="may read everything but create no experiment or model")
     add.set_defaults(func=cmd_user_add)
+    pw = user.add_parser("password", parents=[common], help="set a user's password (stdin)")
+    pw.add_argument("username")
+    pw.set_defaults(func=cmd_user_password)
+    role = user.add_parser("role", parents=[common],
+                           help="read-only (no creating) or member (may create)")
+    role.add_argument("username")
+    role.add_argument("role", choices=ROLES)
+    role.set_defaults(func=cmd_user_role)
 
     grant = sub.add_parser("grant", parents=[common],
                            help="give a user a permission on an experiment or registered model")
-    grant.add_argument("username")
-    grant.add_argument("resource_type", choices=RESOURCE_TYPES)
-    grant.add_argument("resource_id", help="experiment id or registered model name")
-    grant.add_argument("permission", choices=PERMISSIONS)
+    revoke = sub.add_parser("revoke", parents=[common],
+                            help="remove a user's grant on an experiment or registered model")
+    for p in (grant, revoke):
+        p.add_argument("username")
+        p.add_argument("resource_type", choices=RESOURCE_TYPES)
+        p.add_argument("resource_id", help="experiment id or registered model name")
+    grant.add_argument("permission", choices=PERMISSIONS,
+                       help="DENY: no access at all; READ: view; USE: view and use; "
+                            "EDIT: log, register; MANAGE: edit, delete, grant")
     grant.set_defaults(func=cmd_grant)
+    revoke.set_defaults(func=cmd_revoke)

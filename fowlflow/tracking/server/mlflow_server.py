@@ -24,11 +24,23 @@ import sys
 from pathlib import Path
 
 from fowlflow.tracking.server.config import AUTH_DB, Secrets, StackConfig, _write_private
-from fowlflow.tracking.server.procs import (ProcessRecord, http_status, spawn, terminate,
+from fowlflow.tracking.server.procs import (Owner, ProcessRecord, http_status, spawn, stop,
                                             wait_until)
 
 log = logging.getLogger(__name__)
 
+# What `fowlflow server env` exports for clients (MLflow's own variables). urllib3 waits
+# 0, 2, 4, 8, 16, 32, 64, 120, 120, 120 s (+ up to 1 s jitter each) before the 10 retries,
+# so a request keeps trying for about 8 minutes: a restart or an outage of 5 minutes is
+# ridden out (tests: 3 minutes, 8 clients). 10 is MLflow's maximum number of retries.
+CLIENT_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1",
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
+AUTH_HOOK = "fowlflow.tracking.server.auth_hook:authenticate"
+# Failed logins of one username from one address (per worker) before HTTP 429, and the window.
+MAX_FAILED_LOGINS = 5
+FAILED_LOGIN_WINDOW_S = 60
 # Variables of the caller that must not leak into the server (a client's own login would
 # otherwise be sent by the server's internal clients, and a stray tracking URI is confusing).
 _DROP_FROM_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -40,16 +52,21 @@ def auth_ini(cfg: StackConfig, secrets: Secrets) -> str:
 
     ``default_permission = READ``: on a team server everyone may browse every experiment and
     model; whoever creates an experiment or model gets MANAGE on it, and writing into anyone
-    else's needs a grant (EDIT) from its owner or the admin.
+    else's needs a grant (EDIT) from its owner or the admin. The authorization function is
+    fowlflow's hook (MLflow's password check + throttling, the read-only role, attribution);
+    its ``[fowlflow]`` section sets the failed-login throttle.
     """
     return ("[mlflow]\n"
             "default_permission = READ\n"
             f"database_uri = {cfg.db_uri(AUTH_DB)}\n"
             f"admin_username = {secrets.admin_username}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"authorization_function = {AUTH_HOOK}\n"
             # Each request otherwise pays a PBKDF2 hash of the password (tens of ms of CPU);
             # a changed password is honoured by every worker at most this long after.
-            f"auth_cache_ttl_seconds = {cfg.auth_cache_ttl_s}\n")
+            f"auth_cache_ttl_seconds = {cfg.auth_cache_ttl_s}\n"
+            "\n[fowlflow]\n"
+            f"max_failed_logins = {MAX_FAILED_LOGINS}\n"
+            f"failed_login_window_seconds = {FAILED_LOGIN_WINDOW_S}\n")
 
 
 def server_argv(cfg: StackConfig) -> list[str]:
@@ -72,6 +89,7 @@ class MlflowServer:
         self.pg_env = pg_env
         self.s3_env = s3_env
         self.log_path = cfg.logs_dir / "mlflow.log"
+        self.owner = Owner(cfg.marker, "mlflow")
         self.auth_config = cfg.secrets_dir / "auth.ini"
 
     def env(self) -> dict[str, str]:
@@ -95,19 +113,23 @@ class MlflowServer:
     def start(self) -> ProcessRecord:
         self.cfg.secrets_dir.mkdir(parents=True, exist_ok=True)
         _write_private(self.auth_config, auth_ini(self.cfg, self.secrets))
-        proc = spawn(server_argv(self.cfg), log_path=self.log_path, env=self.env(),
-                     cwd=self.cfg.state_dir)
+        proc = spawn(server_argv(self.cfg), owner=self.owner, log_path=self.log_path,
+                     env=self.env(), cwd=self.cfg.state_dir, max_bytes=self.cfg.log_max_bytes,
+                     backups=self.cfg.log_backups)
         record = ProcessRecord.of(proc.pid)
         # First start migrates two empty databases: allow for a slow, shared CPU.
-        wait_until(lambda: http_status(self.cfg.tracking_uri + "/health") == 200,
+        wait_until(self.healthy,
                    what="mlflow server", timeout=180, record=record, log_path=self.log_path,
                    interval=0.5)
         log.info("mlflow server on %s (pid %d)", self.cfg.tracking_uri, record.pid)
         return record
 
+    def healthy(self) -> bool:
+        return http_status(self.cfg.tracking_uri + "/health") == 200
+
     def stop(self, record: ProcessRecord | None) -> bool:
         # `mlflow server` forwards SIGTERM to uvicorn, which drains its workers.
-        return terminate(record, signal.SIGTERM, timeout=30)
+        return stop(self.owner, record, signal.SIGTERM, timeout=30)
 
     def log_file(self) -> Path:
         return self.log_path
