@@ -4,48 +4,44 @@
     root = resolve_data("https://host/fowl_data.zip") # downloaded once, cached
     root = resolve_data("synthetic")                 # a generated two-class set
 
-Sources: a local ImageFolder directory, a local ``.zip``, an ``http(s)://`` ``.zip``, an
-``s3://bucket/prefix`` (a folder of images or one ``.zip`` object; boto3 with the standard AWS
-variables and ``MLFLOW_S3_ENDPOINT_URL``), or ``synthetic``. Downloads go to
-``$FOWLFLOW_CACHE_DIR`` (default ``~/.cache/fowlflow``), keyed by URL, and archives are unpacked
-into a folder keyed by their content hash; both are written under a temporary name and renamed
-only when complete, so a half-written download or extraction is never used. Archive members
-that would land outside the target (zip-slip) or are links make the whole archive refused.
+Sources: a local ImageFolder directory, a local ``.zip``, an ``http(s)://`` ``.zip``
+(:mod:`fowlflow.trainer.downloads`), an ``s3://bucket/prefix`` (a folder of images or one
+``.zip`` object; boto3 with the standard AWS variables and ``MLFLOW_S3_ENDPOINT_URL``), or
+``synthetic``. A relative local path is relative to the folder ``mlflow run`` was typed in (see
+:func:`local_data_path`). Archives are unpacked into ``$FOWLFLOW_CACHE_DIR/extracted``, keyed by
+their content hash, under a temporary name renamed only when complete, so a half-written
+extraction is never used. Archive members that would land outside the target (zip-slip) or are
+links make the whole archive refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
 import shutil
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import psutil
 from tqdm import tqdm
 
 from fowlflow.errors import DataError
+from fowlflow.trainer.downloads import (ZIP_ERRORS, cache_dir, clear_hint, cleanup_on_sigterm,
+                                        download, key, locked, zip_problem)
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 FIX = "Pass another source with -P data=<ImageFolder dir | .zip | http(s) .zip URL | s3://bucket/prefix | synthetic>."
+SHELLS = ("bash", "sh", "dash", "zsh")
+ZIP_LAYOUT = ("Re-create the zip from inside the folder that holds train/ and val/ "
+              "(cd <that folder> && zip -r ../data.zip train val), or unzip it and pass "
+              "that folder with -P data=<folder>.")
 
 
-def cache_dir() -> Path:
-    """Where downloads and extracted archives are kept."""
-    root = Path(os.environ.get("FOWLFLOW_CACHE_DIR", Path.home() / ".cache" / "fowlflow"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+class DamagedArchive(DataError):
+    """A zip whose members can't be read back (bad CRC, cut-short data)."""
 
 
 def resolve_data(uri: str) -> Path:
@@ -57,24 +53,82 @@ def resolve_data(uri: str) -> Path:
     uri = uri.strip()
     if not uri:
         raise DataError(f"-P data is empty. {FIX}")
+    # A SIGTERM while downloading or unpacking leaves no temporary file behind.
+    with cleanup_on_sigterm():
+        return _resolve(uri)
+
+
+def _resolve(uri: str) -> Path:
     if uri == "synthetic":
         from fowlflow.trainer.synthetic import ensure_synthetic
 
         return ensure_synthetic(cache_dir() / "synthetic-v1")
     if uri.startswith(("http://", "https://")):
-        return find_imagefolder_root(extract_zip(download_http(uri)))
+        archive = download(uri)
+        return zip_root(_extract_cached(archive, uri), uri)
     if uri.startswith("s3://"):
-        return find_imagefolder_root(download_s3(uri))
+        return download_s3(uri)
     if "://" in uri and not uri.startswith("file://"):
         raise DataError(f"Unsupported data URI scheme in {uri!r}. {FIX}")
-    path = Path(uri.removeprefix("file://")).expanduser()
-    if not path.exists():
-        raise DataError(f"Data path {str(path)!r} does not exist. {FIX}")
+    path = local_data_path(uri.removeprefix("file://"), Path.cwd(), caller_dir())
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise DataError(f"{str(path)!r} is a file but not a .zip archive. {FIX}")
-        return find_imagefolder_root(extract_zip(path))
+        return zip_root(extract_zip(path, str(path)), str(path))
     return find_imagefolder_root(path)
+
+
+def caller_dir() -> Path | None:
+    """The folder the user typed ``mlflow run`` in, when that command started this process
+    (directly or through ``bash -c``); None otherwise (then the current folder is the user's).
+
+    ``mlflow run`` starts the entry point in the project folder, and the ``bash -c`` between
+    them resets ``$PWD`` to it, so the folder is read from the ``mlflow run`` process itself.
+    """
+    try:
+        proc = psutil.Process().parent()
+        for _ in range(2):
+            if proc is None:
+                return None
+            argv = proc.cmdline()
+            if any(Path(a).name == "mlflow" and b == "run" for a, b in zip(argv, argv[1:])):
+                return Path(proc.cwd())
+            if not (len(argv) > 1 and Path(argv[0]).name in SHELLS and argv[1] == "-c"):
+                return None
+            proc = proc.parent()
+    except psutil.Error:  # gone, or not ours to inspect
+        pass
+    return None
+
+
+def local_data_path(text: str, here: Path, caller: Path | None) -> Path:
+    """Where a local ``-P data=`` path points, as an absolute path.
+
+    An absolute path (or ``~/...``) is used as is. A relative one is looked up first in
+    ``caller`` (the folder ``mlflow run`` was typed in) and, failing that, in ``here`` (the
+    process's folder: the project folder under ``mlflow run``), with a warning.
+
+    Raises:
+        DataError: the path exists in neither place; the message names both.
+    """
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        if not path.exists():
+            raise DataError(f"Data path {text!r} does not exist. {FIX}")
+        return path
+    places = [caller, here] if caller is not None and caller != here else [here]
+    for i, base in enumerate(places):
+        found = Path(os.path.abspath(base / path))
+        if found.exists():
+            if i:
+                log.warning("Data path %r is not in %s (where `mlflow run` was typed); using "
+                            "the project folder's %s.", text, caller, found)
+            return found
+    looked = " nor ".join(f"{os.path.abspath(b / path)}" for b in places)
+    where = (" (relative paths are relative to the folder you typed `mlflow run` in, then to "
+             "the project folder)") if len(places) > 1 else ""
+    raise DataError(f"Data path {text!r} does not exist: not found as {looked}{where}. "
+                    f"Check the path, or give an absolute one. {FIX}")
 
 
 def find_imagefolder_root(path: Path) -> Path:
@@ -88,48 +142,28 @@ def find_imagefolder_root(path: Path) -> Path:
     return path
 
 
-def download_http(url: str) -> Path:
-    """Download ``url`` once into the cache (with a progress bar) and return the file."""
-    name = PurePosixPath(urllib.parse.urlparse(url).path).name or "download"
-    target = cache_dir() / "downloads" / _key(url) / name
-    if target.is_file():
-        log.info("Using cached download of %s: %s", url, target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + f".part{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}") as bar:
-                while chunk := resp.read(CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if total is not None and part.stat().st_size != total:
-            raise DataError(f"Download of {url} stopped after {part.stat().st_size} of {total} "
-                            "bytes. Try again, or download it yourself and pass -P data=<file>.")
-        os.replace(part, target)
-    except urllib.error.HTTPError as exc:
-        raise DataError(f"Could not download {url}: HTTP {exc.code} {exc.reason}. {FIX}") from exc
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        reason = getattr(exc, "reason", exc)
-        raise DataError(f"Could not reach {url} ({reason}). Without network access, pass a "
-                        f"local copy. {FIX}") from exc
-    finally:
-        part.unlink(missing_ok=True)
-    return target
+def zip_root(extracted: Path, label: str) -> Path:
+    """The ImageFolder inside an unpacked zip; errors name the zip (``label``), not the cache."""
+    root = find_imagefolder_root(extracted)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    top = sorted(p.name for p in extracted.iterdir() if not p.name.startswith("__MACOSX"))[:10]
+    deeper = sorted(p.parent for p in extracted.rglob("train") if (p.parent / "val").is_dir())
+    where = (f"; train/ and val/ are in {deeper[0].relative_to(extracted).as_posix()}/ inside "
+             "it, deeper than fowlflow looks") if deeper else ""
+    raise DataError(f"{label} has no train/ and val/ folders at its top or inside its single top "
+                    f"folder (its top holds {top}{where}). {ZIP_LAYOUT}")
 
 
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-def check_zip_members(zf: zipfile.ZipFile, archive: Path) -> None:
+def check_zip_members(zf: zipfile.ZipFile, label: str) -> None:
     """Refuse archives whose members are absolute, escape the target, or are links."""
     for info in zf.infolist():
         name = info.filename
@@ -137,36 +171,70 @@ def check_zip_members(zf: zipfile.ZipFile, archive: Path) -> None:
         is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
         if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]) or is_link:
             kind = "is a symbolic link" if is_link else "would be written outside the target folder"
-            raise DataError(f"Refusing to unpack {archive}: member {name!r} {kind} "
+            raise DataError(f"Refusing to unpack {label}: member {name!r} {kind} "
                             "(a 'zip-slip' archive). Nothing was extracted; use a trusted archive.")
 
 
-def extract_zip(archive: Path) -> Path:
-    """Unpack ``archive`` once into a folder keyed by its content hash and return it."""
-    target = cache_dir() / "extracted" / _file_sha256(archive)[:16]
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
-    try:
+def extract_zip(archive: Path, label: str) -> Path:
+    """Unpack ``archive`` once into a folder keyed by its content hash and return it.
+
+    ``label`` is what the user gave (path, URL, s3 URI); messages name it.
+
+    Raises:
+        DamagedArchive: a member can't be read back (bad CRC, cut short); nothing is kept.
+        DataError: not a zip, a zip-slip member, or no room to unpack.
+    """
+    digest = _file_sha256(archive)[:16]
+    parent = cache_dir() / "extracted"
+    target = parent / digest
+    parent.mkdir(parents=True, exist_ok=True)
+    with locked(f"extract-{digest}", f"unpacking of {label}"):
+        if target.is_dir():
+            return target
+        for stale in parent.glob(f".extract-{digest}-*"):  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".extract-{digest}-", dir=parent))
         try:
-            zf = zipfile.ZipFile(archive)
-        except zipfile.BadZipFile as exc:
-            raise DataError(f"{archive} is not a valid .zip archive ({exc}). {FIX}") from exc
-        with zf:
-            check_zip_members(zf, archive)
-            members = [m for m in zf.infolist() if not m.filename.startswith("__MACOSX/")]
-            for m in tqdm(members, desc=f"unpack {archive.name}", unit="file"):
-                zf.extract(m, tmp)
-        try:
+            _unpack(archive, label, tmp)
             os.rename(tmp, target)
-        except OSError:  # another process finished the same extraction first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
+
+def _unpack(archive: Path, label: str, dest: Path) -> None:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{label} is not a valid .zip archive ({exc}). {FIX}") from exc
+    with zf:
+        check_zip_members(zf, label)
+        members = [m for m in zf.infolist() if not m.filename.startswith("__MACOSX/")]
+        member = None
+        try:
+            for member in tqdm(members, desc=f"unpack {archive.name}", unit="file"):
+                zf.extract(member, dest)
+        except ZIP_ERRORS as exc:
+            raise DamagedArchive(f"{label} is damaged: member {member.filename!r} can't be read "
+                                 f"back ({exc}). Nothing was unpacked.") from exc
+        except OSError as exc:
+            raise DataError(f"Could not unpack {label} into {dest.parent}: {exc}. Free some "
+                            "space there or set FOWLFLOW_CACHE_DIR to a folder on a larger "
+                            "disk.") from exc
+
+
+def _extract_cached(archive: Path, label: str) -> Path:
+    """:func:`extract_zip` for an archive in the download cache: a damaged one is removed, so
+    the next run fetches it again."""
+    try:
+        return extract_zip(archive, label)
+    except DamagedArchive as exc:
+        try:
+            archive.unlink()
+            done = f"The cached copy {archive} was removed; run again to download it afresh."
+        except OSError:
+            done = f"The cached copy is {archive}. {clear_hint(archive)}"
+        raise DataError(f"{exc.message} {done}") from exc
 
 def _s3_client():
     import boto3
@@ -177,7 +245,8 @@ def _s3_client():
 
 
 def download_s3(uri: str) -> Path:
-    """Mirror ``s3://bucket/prefix`` (a folder, or one .zip object) into the cache.
+    """Mirror ``s3://bucket/prefix`` (a folder, or one .zip object) into the cache; return
+    the ImageFolder root in it.
 
     Objects are re-downloaded only when their ETag changed. The mirror is rebuilt in a
     temporary folder and swapped in whole.
@@ -187,7 +256,7 @@ def download_s3(uri: str) -> Path:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     if not bucket:
         raise DataError(f"{uri!r} names no bucket; expected s3://bucket/prefix. {FIX}")
-    target = cache_dir() / "s3" / _key(uri)
+    target = cache_dir() / "s3" / key(uri)
     try:
         s3 = _s3_client()
         objects = []
@@ -200,18 +269,24 @@ def download_s3(uri: str) -> Path:
             zpath = target / "archive" / f"{obj['ETag'].strip(chr(34))}.zip"
             if not zpath.is_file():
                 zpath.parent.mkdir(parents=True, exist_ok=True)
-                part = zpath.with_suffix(f".part{os.getpid()}")
+                fd, tmp = tempfile.mkstemp(dir=zpath.parent, prefix=".", suffix=".part")
+                os.close(fd)
+                part = Path(tmp)
                 try:
                     s3.download_file(bucket, obj["Key"], str(part))
+                    problem = zip_problem(part)
+                    if problem is not None:
+                        raise DataError(f"{uri} is unusable: {problem}. Nothing was cached; "
+                                        f"replace the object. {FIX}")
                     os.replace(part, zpath)
                 finally:
                     part.unlink(missing_ok=True)
-            return extract_zip(zpath)
+            return zip_root(_extract_cached(zpath, uri), uri)
         manifest = target / "manifest.txt"
         wanted = "\n".join(f"{o['Key']} {o['ETag']}" for o in sorted(objects, key=lambda o: o["Key"]))
         mirror = target / "files"
         if mirror.is_dir() and manifest.is_file() and manifest.read_text() == wanted:
-            return mirror
+            return find_imagefolder_root(mirror)
         target.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".s3-", dir=target))
         try:
@@ -228,7 +303,7 @@ def download_s3(uri: str) -> Path:
             manifest.write_text(wanted)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return mirror
+        return find_imagefolder_root(mirror)
     except NoCredentialsError as exc:
         raise DataError(f"No AWS credentials to read {uri}. Set AWS_ACCESS_KEY_ID and "
                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE).") from exc

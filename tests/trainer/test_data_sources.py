@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import subprocess
 import threading
 import zipfile
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 
 from fowlflow.errors import DataError
 from fowlflow.trainer.data_sources import resolve_data
-from tests.conftest import make_imagefolder
+from tests.conftest import BIN, ROOT, TINY_PARAMS, make_imagefolder
 
 
 @pytest.fixture(autouse=True)
@@ -175,3 +177,81 @@ def test_copying_hymenoptera_is_not_needed():
 
     assert resolve_data(str(HYMENOPTERA)) == HYMENOPTERA
     assert (HYMENOPTERA / "train" / "ants" / "imageNotFound.gif").exists()
+
+
+def stored_zip(folder: Path, archive: Path, top: str) -> Path:
+    """Zip ``folder`` under ``top``/ without compression, so a flipped byte fails only a CRC."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(folder.rglob("*.jpg")):
+            zf.write(p, f"{top}/{p.relative_to(folder)}")
+    return archive
+
+
+def test_zip_with_a_damaged_member_is_a_clear_error(tmp_path, cache):
+    archive = stored_zip(make_imagefolder(tmp_path / "imgs"), tmp_path / "fowl.zip", "fowl_data")
+    data = bytearray(archive.read_bytes())
+    data[200] ^= 0xFF  # inside the first member's data
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError) as info:
+        resolve_data(str(archive))
+    message = str(info.value)
+    assert message.startswith(f"{archive} is damaged: member 'fowl_data/train/ants/ants_0.jpg'")
+    assert "CRC" in message and "Nothing was unpacked" in message
+    assert not list((cache / "extracted").iterdir())  # no half-unpacked folder
+
+
+def test_zip_with_train_two_levels_down_names_the_zip(tmp_path, cache):
+    archive = stored_zip(make_imagefolder(tmp_path / "imgs"), tmp_path / "photos.zip", "a/b")
+    with pytest.raises(DataError) as info:
+        resolve_data(str(archive))
+    message = str(info.value)
+    assert message.startswith(f"{archive} has no train/ and val/ folders")
+    assert "its top holds ['a']" in message and "are in a/b/ inside it" in message
+    assert str(cache) not in message and "zip -r" in message
+
+
+def test_relative_paths_prefer_the_callers_folder(tmp_path, caplog):
+    from fowlflow.trainer.data_sources import local_data_path
+
+    user, project = tmp_path / "user", tmp_path / "project"
+    for base in (user, project):
+        (base / "imgs").mkdir(parents=True)
+    (project / "only_here").mkdir()
+    assert local_data_path("imgs", project, user) == user / "imgs"
+    assert local_data_path("imgs", project, None) == project / "imgs"  # not under mlflow run
+    assert local_data_path("only_here", project, user) == project / "only_here"
+    assert f"is not in {user}" in caplog.text
+    with pytest.raises(DataError) as info:
+        local_data_path("missing/dir", project, user)
+    assert f"{user}/missing/dir nor {project}/missing/dir" in str(info.value)
+
+
+def run_mlflow_from(cwd: Path, params: dict) -> subprocess.CompletedProcess:
+    """The real ``mlflow run <this project> --env-manager local`` typed in ``cwd``."""
+    cmd = [str(BIN / "mlflow"), "run", str(ROOT), "--env-manager", "local",
+           "--experiment-name", "rel"]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PWD": str(cwd)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_mlflow_run_reads_a_relative_data_path_from_where_it_was_typed(tracking_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    user = tmp_path / "user"
+    make_imagefolder(user / "rel" / "imgs")
+    proc = run_mlflow_from(user, {**TINY_PARAMS, "data": "rel/imgs",
+                                  "output_dir": tmp_path / "out"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
+    assert run.data.tags["data_root"] == str(user / "rel" / "imgs")
+
+    proc = run_mlflow_from(user, {**TINY_PARAMS, "data": "no/such/dir",
+                                  "output_dir": tmp_path / "out"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (f"fowlflow: error: Data path 'no/such/dir' does not exist: not found as "
+            f"{user}/no/such/dir nor {ROOT}/no/such/dir") in proc.stderr
