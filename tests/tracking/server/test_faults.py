@@ -1,4 +1,5 @@
-"""Faults while a run is logging: restart mlflow server, restart PostgreSQL, lose S3.
+"""Faults while a run is logging: restart mlflow server, restart PostgreSQL, lose S3; and a
+main process killed with kill -9, whose leftovers `start` and `stop` must clean.
 
 The client is a separate process (``metric_logger.py``) with the retry settings documented in
 docs/deployment.md: up to 10 retries with backoff factor 1 (waits of 0, 2, 4, ... 120 s; about
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tracking.server.conftest import client_env
+from tests.tracking.server.conftest import client_env, fowlflow
 
 LOGGER = Path(__file__).with_name("metric_logger.py")
 RESILIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -171,3 +173,65 @@ def test_s3_down_during_upload_fails_the_run_then_retry_succeeds(stack, tmp_path
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     for f in files.iterdir():
         assert (got / f.name).read_bytes() == f.read_bytes()
+
+
+# -- a main process killed (kill -9): its leftovers are found and cleaned ------------------
+def _state(stack) -> list[str]:
+    return ["--state-dir", str(stack.cfg.state_dir)]
+
+
+def _status_line(stack, component: str) -> tuple[int, str]:
+    proc = fowlflow("server", "status", *_state(stack), check=False)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(component))
+    return proc.returncode, line
+
+
+def _kill_9(stack, component: str) -> set[int]:
+    """kill -9 the recorded main process; return the pids of the part's processes before."""
+    rec = stack.record(component)
+    assert rec is not None, f"{component} is not running"
+    before = {p.pid for p in stack._server(component).owner.processes()}
+    assert rec.pid in before and len(before) >= 2, before  # main + children/log pipe
+    os.kill(rec.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while rec.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not rec.alive()
+    return before
+
+
+@pytest.mark.parametrize("component", ["mlflow", "s3", "postgres"])
+def test_kill_9_of_a_main_process_is_recovered_by_start(stack, component):
+    server = stack._server(component)
+    before = _kill_9(stack, component)
+    code, line = _status_line(stack, component)
+    assert code == 3 and "running (pid" not in line, line
+    if component == "mlflow":  # uvicorn and its workers outlive `mlflow server` ...
+        assert server.healthy() and "main process gone" in line and "answering" in line, line
+
+    fowlflow("server", "start", *_state(stack))   # ... and `start` replaces them
+    rec = stack.record(component)
+    now = {p.pid for p in server.owner.processes()}
+    assert rec is not None and rec.pid not in before and server.healthy()
+    assert not before & now, f"left over from before the kill: {before & now}"
+    code, line = _status_line(stack, component)
+    assert code == 0 and f"running (pid {rec.pid})" in line, line
+    client = Client(stack, f"after-kill-{component}", "3", extra_env=RESILIENT)
+    assert client.finish()[0] == 0
+
+
+def test_stop_after_kill_9_of_every_main_process_leaves_nothing(stack):
+    from fowlflow.tracking.server.procs import port_free
+
+    for component in ("mlflow", "s3", "postgres"):
+        _kill_9(stack, component)
+    try:
+        fowlflow("server", "stop", *_state(stack))
+        left = {c: [p.pid for p in stack._server(c).owner.processes()]
+                for c in ("postgres", "s3", "mlflow")}
+        assert left == {"postgres": [], "s3": [], "mlflow": []}, left
+        ports = [stack.cfg.ports[c] for c in ("mlflow", "postgres", "s3", "filer", "master")]
+        assert all(port_free(p) for p in ports), ports
+    finally:
+        fowlflow("server", "start", *_state(stack))
+    assert all(s.running for s in stack.status())

@@ -196,7 +196,133 @@ def test_command_lines_carry_no_secret(stack):
     from fowlflow.tracking.server.mlflow_server import server_argv
     from fowlflow.tracking.server.seaweedfs import weed_argv
 
-    for argv in (server_argv(stack.cfg), weed_argv(stack.cfg, stack.s3.data_dir)):
+    for argv in (server_argv(stack.cfg), weed_argv(stack.cfg, stack.s3.data_dir, stack.s3.tls_dir)):
         joined = " ".join(argv)
         assert not any(secret in joined for secret in stack.secrets.values())
     assert "@" in stack.cfg.db_uri() and ":" not in stack.cfg.db_uri().split("//")[1].split("@")[0]
+
+
+# -- the artifact store, as another local user ---------------------------------------------
+PROBE_USER = "ffprobe"
+
+
+@pytest.fixture(scope="module")
+def local_user():
+    """A real unprivileged account on this machine (created here; we run as root)."""
+    import pwd
+
+    try:
+        pwd.getpwnam(PROBE_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        PROBE_USER], check=True)
+    return PROBE_USER
+
+
+def _curl(*args: str, user: str | None = None) -> str:
+    """HTTP status from curl (``000``: no HTTP answer: refused, TLS handshake failed)."""
+    argv = ["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", *args]
+    if user:
+        argv = ["runuser", "-u", user, "--", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def artifact(stack, tmp_path_factory):
+    """An artifact logged through the mlflow server with the stack's keys: its S3 key."""
+    from mlflow import MlflowClient
+
+    from tests.tracking.server.conftest import _login
+
+    f = tmp_path_factory.mktemp("art") / "secret-weights.txt"
+    f.write_text("only for logged-in users")
+    with _login(stack):
+        client = MlflowClient(stack.cfg.tracking_uri)
+        run = client.create_run(client.create_experiment("security-artifacts"))
+        client.log_artifact(run.info.run_id, str(f))
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == [f.name]
+    keys = [o["Key"] for o in stack.s3.client().list_objects_v2(
+        Bucket=stack.cfg.bucket, Prefix="artifacts/")["Contents"] if o["Key"].endswith(f.name)]
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+def test_storage_ports_refuse_a_local_user(stack, local_user, artifact):
+    """Every port of SeaweedFS but S3 refuses another local user: list, read, upload, delete.
+
+    Checked on every TCP port and Unix socket the ``weed`` process listens on, in plain HTTP
+    and in TLS without the stack's client certificate. The same filer requests with the
+    certificate (as the stack itself) do work, so the refusals are the authentication.
+    """
+    import psutil
+
+    weed = stack.record("s3").process()
+    tcp = sorted({c.laddr.port for c in weed.net_connections(kind="tcp")
+                  if c.status == psutil.CONN_LISTEN})
+    unix = sorted({c.laddr for c in weed.net_connections(kind="unix") if c.laddr})
+    internal = [p for p in tcp if p != stack.cfg.ports["s3"]]
+    assert stack.cfg.ports["filer"] in internal and len(internal) >= 8, tcp
+    folder = f"/buckets/{stack.cfg.bucket}/artifacts/"
+    requests_ = {"list": ["-X", "GET"], "read": ["-X", "GET"],
+                 "upload": ["-X", "POST", "-F", "file=@/etc/hostname"],
+                 "delete": ["-X", "DELETE"]}
+    paths = {"list": folder, "read": f"/buckets/{stack.cfg.bucket}/{artifact}",
+             "upload": folder + "evil.txt", "delete": folder + "?recursive=true"}
+    answered = []
+    for port in internal:
+        for scheme in ("http", "https"):
+            for what, args in requests_.items():
+                for path in (paths[what], "/dir/assign", "/cluster/status"):
+                    code = _curl("-k", *args, f"{scheme}://127.0.0.1:{port}{path}",
+                                 user=local_user)
+                    if code.startswith(("2", "3")):
+                        answered.append((port, scheme, what, path, code))
+    for sock in unix:
+        for what, args in requests_.items():
+            code = _curl("--unix-socket", sock, *args, f"http://localhost{paths[what]}",
+                         user=local_user)
+            if code.startswith(("2", "3")):
+                answered.append((sock, what, code))
+    assert not answered, answered
+
+    # The stack itself, with its certificate, lists the artifact through the same filer port.
+    tls = stack.s3.tls_dir
+    own = ["--cert", str(tls / "tls.crt"), "--key", str(tls / "tls.key"),
+           "--cacert", str(tls / "ca.crt"), "-H", "Accept: application/json"]
+    listing = subprocess.run(["curl", "-s", "-m", "10", *own,
+                              f"https://127.0.0.1:{stack.cfg.ports['filer']}/buckets/"
+                              f"{stack.cfg.bucket}/{artifact}"],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert listing == "only for logged-in users"
+    # Nothing was uploaded or deleted by the attempts above.
+    s3 = stack.s3.client()
+    assert s3.get_object(Bucket=stack.cfg.bucket, Key=artifact)["Body"].read() == \
+        b"only for logged-in users"
+    assert "Contents" not in s3.list_objects_v2(Bucket=stack.cfg.bucket,
+                                                 Prefix="artifacts/evil")
+
+
+def test_s3_without_keys_refuses_a_local_user(stack, local_user, artifact):
+    s3 = stack.cfg.s3_endpoint
+    bucket = stack.cfg.bucket
+    codes = {"list": _curl(f"{s3}/{bucket}?list-type=2", user=local_user),
+             "read": _curl(f"{s3}/{bucket}/{artifact}", user=local_user),
+             "upload": _curl("-X", "PUT", "--data-binary", "x", f"{s3}/{bucket}/artifacts/evil",
+                             user=local_user),
+             "delete": _curl("-X", "DELETE", f"{s3}/{bucket}/{artifact}", user=local_user),
+             "buckets": _curl(f"{s3}/", user=local_user)}
+    assert all(code == "403" for code in codes.values()), codes
+    # With the keys (the mlflow server's), the same object reads back.
+    body = stack.s3.client().get_object(Bucket=bucket, Key=artifact)["Body"].read()
+    assert body == b"only for logged-in users"
+
+
+def test_storage_tls_material_is_private(stack):
+    import stat
+
+    tls = stack.s3.tls_dir
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o700
+    assert sorted(p.name for p in tls.iterdir()) == ["ca.crt", "security.toml", "tls.crt",
+                                                       "tls.key"]  # no CA key: nobody can sign
+    for p in tls.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p

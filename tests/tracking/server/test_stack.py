@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import psutil
 import pytest
 
-from fowlflow.tracking.server.procs import ProcessRecord, terminate
+from fowlflow.tracking.server.procs import Owner, ProcessRecord, stop
+from tests.conftest import BIN
 from tests.tracking.server.conftest import fowlflow
 
 
@@ -50,8 +53,8 @@ def test_secret_files_are_private(stack):
     assert stat.S_IMODE(secrets_dir.stat().st_mode) == 0o700
     files = sorted(p.name for p in secrets_dir.iterdir())
     assert {"secrets.json", "admin_password", "pgpass", "auth.ini"} <= set(files)
-    for p in secrets_dir.iterdir():
-        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    for p in secrets_dir.rglob("*"):
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
 
 
 def test_env_command_points_a_shell_client_at_the_server(stack):
@@ -96,22 +99,41 @@ def test_start_is_idempotent(stack):
     assert {n: p.pid for n, p in _our_processes(stack).items()} == before
 
 
-def test_stop_never_signals_a_process_it_did_not_start():
-    """A recorded pid now used by another process (pid reuse) is left alone."""
-    other = subprocess.Popen(["sleep", "30"])
+def test_stop_never_signals_a_process_it_did_not_start(tmp_path):
+    """Only processes with the stack's mark are signalled, even at a recorded pid (reused)."""
+    owner = Owner(str(tmp_path), "s3")
+    other = subprocess.Popen(["sleep", "30"])  # now holds the "recorded" pid, unmarked
+    marked = subprocess.Popen(["sleep", "30"], env={**os.environ, **owner.env()})
     try:
-        real = ProcessRecord.of(other.pid)
-        stale = ProcessRecord(pid=other.pid, create_time=real.create_time - 100)
-        assert not stale.alive()
-        assert terminate(stale, signal.SIGKILL) is False
+        assert [p.pid for p in owner.processes()] == [marked.pid]
+        assert stop(owner, ProcessRecord.of(other.pid), signal.SIGKILL, timeout=5) is True
+        assert marked.wait(5) is not None
         time.sleep(0.2)
         assert other.poll() is None
-        assert terminate(real, signal.SIGTERM, timeout=5, group=False) is True
-        other.wait(5)  # (already reaped by terminate's wait)
-        assert not real.alive()
+        assert stop(owner, None) is False  # nothing of ours is left
     finally:
-        other.kill()
-        other.wait()
+        for p in (other, marked):
+            p.kill()
+            p.wait()
+
+
+def test_any_shell_finds_the_server_through_its_home(stack, tmp_path):
+    """`status` from another directory, no --state-dir: FOWLFLOW_SERVER_HOME names the stack."""
+    env = {**os.environ, "FOWLFLOW_SERVER_HOME": str(stack.cfg.state_dir)}
+    proc = subprocess.run([str(BIN / "fowlflow"), "server", "status"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"running (pid {stack.record('mlflow').pid})" in proc.stdout
+
+
+def test_default_home_is_fixed_not_relative(monkeypatch, tmp_path):
+    from fowlflow.tracking.server.config import default_state_dir
+
+    monkeypatch.delenv("FOWLFLOW_SERVER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    expected = (Path("/var/lib/fowlflow/server") if os.geteuid() == 0
+                else Path.home() / ".fowlflow" / "server")
+    assert default_state_dir() == expected
 
 
 def test_taken_port_is_reported_with_the_fix(tmp_path):

@@ -1,0 +1,78 @@
+"""The stack's logs: quiet when idle, rotated and capped whatever the servers write."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BANNER = "Starting SeaweedFS Mini"
+
+
+def test_seaweedfs_log_is_quiet_when_idle(stack):
+    """No component dials a port that isn't there (the worker used to retry every 5 s)."""
+    weed = stack.record("s3").process()
+    time.sleep(max(0.0, 20 - (time.time() - weed.create_time())))  # several retry periods
+    text = stack.s3.log_path.read_text(errors="replace")
+    assert BANNER in text
+    current = text.rsplit(BANNER, 1)[1]  # this run of weed only
+    refused = [ln for ln in current.splitlines() if "connection refused" in ln]
+    assert not refused, refused[:3]
+
+
+@pytest.fixture
+def small_logs():
+    """PostgreSQL and mlflow server of a fresh stack whose logs rotate at 32 KiB (2 kept)."""
+    from fowlflow.tracking.server import Stack, StackConfig
+
+    state = Path(tempfile.mkdtemp(prefix="ffstack-logs-", dir="/tmp"))
+    os.chmod(state, 0o711)
+    stack = Stack(StackConfig.load(state, pick_free=True, workers=1,
+                                   log_max_bytes=32 * 1024, log_backups=2))
+    try:
+        stack.cfg.save()
+        stack.start_component("postgres")
+        stack.start_component("mlflow")  # /health needs no S3
+        yield stack
+    finally:
+        stack.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _fill_postgres(stack, n: int = 120) -> str:
+    with stack.postgres.connect() as conn:
+        for i in range(n):
+            conn.execute(f"DO $$ BEGIN RAISE LOG 'filler {i} %', repeat('x', 4000); END $$")
+    return f"filler {n - 1} "
+
+
+def _fill_mlflow(stack, n: int = 1500) -> str:
+    for _ in range(n):
+        with urllib.request.urlopen(stack.cfg.tracking_uri + "/health", timeout=10):
+            pass
+    return '"GET /health HTTP/1.1" 200'
+
+
+def test_every_log_is_rotated_and_capped(small_logs):
+    stack = small_logs
+    cap, backups = stack.cfg.log_max_bytes, stack.cfg.log_backups
+    last = {stack.postgres.log_path: _fill_postgres(stack),
+            stack.mlflow.log_path: _fill_mlflow(stack)}
+    time.sleep(1)  # the log pipes write asynchronously
+    for log, last_line in last.items():
+        files = sorted(log.parent.glob(log.name + "*"))
+        names = [f.name for f in files]
+        # Filled far past the cap (more than 3 files' worth), yet only the kept files exist.
+        assert names == [log.name, f"{log.name}.1", f"{log.name}.2"], names
+        sizes = [f.stat().st_size for f in files]
+        assert all(s <= cap + 8192 for s in sizes), sizes
+        assert sum(sizes) <= (1 + backups) * (cap + 8192), sizes
+        assert all(s > cap // 2 for s in sizes[1:]), sizes  # rotated when full, not early
+        assert last_line in log.read_text(errors="replace")  # the newest lines are kept
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
