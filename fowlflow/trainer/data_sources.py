@@ -30,11 +30,11 @@ from tqdm import tqdm
 from fowlflow.errors import DataError
 from fowlflow.trainer.downloads import (ZIP_ERRORS, cache_dir, clear_hint, cleanup_on_sigterm,
                                         download, key, locked, zip_problem)
+from fowlflow.trainer.lifecycle import find_mlflow_run
 
 log = logging.getLogger(__name__)
 
 FIX = "Pass another source with -P data=<ImageFolder dir | .zip | http(s) .zip URL | s3://bucket/prefix | synthetic>."
-SHELLS = ("bash", "sh", "dash", "zsh")
 ZIP_LAYOUT = ("Re-create the zip from inside the folder that holds train/ and val/ "
               "(cd <that folder> && zip -r ../data.zip train val), or unzip it and pass "
               "that folder with -P data=<folder>.")
@@ -85,20 +85,11 @@ def caller_dir() -> Path | None:
     ``mlflow run`` starts the entry point in the project folder, and the ``bash -c`` between
     them resets ``$PWD`` to it, so the folder is read from the ``mlflow run`` process itself.
     """
+    launcher = find_mlflow_run()
     try:
-        proc = psutil.Process().parent()
-        for _ in range(2):
-            if proc is None:
-                return None
-            argv = proc.cmdline()
-            if any(Path(a).name == "mlflow" and b == "run" for a, b in zip(argv, argv[1:])):
-                return Path(proc.cwd())
-            if not (len(argv) > 1 and Path(argv[0]).name in SHELLS and argv[1] == "-c"):
-                return None
-            proc = proc.parent()
+        return Path(launcher.cwd()) if launcher is not None else None
     except psutil.Error:  # gone, or not ours to inspect
-        pass
-    return None
+        return None
 
 
 def local_data_path(text: str, here: Path, caller: Path | None) -> Path:

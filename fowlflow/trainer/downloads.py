@@ -47,7 +47,11 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, Run
 def cache_dir() -> Path:
     """Where downloads and extracted archives are kept: ``$FOWLFLOW_CACHE_DIR`` or ~/.cache/fowlflow."""
     root = Path(os.environ.get("FOWLFLOW_CACHE_DIR", Path.home() / ".cache" / "fowlflow"))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"Can't create the cache folder {root} ({exc}). Set FOWLFLOW_CACHE_DIR "
+                        "to a writable folder.") from exc
     return root
 
 
@@ -166,7 +170,11 @@ def download(url: str) -> Path:
                 return target
             log.warning("The cached download %s is unusable: %s. Removing it and downloading "
                         "%s again.", target, problem, url)
-            target.unlink()
+            try:
+                target.unlink()
+            except OSError as exc:
+                raise DataError(f"The cached download {target} of {url} is unusable ({problem}) "
+                                f"and can't be removed ({exc}). {clear_hint(target)}") from exc
         # Holding the lock, anything else here was left by a killed process.
         for stale in folder.iterdir():
             if stale != target:
