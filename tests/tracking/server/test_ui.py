@@ -1,7 +1,8 @@
 """The MLflow UI of the team server, in a real browser: Debian's chromium, driven by Playwright.
 
-It logs in (HTTP basic auth; the same page without credentials gets 401), then opens the
-experiment, the training run (parameters, a metric chart, the confusion-matrix artifact, the
+It logs in (HTTP basic auth; the same page without credentials gets 401), checks that an
+experiment opens on its training runs (not MLflow 3's GenAI traces view) and that the run is
+"Created by" the logged-in user, then opens the experiment, the training run (parameters, a metric chart, the confusion-matrix artifact, the
 logged model) and the registered model with its versions and aliases. Every page is
 screenshotted under ``test-output/ui/``; the test fails if any of these is missing.
 Playwright's own browser download is never used (``executable_path=/usr/bin/chromium``).
@@ -95,11 +96,24 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
     ctx.set_default_timeout(TIMEOUT_MS)
     page = ctx.new_page()
     try:
+        # A first visit (empty localStorage) to the bare experiment URL, as from the list:
+        # the training-runs view, not GenAI's traces; no assistant panel popping up.
+        page.goto(f"{base}/#/experiments/{exp}")
+        run_name = _run_name(stack, run_id)
+        page.get_by_role("link", name=run_name).first.wait_for()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=shots / "0-experiment-default-view.png")
+        assert f"/experiments/{exp}/runs" in page.url, page.url
+        assert "workflowType=machine_learning" in page.url, page.url
+        page.get_by_text("Model training", exact=True).first.wait_for()  # the workflow switch
+        page.get_by_text("matching run", exact=False).first.wait_for()  # the run table's footer
+        assert not page.get_by_placeholder("Ask a question").first.is_visible()  # assistant
+        assert not page.get_by_text("Detect Issues").first.is_visible()
+
         # Logged in: the account menu names the user.
-        _open(page, f"{base}/#/experiments/{exp}/runs", "Training runs")
+        _open(page, f"{base}/#/experiments/{exp}/runs", run_name)
         page.get_by_role("button", name=f"Account menu for {stack.secrets.admin_username}"
                          ).wait_for()
-        run_name = _run_name(stack, run_id)
         page.get_by_text(run_name).first.wait_for()
         page.screenshot(path=shots / "1-experiment-runs.png")
 
@@ -111,6 +125,10 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
             page.get_by_text(name, exact=True).first.wait_for()
         page.get_by_text("resnet18", exact=True).first.wait_for()
         page.get_by_text(f"s3://{DATASET_BUCKET}/imgs", exact=True).first.wait_for()
+        # "Created by": the logged-in user who ran `mlflow run`, not the OS user (root).
+        about = page.get_by_text("Created by", exact=True).first
+        created_by = about.evaluate("e => e.parentElement.parentElement.innerText")
+        assert f"Created by\n{stack.secrets.admin_username}" in created_by, created_by
         # ...and, below them, the run's logged models ("model" and the ONNX export).
         page.get_by_text("Logged models (", exact=False).first.wait_for()
         page.get_by_role("link", name="model", exact=True).first.wait_for()
@@ -160,7 +178,7 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
         page.screenshot(path=shots / "last-page.png")
         ctx.close()
     saved = sorted(p.name for p in shots.glob("*.png"))
-    assert len(saved) == 7, saved
+    assert len(saved) == 8, saved
 
 
 def _run_name(stack, run_id: str) -> str:
