@@ -203,8 +203,8 @@ def test_bad_timeout_setting_is_named(server, monkeypatch, value):
 def start_download(url: str, cache: Path, trainer: bool = False) -> subprocess.Popen:
     """A process resolving ``url``: plain (SIGTERM has its default action) or the trainer
     (which turns SIGTERM into an exception that ends its MLflow run)."""
-    code = ("import sys; from fowlflow.trainer.data_sources import resolve_data; "
-            "print(resolve_data(sys.argv[1]))")
+    code = ("import logging, sys; from fowlflow.trainer.data_sources import resolve_data; "
+            "logging.basicConfig(level=logging.INFO); print(resolve_data(sys.argv[1]))")
     argv = (["-m", "fowlflow.trainer", "--data", url, "--weights", "none",
              "--registered_model_name", ""] if trainer else ["-c", code, url])
     env = {**os.environ, "FOWLFLOW_CACHE_DIR": str(cache),
@@ -259,21 +259,36 @@ def test_a_part_file_left_by_a_killed_process_does_not_break_the_next_run(server
 
 
 def test_two_processes_downloading_the_same_url_share_one_download(server, cache, zip_bytes):
-    def slow(h):  # about 1.5 s, so the second process arrives while the first downloads
+    stderr = ["", ""]
+    waiting = threading.Event()
+
+    def half_then_wait(h):  # holds the download open until the other process waits for it
         h.send_response(200)
         h.send_header("Content-Length", str(len(zip_bytes)))
         h.end_headers()
-        step = len(zip_bytes) // 15 + 1
-        for i in range(0, len(zip_bytes), step):
-            h.wfile.write(zip_bytes[i:i + step])
-            h.wfile.flush()
-            time.sleep(0.1)
+        h.wfile.write(zip_bytes[:1000])
+        h.wfile.flush()
+        waiting.wait(timeout=60)
+        h.wfile.write(zip_bytes[1000:])
 
-    url = server.serve("/fowl_data.zip", slow)
+    def read(i, proc):
+        for line in proc.stderr:
+            stderr[i] += line
+            if "Waiting for another process's download" in line:
+                waiting.set()
+
+    url = server.serve("/fowl_data.zip", half_then_wait)
     procs = [start_download(url, cache) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    roots = {out.strip().splitlines()[-1] for out, _ in outs}
+    readers = [threading.Thread(target=read, args=(i, p)) for i, p in enumerate(procs)]
+    for t in readers:
+        t.start()
+    outs = [p.stdout.read() for p in procs]
+    for p, t in zip(procs, readers):
+        p.wait(timeout=120)
+        t.join()
+    assert [p.returncode for p in procs] == [0, 0], stderr
+    assert waiting.is_set(), stderr  # they did overlap, and the second one waited
+    roots = {out.strip().splitlines()[-1] for out in outs}
     assert len(roots) == 1 and (Path(roots.pop()) / "train" / "ants").is_dir()
     assert server.hits["/fowl_data.zip"] == 1
     assert [p.name for p in downloads(cache)] == ["fowl_data.zip"]
