@@ -1,7 +1,8 @@
-"""End to end through the real `mlflow run` CLI: train → register → promote → predict."""
+"""End to end through the real `mlflow run` CLI: train → register → promote → predict → evaluate."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -22,19 +23,22 @@ def test_train_registers_then_promote_and_predict_entry_points(tmp_path, trackin
     (onnx_mv,) = client.search_model_versions(f"name='{name}-onnx'")
     assert mv.tags["onnx_model"] == f"{name}-onnx/{onnx_mv.version}"
     assert mv.tags["parity_passed"] == "true" and float(mv.tags["val_acc"]) >= 0
-    assert mv.tags["data_digest"] == client.get_run(mv.run_id).data.params["data_digest"]
+    params = client.get_run(mv.run_id).data.params
+    assert mv.tags["data_digest"] == params["data_digest"]  # the trainer's resolved config
+    assert params["resume"] == "none" and "''" not in params.values()  # issue 8.9
     assert client.get_run(mv.run_id).data.metrics["parity_top1_agreement"] == 1.0
 
-    # The register entry point on the same run's model, parity on real hymenoptera photos.
+    # The register entry point on the same run's model: already registered, nothing new (8.12).
     proc = mlflow_run("-e", "register", params={
         "model_uri": f"runs:/{mv.run_id}/model", "val_dir": str(HYMENOPTERA / "val"),
         "name": name, "max_images": "8"})
-    assert f"registered {name} version 2 and {name}-onnx version 2" in proc.stdout
-    assert "parity passed on 8 validation images" in proc.stdout
+    assert (f"already registered: runs:/{mv.run_id}/model is {name} version 1 and {name}-onnx "
+            "version 1; nothing new registered") in proc.stdout
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
 
-    mlflow_run("-e", "promote", params={"name": name})  # @candidate = version 2
+    mlflow_run("-e", "promote", params={"name": name})  # @candidate = version 1
     for model in (name, f"{name}-onnx"):
-        assert str(client.get_model_version_by_alias(model, "champion").version) == "2"
+        assert str(client.get_model_version_by_alias(model, "champion").version) == "1"
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -45,3 +49,14 @@ def test_train_registers_then_promote_and_predict_entry_points(tmp_path, trackin
                                                "images": str(photos), "output_csv": str(csv)})
     assert "corrupt.png" in proc.stdout and "is not a readable image" in proc.stdout
     assert "turkey.jpg" in proc.stdout and csv.exists()
+
+    # Issue 8.9: a trailing slash made evaluate crash after predicting every image.
+    for cls in json.loads(mv.tags["class_names"]):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        shutil.copy(TURKEY, tmp_path / "val" / cls / "turkey.jpg")
+    given = f"{tmp_path / 'val'}/"
+    mlflow_run("-e", "evaluate", params={"model_uri": f"models:/{name}-onnx@champion",
+                                         "data_dir": given})
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="params.data_dir != ''")
+    assert run.data.params["data_dir"] == given and run.data.metrics["images"] == 2
