@@ -5,8 +5,8 @@
 Only a file that arrived whole (``Content-Length`` matched when sent) and reads as a sound zip
 (every member's CRC checked) is renamed into the cache; a cached file that no longer reads as
 a zip is removed and fetched again. One process at a time downloads a URL (a lock in the
-cache's ``locks/``); the others wait and then use its result. Partial files have unique names and are
-removed on errors, on SIGTERM, and, when left by a killed process, by the next download.
+cache's ``locks/``); the others wait and then use its result. Partial files have unique names
+and are removed on errors, on SIGTERM, and, when left by a killed process, by the next download.
 
 Stalls are bounded by two environment variables: ``FOWLFLOW_DOWNLOAD_TIMEOUT`` (seconds,
 default 30: to connect, and with no byte received) and ``FOWLFLOW_DOWNLOAD_MIN_RATE`` (bytes/s,
@@ -45,7 +45,7 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, Run
 
 
 def cache_dir() -> Path:
-    """Where downloads and extracted archives are kept: ``$FOWLFLOW_CACHE_DIR`` or ~/.cache/fowlflow."""
+    """Where downloads and unpacked archives are kept: $FOWLFLOW_CACHE_DIR or ~/.cache/fowlflow."""
     root = Path(os.environ.get("FOWLFLOW_CACHE_DIR", Path.home() / ".cache" / "fowlflow"))
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,8 @@ def _fetch(url: str, out, name: str, timeout: float, min_rate: float) -> None:
         resp = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
         raise DataError(f"Could not download {url}: HTTP {exc.code} {exc.reason}. Check the URL "
-                        "or pass another source with -P data=<dir | .zip | URL | s3://...>.") from exc
+                        "or pass another source with -P data=<dir | .zip | URL | s3://...>."
+                        ) from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(f"Could not reach {url} ({reason}). Without network access, pass a "
