@@ -15,7 +15,7 @@ kernel's start time of that pid)::
     stop(owner, record, signal.SIGTERM, timeout=30)
 
 Each server's stdout and stderr go through a pipe to a ``logpipe`` process (same mark) that
-writes a rotated, size-capped log. Also: free-port picking and readiness polling (TCP, HTTP).
+writes a rotated, size-capped log. Also: free-port picking and readiness polling (HTTP).
 """
 
 from __future__ import annotations
@@ -244,14 +244,6 @@ def free_ports(n: int, *, low: int = 20000, high: int = 30000, host: str = "127.
             if len(ports) == n:
                 return ports
     raise ServerError(f"could not find {n} free TCP ports in {low}-{high} on {host}")
-
-
-def tcp_open(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def http_status(url: str, timeout: float = 3.0) -> int | None:

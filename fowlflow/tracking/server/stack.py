@@ -14,8 +14,9 @@ answers (``/health``, S3 ``/healthz``, a PostgreSQL login)::
     stack.stop()                            # reverse order; data stays for the next start
 
 ``start`` restarts a part whose main process is gone or which does not answer, after stopping
-its leftovers. A failed start stops whatever it had started before raising. Starting and stopping hold an
-exclusive lock on ``<state>/.lock``, so two commands on one state directory never interleave.
+its leftovers. A failed start stops whatever it had started before raising. Starting and
+stopping hold an exclusive lock on ``<state>/.lock``, so two commands on one state directory
+never interleave.
 """
 
 from __future__ import annotations
