@@ -8,6 +8,17 @@ from fowlflow.trainer import lifecycle
 
 def main(argv: list[str] | None = None) -> int:
     lifecycle.install()  # before the slow imports: `mlflow run` may be stopped at any moment
+    try:
+        return _main(argv)
+    except lifecycle.Terminated as exc:
+        print(f"fowlflow: stopped ({exc})", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fowlflow: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from fowlflow.errors import FowlflowError
     from fowlflow.trainer.config import parse_args
@@ -18,12 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     except FowlflowError as exc:
         print(f"fowlflow: error: {exc.message}", file=sys.stderr)
         return 2
-    except lifecycle.Terminated as exc:
-        print(f"fowlflow: stopped ({exc}); the MLflow run is ended as KILLED", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("fowlflow: interrupted", file=sys.stderr)
-        return 130
     return 0
 
 
