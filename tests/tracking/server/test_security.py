@@ -196,7 +196,8 @@ def test_command_lines_carry_no_secret(stack):
     from fowlflow.tracking.server.mlflow_server import server_argv
     from fowlflow.tracking.server.seaweedfs import weed_argv
 
-    for argv in (server_argv(stack.cfg), weed_argv(stack.cfg, stack.s3.data_dir, stack.s3.tls_dir)):
+    weed = weed_argv(stack.cfg, stack.s3.data_dir, stack.s3.tls_dir)
+    for argv in (server_argv(stack.cfg), weed):
         joined = " ".join(argv)
         assert not any(secret in joined for secret in stack.secrets.values())
     assert "@" in stack.cfg.db_uri() and ":" not in stack.cfg.db_uri().split("//")[1].split("@")[0]
