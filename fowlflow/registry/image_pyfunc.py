@@ -78,8 +78,14 @@ class OnnxImageClassifier:
             (None; for an input that is not a readable image: the reason, starting
             ``item <i>:``, with ``label``, ``score`` and ``probabilities`` None).
         """
-        pixels, errors = decode_each(_as_sources(model_input), self.prep,
-                                     allow_paths=not _in_scoring_server())
+        serving = _in_scoring_server()
+        try:
+            sources = _as_sources(model_input)
+        except ImageDecodeError as exc:  # the request as a whole has no images
+            if serving:  # MLflow answers an MlflowException with the whole request echoed
+                raise ValueError(exc.message) from None
+            raise
+        pixels, errors = decode_each(sources, self.prep, allow_paths=not serving)
         return results_frame(self.predict_pixels(pixels), self.class_names, errors)
 
 

@@ -128,3 +128,11 @@ def test_an_empty_batch_gets_an_empty_answer(server):
         r = requests.post(f"{server}/invocations", timeout=60, json=body)
         assert r.status_code == 200, r.text
         assert r.json() == {"predictions": []}
+
+
+def test_a_request_without_images_gets_a_small_400_naming_the_fix(server):
+    many = [_b64(p) for p in hymenoptera_images(5)] * 4  # ~2 MB that must not come back
+    r = requests.post(f"{server}/invocations", timeout=60, json={"inputs": {"photos": many}})
+    assert r.status_code == 400
+    assert "the input dict has keys ['photos']; put the images under 'image'" in r.text
+    assert len(r.content) < 20_000, len(r.content)
