@@ -157,10 +157,10 @@ def stop(owner: Owner, record: ProcessRecord | None, sig: int = signal.SIGTERM, 
          timeout: float = 30.0) -> bool:
     """Stop every process of ``owner``: its recorded main process first, then leftovers.
 
-    The main process (if it is still the one recorded) gets ``sig`` and ``timeout`` seconds to
-    shut down with its children. What is left with the mark (children of a main process that
-    was killed, a stuck worker, the log pipe) gets SIGTERM, then SIGKILL 10 s later. A process
-    without the mark is never signalled, even if it now has a recorded pid.
+    The main process (if it is still the one recorded: same pid and start time, so a reused pid
+    is left alone) gets ``sig`` and ``timeout`` seconds to shut down with its children. What is
+    left with the mark (children of a main process that was killed, a stuck worker, the log
+    pipe) gets SIGTERM, then SIGKILL 10 s later. No other process is ever signalled.
 
     Args:
         owner: whose processes.
@@ -171,10 +171,8 @@ def stop(owner: Owner, record: ProcessRecord | None, sig: int = signal.SIGTERM, 
     Returns:
         True if any process of ``owner`` was running.
     """
-    ours = owner.processes()
     main = record.process() if record else None
-    if main is not None and main.pid not in {p.pid for p in ours}:
-        main = None  # not marked as ours: leave it alone
+    ours = owner.processes()
     if main is not None:
         with contextlib.suppress(psutil.NoSuchProcess):
             main.send_signal(sig)
@@ -191,7 +189,7 @@ def stop(owner: Owner, record: ProcessRecord | None, sig: int = signal.SIGTERM, 
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(sig_now)
         _wait_gone(left, 10)
-    return bool(ours)
+    return main is not None or bool(ours)
 
 
 def _running(proc: psutil.Process) -> bool:

@@ -100,17 +100,23 @@ def test_start_is_idempotent(stack):
 
 
 def test_stop_never_signals_a_process_it_did_not_start(tmp_path):
-    """Only processes with the stack's mark are signalled, even at a recorded pid (reused)."""
+    """Stopped: the recorded process (same pid and start time) and marked ones; not a process
+    that got a recorded pid later (pid reuse), nor an unmarked one."""
     owner = Owner(str(tmp_path), "s3")
-    other = subprocess.Popen(["sleep", "30"])  # now holds the "recorded" pid, unmarked
+    other = subprocess.Popen(["sleep", "30"])  # unmarked; holds a "recorded" pid, reused
     marked = subprocess.Popen(["sleep", "30"], env={**os.environ, **owner.env()})
     try:
         assert [p.pid for p in owner.processes()] == [marked.pid]
-        assert stop(owner, ProcessRecord.of(other.pid), signal.SIGKILL, timeout=5) is True
+        real = ProcessRecord.of(other.pid)
+        stale = ProcessRecord(pid=other.pid, create_time=real.create_time - 100)
+        assert stop(owner, stale, signal.SIGKILL, timeout=5) is True
         assert marked.wait(5) is not None
         time.sleep(0.2)
         assert other.poll() is None
         assert stop(owner, None) is False  # nothing of ours is left
+        # A recorded main process without the mark (started by an older fowlflow) is stopped.
+        assert stop(owner, real, signal.SIGTERM, timeout=5) is True
+        assert other.wait(5) is not None
     finally:
         for p in (other, marked):
             p.kill()
