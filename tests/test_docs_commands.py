@@ -637,3 +637,95 @@ def test_load_benchmark_one_client(project):
     (result,) = (project / "bench" / "results").glob("load_server-*.json")
     data = json.loads(result.read_text())
     assert data["metric_values_sent"] == data["metric_rows_in_postgres"] == 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# README "Team tracking server" and docs/deployment.md: a fresh stack started as written.
+
+
+class Shell:
+    """One user's terminal: each command runs in ``bash -c`` (in ``prefix``, e.g. a network
+    namespace), and what it exports or evals (``eval "$(fowlflow server env)"``) stays set for
+    the next command, as in an interactive shell. Each command gets its own stdin."""
+
+    def __init__(self, cwd: Path, env: dict, prefix: list, tmp: Path):
+        self.cwd, self.env, self.prefix, self.envfile = cwd, dict(env), list(prefix), tmp / "env"
+
+    def run(self, command: str, stdin: str = "", check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+        script = f"{command}\n__rc=$?\nenv -0 > {shlex.quote(str(self.envfile))}\nexit $__rc"
+        proc = subprocess.run([*self.prefix, "bash", "-c", script], cwd=self.cwd, env=self.env,
+                              input=stdin, capture_output=True, text=True, timeout=timeout)
+        if self.envfile.exists():
+            pairs = (item.split("=", 1) for item in self.envfile.read_text().split("\0"))
+            self.env = {k: v for k, v in (p for p in pairs if len(p) == 2) if k != "__rc"}
+            self.envfile.unlink()
+        if check and proc.returncode != 0:
+            raise AssertionError(f"`{command}` failed with {proc.returncode}:\n"
+                                 f"--- stdout ---\n{proc.stdout[-3000:]}\n"
+                                 f"--- stderr ---\n{proc.stderr[-6000:]}")
+        return proc
+
+
+@pytest.fixture
+def team_shell(project, tmp_path):
+    """A shell in a private network namespace (the documented ports 5000, 8333 and 5433 are
+    free there), in the project copy, with FOWLFLOW_SERVER_HOME (the state directory variable
+    `fowlflow server` honours) on a fresh folder; the stack is stopped afterwards."""
+    import tempfile
+
+    # under /tmp, not pytest's 0700 tmp root: the postgres user must reach the data dir
+    state = Path(tempfile.mkdtemp(prefix="ffdocs-", dir="/tmp"))
+    os.chmod(state, 0o711)
+    with private_network() as prefix:
+        assert prefix, "needs root and iproute2: the stack runs on its documented ports in a " \
+                       "private network namespace"
+        shell = Shell(project, clean_env(FOWLFLOW_SERVER_HOME=str(state)), prefix, tmp_path)
+        try:
+            yield shell
+        finally:
+            stop = shell.run("fowlflow server stop", check=False)
+            logs = ROOT / "test-output" / "docs-server-logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in [*(state / "logs").glob("*.log"), state / "postgres" / "postgres.log"]:
+                if log.exists():
+                    shutil.copy(log, logs / log.name)
+            shutil.rmtree(state, ignore_errors=True)
+            assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+@pytest.mark.slow
+def test_team_server_commands(team_shell):
+    sh = team_shell
+    password = "alice-" + os.urandom(8).hex()
+
+    # README "Team tracking server", in order
+    out = sh.run(documented("fowlflow server start")).stdout
+    assert "http://127.0.0.1:5000" in out, out
+    sh.run(documented('eval "$(fowlflow server env)"'))
+    assert sh.env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert sh.env["MLFLOW_TRACKING_PASSWORD"] and sh.env["MLFLOW_TRACKING_USERNAME"]
+    # what `mlflow run .` would have created on a fresh server: experiment 1
+    sh.run("mlflow experiments create -n team-docs")
+    sh.run(documented("fowlflow server user add alice && "
+                      "fowlflow server grant alice experiment 1 EDIT"), stdin=password + "\n")
+    status = sh.run(documented("fowlflow server status"))
+    assert status.stdout.count("127.0.0.1") >= 3, status.stdout
+    # alice (teammates set the three variables) can now log runs into experiment 1
+    as_alice = ("MLFLOW_TRACKING_USERNAME=alice MLFLOW_TRACKING_PASSWORD=" + password
+                + " python -c \"import mlflow; c = mlflow.MlflowClient(); "
+                  "r = c.create_run('1'); c.log_metric(r.info.run_id, 'm', 1.0); "
+                  "print(r.info.run_id)\"")
+    run_id = sh.run(as_alice).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id), run_id
+
+    # docs/deployment.md "One command": start is idempotent, status, stop keeps the data
+    out = sh.run(documented("fowlflow server status")).stdout
+    sh.run(documented("fowlflow server stop"))
+    down = sh.run("fowlflow server status", check=False)
+    assert down.returncode == 3, down.stdout + down.stderr
+    sh.run("fowlflow server start")
+    sh.run('eval "$(fowlflow server env)"')
+    kept = sh.run(f"python -c \"import mlflow; print(mlflow.MlflowClient().get_run("
+                  f"'{run_id}').data.metrics)\"").stdout
+    assert "'m': 1.0" in kept, kept
