@@ -20,14 +20,15 @@ from mlflow import MlflowClient
 
 from fowlflow.errors import FowlflowError
 from fowlflow.tracking import RunTracker
-from fowlflow.tracking.run_tracker import metric_names
 from tests.conftest import BIN, HYMENOPTERA, ROOT, TINY_PARAMS, make_imagefolder, mlflow_run
 
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+def env(**extra: str) -> dict:
+    """This test's environment (MLFLOW_TRACKING_URI is set by the fixture), venv first on PATH."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
 
 
 def trainer(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -100,8 +101,13 @@ def start_long_run(tmp_path: Path, experiment: str) -> subprocess.Popen:
                        "output_dir": tmp_path / "out"}.items():
         cmd += ["-P", f"{key}={value}"]
     log = open(tmp_path / "mlflow-run.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    wait_training(proc, experiment, tmp_path / "mlflow-run.log")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_training(proc, experiment, tmp_path / "mlflow-run.log")
+    except BaseException:
+        launched = psutil.Process(proc.pid)
+        kill_leftovers(launched.children(recursive=True) + [launched])
+        raise
     return proc
 
 
@@ -176,7 +182,7 @@ def test_stop_signal_to_the_trainer_ends_the_run_killed(tracking_uri, tmp_path, 
     args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT,
-                                env={**ENV, "MLFLOW_EXPERIMENT_NAME": "term-trainer"},
+                                env=env(MLFLOW_EXPERIMENT_NAME="term-trainer"),
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_training(proc, "term-trainer", log)
@@ -217,6 +223,8 @@ def test_class_names_mlflow_refuses_in_metric_keys(tracking_uri, tmp_path):
 
 def test_metric_names_are_safe_deterministic_and_unique():
     from mlflow.utils.validation import _validate_metric_name
+
+    from fowlflow.tracking.run_tracker import metric_names
 
     names = ["turkey+poult", "turkey_poult", "turkey(poult", "a:b", "poulet fermière", "ants"]
     mapped = metric_names(names)
