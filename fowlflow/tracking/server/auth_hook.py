@@ -63,7 +63,7 @@ def _config() -> tuple[int, float]:
     cfg = configparser.ConfigParser()
     cfg.read(os.environ.get("MLFLOW_AUTH_CONFIG_PATH", ""))
     section = cfg["fowlflow"] if cfg.has_section("fowlflow") else {}
-    return (int(section.get("max_failed_logins", 10)),
+    return (int(section.get("max_failed_logins", 5)),
             float(section.get("failed_login_window_seconds", 60)))
 
 
@@ -75,9 +75,9 @@ class Throttle:
         self._failures: dict[tuple, collections.deque] = {}
         self._lock = threading.Lock()
 
-    def retry_after(self, key: tuple, now: float | None = None) -> int:
+    def retry_after(self, key: tuple) -> int:
         """Seconds until ``key`` may try again (0: now)."""
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         with self._lock:
             times = self._failures.get(key)
             if not times:
@@ -88,8 +88,8 @@ class Throttle:
                 return 0
             return max(1, math.ceil(times[0] + self.window_s - now))
 
-    def failed(self, key: tuple, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+    def failed(self, key: tuple) -> None:
+        now = time.monotonic()
         with self._lock:
             if key not in self._failures and len(self._failures) >= self.max_keys:
                 self._prune(now)

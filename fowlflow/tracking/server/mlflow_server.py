@@ -17,6 +17,7 @@ config file (``MLFLOW_AUTH_CONFIG_PATH``) is 0600 and holds no secret either.
 
 from __future__ import annotations
 
+import configparser
 import logging
 import os
 import signal
@@ -38,7 +39,9 @@ CLIENT_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",
                     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
 AUTH_HOOK = "fowlflow.tracking.server.auth_hook:authenticate"
-# Failed logins of one username from one address (per worker) before HTTP 429, and the window.
+# Failed logins of one username from one address (per worker) before HTTP 429, and the window:
+# the [fowlflow] section of auth.ini, written with these defaults at the first start; an
+# admin's edits there are kept by later starts.
 MAX_FAILED_LOGINS = 5
 FAILED_LOGIN_WINDOW_S = 60
 # Variables of the caller that must not leak into the server (a client's own login would
@@ -47,15 +50,18 @@ _DROP_FROM_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRA
                   "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_CONFIG_PATH", "PGPASSWORD")
 
 
-def auth_ini(cfg: StackConfig, secrets: Secrets) -> str:
+def auth_ini(cfg: StackConfig, secrets: Secrets, throttle: dict | None = None) -> str:
     """The basic-auth config: users and permissions live in their own PostgreSQL database.
 
     ``default_permission = READ``: on a team server everyone may browse every experiment and
     model; whoever creates an experiment or model gets MANAGE on it, and writing into anyone
     else's needs a grant (EDIT) from its owner or the admin. The authorization function is
     fowlflow's hook (MLflow's password check + throttling, the read-only role, attribution);
-    its ``[fowlflow]`` section sets the failed-login throttle.
+    its ``[fowlflow]`` section (``throttle``; default the constants above) sets the
+    failed-login throttle.
     """
+    throttle = {"max_failed_logins": MAX_FAILED_LOGINS,
+                "failed_login_window_seconds": FAILED_LOGIN_WINDOW_S, **(throttle or {})}
     return ("[mlflow]\n"
             "default_permission = READ\n"
             f"database_uri = {cfg.db_uri(AUTH_DB)}\n"
@@ -64,9 +70,14 @@ def auth_ini(cfg: StackConfig, secrets: Secrets) -> str:
             # Each request otherwise pays a PBKDF2 hash of the password (tens of ms of CPU);
             # a changed password is honoured by every worker at most this long after.
             f"auth_cache_ttl_seconds = {cfg.auth_cache_ttl_s}\n"
-            "\n[fowlflow]\n"
-            f"max_failed_logins = {MAX_FAILED_LOGINS}\n"
-            f"failed_login_window_seconds = {FAILED_LOGIN_WINDOW_S}\n")
+            "\n[fowlflow]\n" + "".join(f"{k} = {v}\n" for k, v in throttle.items()))
+
+
+def _kept_throttle(path: Path) -> dict:
+    """The ``[fowlflow]`` settings of an existing auth.ini (an admin may have edited them)."""
+    ini = configparser.ConfigParser()
+    ini.read(path)
+    return dict(ini["fowlflow"]) if ini.has_section("fowlflow") else {}
 
 
 def server_argv(cfg: StackConfig) -> list[str]:
@@ -112,7 +123,8 @@ class MlflowServer:
 
     def start(self) -> ProcessRecord:
         self.cfg.secrets_dir.mkdir(parents=True, exist_ok=True)
-        _write_private(self.auth_config, auth_ini(self.cfg, self.secrets))
+        _write_private(self.auth_config, auth_ini(self.cfg, self.secrets,
+                                                  _kept_throttle(self.auth_config)))
         proc = spawn(server_argv(self.cfg), owner=self.owner, log_path=self.log_path,
                      env=self.env(), cwd=self.cfg.state_dir, max_bytes=self.cfg.log_max_bytes,
                      backups=self.cfg.log_backups)

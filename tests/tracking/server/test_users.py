@@ -183,3 +183,27 @@ def test_runs_record_the_authenticated_user_and_experiments_the_training_kind(st
     assert {"key": "mlflow.user", "value": "author"} in run["data"]["tags"]
     assert [t for t in run["data"]["tags"] if t["key"] == "mlflow.user"] == [
         {"key": "mlflow.user", "value": "author"}]
+
+
+def test_throttle_settings_in_auth_ini_survive_a_restart_and_apply(stack):
+    """An admin's ``[fowlflow]`` edit of auth.ini is kept by the next start and enforced."""
+    ini = stack.mlflow.auth_config
+    original = ini.read_text()
+    user, password = _new_user(stack, "strict-user")
+    try:
+        ini.write_text(original.replace("max_failed_logins = 5", "max_failed_logins = 1"))
+        stack.stop_component("mlflow")
+        stack.start_component("mlflow")
+        assert "max_failed_logins = 1" in ini.read_text()
+        statuses = []
+        for _ in range(stack.cfg.workers + 1):  # each worker refuses after its 1st failure
+            statuses.append(_get(stack, f"{API}/experiments/search",
+                                 (user, "wrong-" + password), max_results=1).status_code)
+            if statuses[-1] == 429:
+                break
+        assert statuses[0] == 401 and statuses[-1] == 429, statuses
+    finally:
+        ini.write_text(original)
+        stack.stop_component("mlflow")
+        stack.start_component("mlflow")
+    assert "max_failed_logins = 5" in ini.read_text()
