@@ -1,32 +1,37 @@
 """Every command of README.md and docs/*.md runs in a test, as written, or is listed here with
 the reason it can't run on this machine (issue 8: "the docs cannot drift again").
 
-``test_every_documented_command_is_run_by_a_test_or_listed`` collects each command line of
-the fenced shell blocks (``tests/docs_commands.py``) and fails for one that no test runs and
-that ``NOT_RUNNABLE`` does not list, or for a stale entry, so a new or changed command in the
-docs breaks the build until a test runs it or a reason says why none can.
+The rule: ``test_every_documented_command_is_run_by_a_test_or_listed`` collects each command
+of the ```bash blocks (``tests/docs_commands.py``) and fails for one that no test runs and
+``NOT_RUNNABLE`` does not list, for a stale entry, and for one both run and listed; so a new
+or changed command breaks the build until a test runs it or a reason says why none can.
+``test_every_code_block_of_the_docs_says_its_language`` keeps commands from hiding in
+untagged blocks. A test claims what it runs, found by a scan of the sources under tests/:
 
-A test claims a command by fetching it with ``documented("<the command as in the docs>")``
-(the literal is found by a scan of tests/**/*.py), which fails unless the docs contain exactly
-that command, and then runs the text it got back in ``bash -c``. What the tests change, and
-nothing else:
+* ``documented("<command as in the docs>")`` (a string literal): fails unless a block has
+  exactly that command (comments aside), and returns its text, which the test then runs;
+* in a ``test_*`` function, ``block_under(<...X.md>, "<heading>")`` claims that block and
+  ``bash_blocks(<...X.md>)`` all of X.md (tests/registry/test_docs_commands.py runs the
+  README "Model registry" block and docs/registry.md that way).
 
-* placeholders are replaced by real values, each one checked to be in the command:
-  ``/path/to/hymenoptera_data`` -> the shared hymenoptera set, ``/path/to/images.zip`` -> a
-  zip of a small ImageFolder, ``RUN_ID`` -> a real run id, ``[--tail N] [--node K]`` -> both
-  without the options and with N=2, K=0; ``a|b|c`` alternatives are each run;
+The commands run in ``bash -c``, exactly as written, except for these, each visible in the
+test that makes it:
+
+* placeholders get real values, each checked to be in the command: ``/path/to/...`` -> the
+  shared hymenoptera set or a real zip, ``RUN_ID`` -> a run id, ``[--tail N] [--node K]`` ->
+  without the options and with N=2, K=0; each of ``status|logs|attach|cancel`` runs;
 * environment variables the Makefile or the tools honour: ``EPOCHS=1`` where the command does
-  not set EPOCHS itself (keeps ``make train`` short), ``MLFLOW_TRACKING_URI`` unset for
-  ``make`` (the embedded default is what the README describes) and a temporary SQLite store
-  for bare ``mlflow``/``fowlflow`` commands, ``FOWLFLOW_CACHE_DIR`` a temporary folder,
-  ``MLFLOW_PORT`` a free port for ``make ui`` (the documented 5000 may be taken by another
-  test's server; the test checks that 5000 is ``mlflow ui``'s default);
+  not set EPOCHS (a short ``make train``), ``FOWLFLOW_CACHE_DIR`` and ``FOWLFLOW_SERVER_HOME``
+  on temporary folders, ``MLFLOW_TRACKING_URI`` unset for ``make`` (its embedded default is
+  what the README describes) and a temporary SQLite store for the backend commands;
 * ``PATH`` starts with the venv's ``bin/`` (an activated venv), as bare ``mlflow`` and
   ``fowlflow`` in the docs assume;
-* the working directory: a copy of the project's files (tracked plus untracked, not ignored)
-  with ``.venv`` linked to this venv, for commands that write into the project folder
-  (``make train`` writes mlflow.db, mlruns/, outputs/); the repository root for read-only
-  ones (``.venv/bin/python bench/...``, whose ``../shared/datasets`` paths are relative to it).
+* the working directory: a copy of the project (tracked and untracked-not-ignored files,
+  ``.venv`` linked to this venv) for commands that write into it (``make train``: mlflow.db,
+  mlruns/, outputs/); the repository root for ``bench/onnx_vs_torch.py``, which reads
+  ``../shared/datasets`` next to it;
+* servers on documented fixed ports (``make ui``'s 5000, the team stack's 5000/8333/5433) run
+  in a private network namespace (``private_network``), so nothing else can hold the port.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,14 +323,16 @@ def test_every_code_block_of_the_docs_says_its_language():
 def test_benchmark_commands_not_run_use_arguments_their_scripts_take():
     """Benchmarks too long for the suite still can't drift: each ``--flag`` they pass is one
     their script's ``--help`` lists, and each script exists."""
-    checked = 0
+    checked, helps = 0, {}
     for command in NOT_RUNNABLE:
         if not command.startswith(".venv/bin/python bench/"):
             continue
         argv = shlex.split(command)
         assert (ROOT / argv[1]).is_file(), argv[1]
-        help_text = bash(f"{shlex.quote(str(BIN / 'python'))} {argv[1]} --help", ROOT,
-                         clean_env(), timeout=120).stdout
+        if argv[1] not in helps:
+            helps[argv[1]] = bash(f"{shlex.quote(str(BIN / 'python'))} {argv[1]} --help",
+                                  ROOT, clean_env(), timeout=120).stdout
+        help_text = helps[argv[1]]
         for flag in (a for a in argv[2:] if a.startswith("--")):
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), \
                 f"{argv[1]} --help has no {flag}:\n{help_text}"
