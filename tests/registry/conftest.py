@@ -67,6 +67,15 @@ def store(tmp_path_factory) -> str:
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    # A SQLite store puts each new experiment's artifacts under ./mlruns of the process that
+    # creates it: create this package's experiments here, not in the repository.
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for name in ("registry-tests", "params-tests"):
+            mlflow.MlflowClient().create_experiment(name)
+    finally:
+        os.chdir(cwd)
     yield uri
     mlflow.set_tracking_uri(None)
     if old is None:
