@@ -700,38 +700,90 @@ def team_shell(project, tmp_path):
             assert stop.returncode == 0, stop.stdout + stop.stderr
 
 
+def py(sh: Shell, code: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Python with mlflow imported, in the shell (its MLFLOW_TRACKING_* and namespace)."""
+    return sh.run("python -c " + shlex.quote("import mlflow\nc = mlflow.MlflowClient()\n"
+                                             + code), check=check)
+
+
+def as_user(user: str, password: str) -> str:
+    return f"MLFLOW_TRACKING_USERNAME={user} MLFLOW_TRACKING_PASSWORD={password} "
+
+
 @pytest.mark.slow
 def test_team_server_commands(team_shell):
+    """README "Team tracking server" and docs/deployment.md, in the order a reader goes, on
+    one fresh stack; each step's effect is checked through the server."""
     sh = team_shell
-    password = "alice-" + os.urandom(8).hex()
+    pw = {name: f"{name}-{os.urandom(8).hex()}" for name in ("alice", "alice2", "bob", "viewer")}
 
-    # README "Team tracking server", in order
+    # README "Team tracking server"
     out = sh.run(documented("fowlflow server start")).stdout
     assert "http://127.0.0.1:5000" in out, out
     sh.run(documented('eval "$(fowlflow server env)"'))
     assert sh.env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
-    assert sh.env["MLFLOW_TRACKING_PASSWORD"] and sh.env["MLFLOW_TRACKING_USERNAME"]
-    # what `mlflow run .` would have created on a fresh server: experiment 1
+    assert sh.env["MLFLOW_TRACKING_USERNAME"] and sh.env["MLFLOW_TRACKING_PASSWORD"]
+    # what the `mlflow run .` line would create on a fresh server: experiment 1
     sh.run("mlflow experiments create -n team-docs")
     sh.run(documented("fowlflow server user add alice && "
-                      "fowlflow server grant alice experiment 1 EDIT"), stdin=password + "\n")
-    status = sh.run(documented("fowlflow server status"))
-    assert status.stdout.count("127.0.0.1") >= 3, status.stdout
-    # alice (teammates set the three variables) can now log runs into experiment 1
-    as_alice = ("MLFLOW_TRACKING_USERNAME=alice MLFLOW_TRACKING_PASSWORD=" + password
-                + " python -c \"import mlflow; c = mlflow.MlflowClient(); "
-                  "r = c.create_run('1'); c.log_metric(r.info.run_id, 'm', 1.0); "
-                  "print(r.info.run_id)\"")
-    run_id = sh.run(as_alice).stdout.strip()
+                      "fowlflow server grant alice experiment 1 EDIT"), stdin=pw["alice"] + "\n")
+    status = sh.run(documented("fowlflow server status")).stdout
+    assert status.count("127.0.0.1") >= 3, status
+    # alice can now log runs into experiment 1
+    code = "r = c.create_run('1'); c.log_metric(r.info.run_id, 'm', 1.0); print(r.info.run_id)"
+    run_id = sh.run(as_user("alice", pw["alice"]) + "python -c " + shlex.quote(
+        "import mlflow\nc = mlflow.MlflowClient()\n" + code)).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{32}", run_id), run_id
 
-    # docs/deployment.md "One command": start is idempotent, status, stop keeps the data
-    out = sh.run(documented("fowlflow server status")).stdout
+    # docs/deployment.md "One command": start again (idempotent), status, stop keeps the data
+    sh.run(documented("fowlflow server start"))
+    sh.run(documented('eval "$(fowlflow server env)"'))
+    sh.run(documented("fowlflow server status"))
     sh.run(documented("fowlflow server stop"))
     down = sh.run("fowlflow server status", check=False)
     assert down.returncode == 3, down.stdout + down.stderr
     sh.run("fowlflow server start")
-    sh.run('eval "$(fowlflow server env)"')
-    kept = sh.run(f"python -c \"import mlflow; print(mlflow.MlflowClient().get_run("
-                  f"'{run_id}').data.metrics)\"").stdout
-    assert "'m': 1.0" in kept, kept
+    assert "'m': 1.0" in py(sh, f"print(c.get_run('{run_id}').data.metrics)").stdout
+
+    # docs/deployment.md "Users and permissions": what the commands name must exist first
+    sh.run("mlflow experiments create -n team-docs-2 && mlflow experiments create -n team-docs-3")
+    py(sh, "c.create_registered_model('fowl-classifier')")
+    sh.run("fowlflow server user add bob", stdin=pw["bob"] + "\n")
+    # a reader of deployment.md starts without alice; the README steps above made one
+    py(sh, "from mlflow.server.auth.client import AuthServiceClient\n"
+           "AuthServiceClient(mlflow.get_tracking_uri()).delete_user('alice')")
+
+    def can(user: str, code: str) -> bool:
+        proc = sh.run(as_user(user, pw[user]) + "python -c " + shlex.quote(
+            "import mlflow\nc = mlflow.MlflowClient()\n" + code), check=False)
+        assert proc.returncode == 0 or "PERMISSION_DENIED" in proc.stderr or "403" in \
+            proc.stderr, proc.stderr[-3000:]
+        return proc.returncode == 0
+
+    sh.run(documented("fowlflow server user add alice"), stdin=pw["alice"] + "\n")
+    sh.run(documented("fowlflow server user add viewer --read-only"), stdin=pw["viewer"] + "\n")
+    assert can("viewer", "c.get_experiment('1')")
+    assert not can("viewer", "c.create_experiment('viewer-made')")
+    sh.run(documented("fowlflow server user password alice"), stdin=pw["alice2"] + "\n")
+    pw["alice"] = pw["alice2"]
+    sh.run(documented("fowlflow server user role viewer member"))
+    assert can("viewer", "c.create_experiment('viewer-made')")
+    assert not can("alice", "c.create_run('3')")
+    sh.run(documented("fowlflow server grant alice experiment 3 EDIT"))
+    assert can("alice", "c.create_run('3')")
+    assert not can("alice", "c.set_registered_model_tag('fowl-classifier', 'k', 'v')")
+    sh.run(documented("fowlflow server grant alice registered_model fowl-classifier EDIT"))
+    assert can("alice", "c.set_registered_model_tag('fowl-classifier', 'k', 'v')")
+    assert can("bob", "c.get_experiment('3')")
+    sh.run(documented("fowlflow server grant bob experiment 3 DENY"))
+    assert not can("bob", "c.get_experiment('3')")
+    sh.run(documented("fowlflow server revoke bob experiment 3"))
+    assert can("bob", "c.get_experiment('3')")
+
+    # docs/deployment.md "What a user sets": the production URL is the placeholder for a
+    # server; its comment gives the local one
+    sh.run(substitute(documented("export MLFLOW_TRACKING_URI=https://mlflow.example.com"),
+                      {"https://mlflow.example.com": "http://127.0.0.1:5000"}))
+    sh.run(documented("export MLFLOW_TRACKING_USERNAME=alice"))
+    sh.run(substitute(documented("export MLFLOW_TRACKING_PASSWORD=..."), {"...": pw["alice"]}))
+    assert py(sh, "print(c.create_run('3').info.user_id)").stdout.strip() == "alice"
