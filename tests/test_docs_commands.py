@@ -82,6 +82,23 @@ NOT_RUNNABLE: dict[str, str] = {
         "hosts.json names the real remote hosts gpu-a and gpu-b",
     """mlflow run . -b torchrun --env-manager local -c '{"free_gpus": 2}' -P num_epochs=10""":
         "needs two idle NVIDIA GPUs (and the internet for the default data and weights)",
+    # README "Team tracking server" and docs/deployment.md
+    "mlflow run . -P data=...":
+        "without --env-manager, mlflow run builds the MLproject's conda environment: needs "
+        "conda and the internet; and the defaults (ResNet18, weights=imagenet, 25 epochs at "
+        "224 px) download weights; training through the team stack is the `trained` fixture "
+        "of tests/tracking/server/conftest.py",
+    "mlflow run . -P data=s3://datasets/fowl -P registered_model_name=fowl-classifier":
+        "needs conda (no --env-manager) and the internet (ImageNet weights); a run on an "
+        "s3:// dataset of the stack's S3 is the `trained` fixture of "
+        "tests/tracking/server/conftest.py",
+    "mlflow server --backend-store-uri 'postgresql+psycopg://mlflow@db.internal:5432/mlflow"
+    "?sslmode=verify-full' --artifacts-destination s3://acme-mlflow/artifacts "
+    "--serve-artifacts --app-name basic-auth --host 127.0.0.1 --port 5000 --workers 4 "
+    "--allowed-hosts mlflow.example.com --cors-allowed-origins https://mlflow.example.com":
+        "production: a managed PostgreSQL at db.internal, the S3 bucket acme-mlflow and a TLS "
+        "proxy for mlflow.example.com (the same server with local parts is `fowlflow server "
+        "start`, run above)",
     # docs/benchmarks.md: measurements, run by hand on a quiet machine
     ".venv/bin/python bench/train_speed.py speed --data ../shared/datasets/hymenoptera_data":
         "benchmark: several minutes of 224 px ResNet18 training on 2 CPU cores, meaningful only "
