@@ -381,7 +381,9 @@ def project(tmp_path_factory) -> Path:
     stamp = venv / ".installed"
     if stamp.exists() and (dest / "pyproject.toml").stat().st_mtime > stamp.stat().st_mtime:
         os.utime(dest / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)
-    assert "pip install" not in bash("make -n train", dest, clean_env()).stdout
+    plan = bash("make -n train", dest, clean_env()).stdout
+    assert "pip install" not in plan, \
+        f"make train would reinstall the venv {venv} (no .installed stamp?):\n{plan}"
     return dest
 
 
