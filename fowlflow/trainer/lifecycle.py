@@ -12,12 +12,17 @@ activation) a watcher thread stops the trainer the same way once that process is
 orphan trains on. A trainer started any other way (by hand, ``nohup``, ``torchrun``) is left to
 outlive its parent.
 
-Signals that arrive while the run is being ended (a signal sent to the whole process group, then
-the launcher's death) are ignored; the cleanup gets ``GRACE_S`` seconds, then the process exits.
+A signal that lands inside MLflow (or the database, HTTP, logging and threading code below it)
+is held back until that call returns (re-delivered every ``RETRY_S``, at most ``DEFER_S``): an
+exception raised halfway through a store write can leave a lock held that the cleanup would
+then wait on forever. Signals that arrive while the run is being ended (a signal sent to the
+whole process group, then the launcher's death) are ignored; the cleanup gets ``GRACE_S``
+seconds, then the process exits, printing where each thread was.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -27,10 +32,16 @@ import time
 import psutil
 
 GRACE_S = 30.0
+DEFER_S = 10.0
+RETRY_S = 0.1
 POLL_S = 0.5
 SHELLS = ("bash", "sh", "dash", "zsh")
+# Top-level packages a stop must not interrupt halfway (their locks, transactions, connections).
+DEFER_IN = frozenset({"mlflow", "sqlalchemy", "alembic", "sqlite3", "requests", "urllib3", "http",
+                      "socket", "ssl", "logging", "threading", "queue", "concurrent"})
 
 _stopping = threading.Event()
+_first_signal: list[float] = []
 _launcher_gone: list[str] = []  # why the watcher stopped the trainer, when it did
 
 
@@ -57,9 +68,16 @@ def install() -> psutil.Process | None:
     return launcher
 
 
-def _on_signal(signum: int, _frame) -> None:
+def _on_signal(signum: int, frame) -> None:
     if _stopping.is_set():
         return  # the run is already being ended
+    if not _first_signal:
+        _first_signal.append(time.monotonic())
+    if _inside(frame, DEFER_IN) and time.monotonic() - _first_signal[0] < DEFER_S:
+        retry = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+        retry.daemon = True
+        retry.start()
+        return
     _stopping.set()
     timer = threading.Timer(GRACE_S, _give_up, (signum,))
     timer.daemon = True
@@ -70,9 +88,18 @@ def _on_signal(signum: int, _frame) -> None:
     raise Terminated(signum, _launcher_gone[0] if _launcher_gone else f"received {name}")
 
 
+def _inside(frame, packages: frozenset[str]) -> bool:
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).partition(".")[0] in packages:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _give_up(signum: int) -> None:
-    print(f"fowlflow: the run was not ended within {GRACE_S:.0f}s of the stop signal; exiting",
-          file=sys.stderr, flush=True)
+    print(f"fowlflow: the run was not ended within {GRACE_S:.0f}s of the stop signal; exiting. "
+          "Where each thread was:", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
     os._exit(128 + signum)
 
 

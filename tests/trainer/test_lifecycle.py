@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -93,20 +94,35 @@ def test_resume_refuses_corrupt_or_unrelated_files(tracking_uri, tmp_path, kind)
 
 # -- 3. stop signals, and a killed `mlflow run` --------------------------------------------
 
-def start_long_run(tmp_path: Path, experiment: str) -> subprocess.Popen:
-    """`mlflow run .` on hymenoptera for many epochs; returns once the trainer is training."""
-    cmd = [str(BIN / "mlflow"), "run", str(ROOT), "--env-manager", "local",
+def start_long_run(tmp_path: Path, experiment: str, shell: bool = False) -> subprocess.Popen:
+    """`mlflow run` on hymenoptera for many epochs; returns once the trainer is training.
+
+    ``shell``: a project whose command keeps ``bash -c`` alive between `mlflow run` and the
+    trainer (bash execs a lone command, not one followed by another, as in an env activation).
+    """
+    params = {**TINY_PARAMS, "data": HYMENOPTERA, "num_epochs": 500, "output_dir": tmp_path / "out"}
+    project = ROOT
+    if shell:
+        project = tmp_path / "shell-project"
+        project.mkdir()
+        args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
+        line = " ".join(["python -m fowlflow.trainer", *map(shlex.quote, args), "; exit $?"])
+        (project / "MLproject").write_text(
+            f"name: shell\nentry_points:\n  main:\n    command: {json.dumps(line)}\n")
+        params = {}
+    cmd = [str(BIN / "mlflow"), "run", str(project), "--env-manager", "local",
            "--experiment-name", experiment]
-    for key, value in {**TINY_PARAMS, "data": HYMENOPTERA, "num_epochs": 500,
-                       "output_dir": tmp_path / "out"}.items():
+    for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
+    MlflowClient().search_experiments()  # create the store's tables now, not in two processes
     log = open(tmp_path / "mlflow-run.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_training(proc, experiment, tmp_path / "mlflow-run.log")
     except BaseException:
-        launched = psutil.Process(proc.pid)
-        kill_leftovers(launched.children(recursive=True) + [launched])
+        if proc.poll() is None:
+            launched = psutil.Process(proc.pid)
+            kill_leftovers(launched.children(recursive=True) + [launched])
         raise
     return proc
 
@@ -126,8 +142,9 @@ def wait_training(proc: subprocess.Popen, experiment: str, log: Path, timeout: f
 
 
 def trainer_procs(root_pid: int) -> list[psutil.Process]:
+    """The trainer processes below ``root_pid`` (not a ``bash -c`` that names it)."""
     found = [p for p in psutil.Process(root_pid).children(recursive=True)
-             if "fowlflow.trainer" in " ".join(p.cmdline())]
+             if p.cmdline()[1:3] == ["-m", "fowlflow.trainer"]]
     assert found, "no trainer process under the launcher"
     return found
 
@@ -155,18 +172,25 @@ def kill_leftovers(procs: list[psutil.Process]) -> None:
         p.kill()
 
 
-def test_sigterm_to_mlflow_run_stops_its_trainer_and_ends_the_run(tracking_uri, tmp_path):
-    proc = start_long_run(tmp_path, "term-launcher")
-    trainers = trainer_procs(proc.pid)
+@pytest.mark.parametrize("shell", [False, True], ids=["exec", "bash-c"])
+def test_sigterm_to_mlflow_run_stops_its_trainer_and_ends_the_run(tracking_uri, tmp_path, shell):
+    proc = start_long_run(tmp_path, "term-launcher", shell=shell)
+    everything = psutil.Process(proc.pid).children(recursive=True)
     try:
+        (trainer,) = trainer_procs(proc.pid)
+        parent = trainer.parent()  # the process tree under test
+        if shell:
+            assert parent.name() == "bash" and parent.ppid() == proc.pid
+        else:
+            assert parent.pid == proc.pid
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        left = wait_gone(trainers, timeout=60)
-        assert not left, f"trainer(s) {[p.pid for p in left]} trained on after `mlflow run` died"
+        left = wait_gone(everything, timeout=60)
+        assert not left, f"{[p.cmdline()[:3] for p in left]} went on after `mlflow run` died"
         took = time.monotonic() - start
     finally:
-        kill_leftovers(trainers)
+        kill_leftovers(everything)
     run = only_run("term-launcher")
     assert run.info.status == "KILLED"
     assert "Terminated: the `mlflow run` that started it" in run.data.tags["error"]
@@ -180,6 +204,7 @@ def test_stop_signal_to_the_trainer_ends_the_run_killed(tracking_uri, tmp_path, 
     """The trainer started without `mlflow run` (by hand, torchrun): no one else ends its run."""
     log = tmp_path / "trainer.log"
     args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
+    MlflowClient().search_experiments()  # create the store's tables now, not in two processes
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT,
                                 env=env(MLFLOW_EXPERIMENT_NAME="term-trainer"),
