@@ -188,10 +188,11 @@ class RunTracker:
 def metric_names(names: list[str]) -> dict[str, str]:
     """A metric-key-safe spelling of each name (class folder names), deterministic and unique.
 
-    MLflow keys may hold only letters, digits, ``_ - . /`` and spaces (``:`` too, but not on
-    Windows); every other character becomes ``_``. A changed name that then equals another
-    name's spelling gets 8 hex digits of its SHA-256: ``turkey+poult`` -> ``turkey_poult`` or,
-    next to a class really called ``turkey_poult``, ``turkey_poult-1b4f0e98``.
+    MLflow keys may hold only letters, digits, ``_ - . /``, spaces and (not on Windows) ``:``;
+    here every character but letters, digits, ``_ - .`` and spaces becomes ``_``. A changed name
+    that then equals another name's spelling gets 8 hex digits of its SHA-256:
+    ``turkey+poult`` -> ``turkey_poult`` or, next to a class really called ``turkey_poult``,
+    ``turkey_poult-d65a7f4d``.
     """
     safe = {n: re.sub(r"[^\w.\- ]", "_", n) for n in names}
     taken = list(safe.values())
