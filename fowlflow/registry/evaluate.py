@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ def labelled_images(data_dir: Path, class_names: list[str]) -> tuple[list[Path],
         raise RegistryError(f"evaluate: {str(data_dir)!r} is not a directory; give an "
                             "ImageFolder split such as <data>/val")
     folders = sorted(d for d in data_dir.iterdir() if d.is_dir())
-    unknown = [d.name for d in folders if d.name not in class_names]
+    # Class names are NFC (as the trainer reads them); a folder may be stored as NFD.
+    name = {d: unicodedata.normalize("NFC", d.name) for d in folders}
+    unknown = [d.name for d in folders if name[d] not in class_names]
     if not folders or unknown:
         raise RegistryError(
             f"evaluate: {str(data_dir)!r} needs one folder per class among the model's classes "
@@ -48,7 +51,7 @@ def labelled_images(data_dir: Path, class_names: list[str]) -> tuple[list[Path],
     for d in folders:
         files = list_images(d)
         paths += files
-        labels += [class_names.index(d.name)] * len(files)
+        labels += [class_names.index(name[d])] * len(files)
     if not paths:
         raise RegistryError(f"evaluate: no images under {str(data_dir)!r}")
     return paths, labels

@@ -84,3 +84,18 @@ def test_evaluate_rejects_unknown_class_folders(registered, use_store, tmp_path)
     (tmp_path / "wasps").mkdir()
     with pytest.raises(RegistryError, match=r"unknown folders: \['wasps'\]"):
         evaluate(ONNX_URI, tmp_path)
+
+
+def test_evaluate_matches_class_folders_stored_in_nfd_unicode(tmp_path):
+    """The trainer reads class names in NFC; a val folder written in NFD (macOS, some zips)
+    is the same class, not an unknown folder."""
+    import unicodedata
+
+    from fowlflow.registry.evaluate import labelled_images
+
+    ant = hymenoptera_images(1)[0]
+    for name in (unicodedata.normalize("NFD", "café"), "thé"):
+        (tmp_path / name).mkdir()
+        shutil.copy(ant, tmp_path / name / "a.jpg")
+    paths, labels = labelled_images(tmp_path, ["café", "thé"])
+    assert sorted(labels) == [0, 1] and len(paths) == 2

@@ -15,7 +15,9 @@ From Python (tests, benchmarks)::
 
 Modules: ``config`` (state dir, ports, secrets), ``postgres``, ``seaweedfs``,
 ``mlflow_server`` (one server each), ``stack`` (all three), ``users`` (accounts and
-permissions), ``commands`` (the CLI), ``procs`` (pids, ports, readiness).
+permissions), ``auth_hook`` (the server's login check: throttling, the read-only role, run
+attribution), ``commands`` (the CLI), ``procs`` (pids, ports, readiness), ``logpipe``
+(rotated, capped server logs).
 """
 
 from fowlflow.tracking.server.config import Secrets, StackConfig, default_state_dir

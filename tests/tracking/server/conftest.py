@@ -81,7 +81,7 @@ def stack():
         Stack(StackConfig.load(state)).stop()  # no-op unless the CLI failed
         logs = OUTPUT / "server-logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for log in [*(state / "logs").glob("*.log"), state / "postgres" / "postgres.log"]:
+        for log in (state / "logs").glob("*.log*"):
             if log.exists():
                 shutil.copy(log, logs / log.name)
         (logs / "stop.txt").write_text(stop.stdout + stop.stderr)
