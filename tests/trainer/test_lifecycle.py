@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from mlflow import MlflowClient
 from fowlflow.errors import FowlflowError
 from fowlflow.tracking import RunTracker
 from tests.conftest import BIN, HYMENOPTERA, ROOT, TINY_PARAMS, make_imagefolder, mlflow_run
+from tests.local_user import as_user, ensure_local_user
 
 def env(**extra: str) -> dict:
     """This test's environment (MLFLOW_TRACKING_URI is set by the fixture), venv first on PATH."""
@@ -290,9 +292,32 @@ def test_output_dir_that_is_a_file_fails_before_training(tracking_uri, tmp_path,
     print(f"refused after {time.monotonic() - start:.1f}s")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_output_dir_not_writable_fails_before_training(tracking_uri, tmp_path):
+def test_output_dir_not_writable_fails_before_training(tmp_path):
+    """As an unprivileged user (root may write anywhere): the trainer refuses a folder that user
+    can't write, before loading any data, and marks its run FAILED."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    proc = trainer(*tiny_args(HYMENOPTERA, output_dir=locked / "out"))
-    assert proc.returncode == 2 and "is not writable" in proc.stderr
+    home = tmp_path / "home"  # the user's HOME, cwd and store: it must write those
+    home.mkdir()
+    prefix = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(ensure_local_user())
+        os.chown(home, user.pw_uid, user.pw_gid)
+        prefix = as_user(user.pw_name, [], read_all=True)  # reads the venv, repo and data
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    user_env = env(HOME=str(home), MLFLOW_TRACKING_URI=uri)
+
+    def run_as_user(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, *argv], cwd=home, env=user_env, capture_output=True,
+                              text=True, timeout=300)
+
+    probe = run_as_user(sys.executable, "-c", f"open({str(locked / 'probe')!r}, 'w')")
+    assert "PermissionError" in probe.stderr, probe.stderr  # the setting is real
+    proc = run_as_user(sys.executable, "-m", "fowlflow.trainer",
+                       *tiny_args(HYMENOPTERA, output_dir=locked / "out"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"fowlflow: error: -P output_dir='{locked / 'out'}' is not writable ({locked} does "
+            "not let this user create files)") in proc.stderr
+    assert "Epoch 1" not in proc.stdout and list(locked.iterdir()) == []
+    (run,) = MlflowClient(uri).search_runs(["0"])
+    assert run.info.status == "FAILED" and "is not writable" in run.data.tags["error"]

@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import BIN
+from tests.local_user import as_user, ensure_local_user
 from tests.tracking.server.conftest import fowlflow
 
 API = "/api/2.0/mlflow"
@@ -204,27 +205,17 @@ def test_command_lines_carry_no_secret(stack):
 
 
 # -- the artifact store, as another local user ---------------------------------------------
-PROBE_USER = "ffprobe"
-
-
 @pytest.fixture(scope="module")
 def local_user():
     """A real unprivileged account on this machine (created here; we run as root)."""
-    import pwd
-
-    try:
-        pwd.getpwnam(PROBE_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        PROBE_USER], check=True)
-    return PROBE_USER
+    return ensure_local_user()
 
 
 def _curl(*args: str, user: str | None = None) -> str:
     """HTTP status from curl (``000``: no HTTP answer: refused, TLS handshake failed)."""
     argv = ["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", *args]
     if user:
-        argv = ["runuser", "-u", user, "--", *argv]
+        argv = as_user(user, argv)
     return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
 
 
