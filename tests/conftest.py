@@ -44,14 +44,50 @@ def _isolate_mlflow_experiment(monkeypatch):
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_mlflow_files_in_the_repository():
+    """Fail the session if a test left MLflow files in the repository (``./mlflow.db``, runs or
+    models under ``./mlruns``): every test keeps its store and artifacts in its own tmp folder."""
+    before = repository_mlflow_files()
+    yield
+    new = sorted(repository_mlflow_files() - before)
+    assert not new, f"the tests wrote MLflow files into {ROOT}: {new[:20]}"
+
+
+def repository_mlflow_files() -> set[str]:
+    """``mlflow.db`` (with its modification time) and the experiments, runs and models under
+    ``mlruns/`` in the repository."""
+    found = set()
+    db = ROOT / "mlflow.db"
+    if db.exists():
+        found.add(f"mlflow.db modified {db.stat().st_mtime_ns}")
+    mlruns = ROOT / "mlruns"
+    if mlruns.is_dir():
+        found.add("mlruns")
+        for pattern in ("*", "*/*", "*/models/*"):
+            found |= {str(p.relative_to(ROOT)) for p in mlruns.glob(pattern)}
+    return found
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite tracking store with a local artifact root, set for this test."""
+    """A fresh SQLite tracking store in tmp_path, set for this test, which runs in tmp_path.
+
+    MLflow puts the artifacts of an experiment created without an ``artifact_location`` in
+    ``./mlruns`` of the process that creates it: for a SQLite store, the Default experiment
+    (id 0) is created with the tables. So the tables are created here, from tmp_path, and the
+    test runs in tmp_path, as do the processes it starts without a ``cwd``. A process started in
+    another folder that creates an experiment (``mlflow run --experiment-name``,
+    ``MLFLOW_EXPERIMENT_NAME``) puts its artifacts under that folder: start those in tmp_path.
+    """
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    default = mlflow.MlflowClient().get_experiment("0")  # creates the tables
+    assert default.artifact_location == str(tmp_path / "mlruns" / "0")
     yield uri
     mlflow.set_tracking_uri(None)
 

@@ -19,7 +19,7 @@ import pytest
 
 from fowlflow.errors import DataError
 from fowlflow.trainer.data_sources import resolve_data
-from tests.conftest import ROOT, make_imagefolder
+from tests.conftest import make_imagefolder
 
 HTML = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
 
@@ -209,7 +209,7 @@ def start_download(url: str, cache: Path, trainer: bool = False) -> subprocess.P
              "--registered_model_name", ""] if trainer else ["-c", code, url])
     env = {**os.environ, "FOWLFLOW_CACHE_DIR": str(cache),
            "MLFLOW_TRACKING_URI": f"sqlite:///{cache.parent / 'mlflow.db'}"}
-    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, text=True, env=env,
+    return subprocess.Popen([sys.executable, *argv], cwd=cache.parent, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

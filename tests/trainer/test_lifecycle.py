@@ -118,7 +118,8 @@ def start_long_run(tmp_path: Path, experiment: str, shell: bool = False) -> subp
         cmd += ["-P", f"{key}={value}"]
     MlflowClient().search_experiments()  # create the store's tables now, not in two processes
     log = open(tmp_path / "mlflow-run.log", "w")
-    proc = subprocess.Popen(cmd, cwd=project, env=env(), stdout=log, stderr=subprocess.STDOUT)
+    # Typed in tmp_path: the experiment it creates keeps its artifacts in tmp_path/mlruns.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_training(proc, experiment, tmp_path / "mlflow-run.log")
     except BaseException:
@@ -208,7 +209,7 @@ def test_stop_signal_to_the_trainer_ends_the_run_killed(tracking_uri, tmp_path, 
     args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
     MlflowClient().search_experiments()  # create the store's tables now, not in two processes
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "fowlflow.trainer", *args], cwd=tmp_path,
                                 env=env(MLFLOW_EXPERIMENT_NAME="term-trainer"),
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
