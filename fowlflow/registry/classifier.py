@@ -1,7 +1,7 @@
 """One interface over both registered formats, for the predict and evaluate entry points.
 
     clf = load_classifier("models:/fowl-classifier-onnx@champion")   # or the PyTorch model
-    probs = clf.predict_pixels(preprocess_batch(paths, clf.prep))     # (N, C)
+    probs = clf.predict_pixels(np.stack([preprocess(p, clf.prep) for p in paths]))   # (N, C)
     clf.class_names
 
 ONNX models (``onnx`` flavor) run in onnxruntime through the image pyfunc's

@@ -1,7 +1,7 @@
 """Decoding and preprocessing images: the one geometric preprocessing both model formats share.
 
     prep = Preprocessing.from_metadata(mlflow.models.get_model_info(uri).metadata)
-    pixels = preprocess_batch(["turkey.jpg", open("a.jpg", "rb").read()], prep)  # uint8 (N,S,S,3)
+    pixels = preprocess("turkey.jpg", prep)        # uint8 (S, S, 3); also bytes, base64, PIL
 
 The pipeline is torchvision's validation transform written with PIL only, so that the served
 ONNX model needs neither torch nor torchvision: :func:`to_rgb` (EXIF orientation applied,
@@ -40,14 +40,18 @@ _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageDecodeError(RegistryError):
-    """One input is not a readable image. The scoring server answers it with HTTP 400."""
+    """An input is not a readable image, or a request holds no images at all.
 
-    def __init__(self, message: str, index: int | None = None):
-        prefix = f"item {index}: " if index is not None else ""
+    A bad image is that image's problem only: predict (the pyfunc's and the entry point's)
+    returns the message as the item's ``error`` and classifies the others, so the scoring
+    server still answers HTTP 200; the trainer and the parity check skip the image. The scoring
+    server answers HTTP 400 only for a request with no images (see ``image_pyfunc``).
+    """
+
+    def __init__(self, message: str):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        super().__init__(prefix + message, error_code=INVALID_PARAMETER_VALUE)
-        self.index = index
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 @dataclass(frozen=True)
@@ -259,21 +263,6 @@ def preprocess(source: Any, prep: Preprocessing, *, allow_paths: bool = True) ->
         ImageDecodeError: the source is not a readable image.
     """
     return resize_and_crop(load_image(source, allow_paths=allow_paths), prep)
-
-
-def preprocess_batch(sources, prep: Preprocessing, *, allow_paths: bool = True) -> np.ndarray:
-    """:func:`preprocess` each source into one uint8 batch ``(N, S, S, 3)``.
-
-    Raises:
-        ImageDecodeError: an item is not an image; the message starts with its index.
-    """
-    out = np.empty((len(sources), prep.image_size, prep.image_size, 3), dtype=np.uint8)
-    for i, src in enumerate(sources):
-        try:
-            out[i] = preprocess(src, prep, allow_paths=allow_paths)
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(exc.message, index=i) from None
-    return out
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fowlflow.registry.images import (ImageDecodeError, Preprocessing, load_image, preprocess,
-                                      preprocess_batch, resize_and_crop)
+                                      resize_and_crop)
 from tests.conftest import TURKEY
 from tests.image_samples import BLUE, RED, gray16_png, sideways_jpeg, top_and_bottom
 from tests.registry.conftest import hymenoptera_images
@@ -34,9 +34,10 @@ def test_path_bytes_base64_datauri_and_pil_give_the_same_pixels():
     b64 = base64.b64encode(raw).decode()
     sources = [str(TURKEY), TURKEY, raw, b64, b64.encode(), f"data:image/jpeg;base64,{b64}",
                io.BytesIO(raw), Image.open(TURKEY)]
-    batch = preprocess_batch(sources, prep)
-    assert batch.shape == (len(sources), 64, 64, 3) and batch.dtype == np.uint8
-    assert all((b == batch[0]).all() for b in batch[1:])
+    first, *others = [preprocess(source, prep) for source in sources]
+    assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+    for i, pixels in enumerate(others, 1):
+        np.testing.assert_array_equal(pixels, first, err_msg=f"source {i}")
 
 
 def test_small_and_odd_images_are_padded_like_torchvision():
@@ -55,20 +56,18 @@ def test_small_and_odd_images_are_padded_like_torchvision():
     ("/no/such/file.jpg", "no such image file"),
     (12345, "unsupported input type int"),
 ])
-def test_bad_inputs_raise_a_clear_400_error(source, fragment):
+def test_bad_inputs_raise_a_clear_error(source, fragment):
     prep = Preprocessing(image_size=32, resize_size=37)
     with pytest.raises(ImageDecodeError) as err:
-        preprocess_batch([TURKEY.read_bytes(), source], prep)
-    assert err.value.message.startswith("item 1: ") and fragment in err.value.message
-    assert err.value.get_http_status_code() == 400
+        preprocess(source, prep)
+    assert fragment in err.value.message, err.value.message
 
 
 def test_served_16bit_grayscale_png_is_gray_not_white(tmp_path):
     prep = Preprocessing(image_size=32, resize_size=37)
     path = tmp_path / "scan.png"
     expected = resize_and_crop(Image.fromarray(gray16_png(path)).convert("RGB"), prep)
-    served = preprocess_batch([base64.b64encode(path.read_bytes()).decode()], prep,
-                              allow_paths=False)[0]
+    served = preprocess(base64.b64encode(path.read_bytes()).decode(), prep, allow_paths=False)
     np.testing.assert_array_equal(served, expected)  # a gradient, not 255 everywhere
     assert served.std() > 50
 
@@ -79,13 +78,13 @@ def test_served_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     sideways_jpeg(path)
     with Image.open(path) as pil:
         sources = [base64.b64encode(path.read_bytes()).decode(), path, pil]
-        for pixels in preprocess_batch(sources, prep):
-            top, bottom = top_and_bottom(pixels)
+        for source in sources:
+            top, bottom = top_and_bottom(preprocess(source, prep))
             assert np.abs(top - RED).max() < 25 and np.abs(bottom - BLUE).max() < 25, (top, bottom)
         assert pil.size == (60, 40)  # the caller's image is left as it was
 
 
-def test_served_image_over_the_pixel_limit_is_a_clear_400(monkeypatch):
+def test_served_image_over_the_pixel_limit_is_a_clear_error(monkeypatch):
     prep = Preprocessing(image_size=32, resize_size=37)
     pngs = []
     for size in [(100, 150), (200, 150)]:
@@ -93,10 +92,11 @@ def test_served_image_over_the_pixel_limit_is_a_clear_400(monkeypatch):
         Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
         pngs.append(buf.getvalue())
     monkeypatch.setenv("FOWLFLOW_MAX_IMAGE_PIXELS", "20000")
+    assert preprocess(pngs[0], prep).shape == (32, 32, 3)  # 15,000 pixels: under the limit
     with pytest.raises(ImageDecodeError) as err:
-        preprocess_batch(pngs, prep)
+        preprocess(pngs[1], prep)
     assert err.value.message == (
-        f"item 1: {len(pngs[1])} bytes {pngs[1][:12]!r}: 200x150 = 30,000 pixels, over the "
+        f"{len(pngs[1])} bytes {pngs[1][:12]!r}: 200x150 = 30,000 pixels, over the "
         "decode limit of 20,000 pixels; downscale the image, or raise FOWLFLOW_MAX_IMAGE_PIXELS")
     assert err.value.get_http_status_code() == 400
 

@@ -70,7 +70,7 @@ def test_pyfunc_takes_paths_bytes_base64_and_batches(registered, use_store):
     import mlflow
 
     from fowlflow.registry.classifier import TorchClassifier
-    from fowlflow.registry.images import preprocess_batch
+    from fowlflow.registry.images import preprocess
 
     model = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}/{registered.onnx_version}")
     photos = [TURKEY, *hymenoptera_images(2)]
@@ -88,7 +88,7 @@ def test_pyfunc_takes_paths_bytes_base64_and_batches(registered, use_store):
         assert len(out) == 1 and out["probabilities"][0] == batch["probabilities"][0]
     # Same images through the PyTorch version: same probabilities (parity, on photos).
     torch_clf = TorchClassifier(f"models:/{MODEL_NAME}/{registered.version}")
-    expected = torch_clf.predict_pixels(preprocess_batch(photos, torch_clf.prep))
+    expected = torch_clf.predict_pixels(np.stack([preprocess(p, torch_clf.prep) for p in photos]))
     np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fowlflow.errors import ConfigError
-from fowlflow.registry.images import Preprocessing, preprocess, preprocess_batch, resize_and_crop
+from fowlflow.registry.images import Preprocessing, preprocess, resize_and_crop
 from fowlflow.trainer.image_cache import decode_split, eval_transform, resize_size, train_transform
 from tests.conftest import HYMENOPTERA, ROOT, TURKEY, make_imagefolder
 from tests.image_samples import RED, BLUE, gray16_png, huge_png, sideways_jpeg, top_and_bottom
@@ -31,8 +31,7 @@ def _decode(path: Path, mode: str):
 
 def _served(path: Path) -> np.ndarray:
     """What `mlflow models serve` computes for the file sent as base64 JSON."""
-    return preprocess_batch([base64.b64encode(path.read_bytes()).decode()], PREP,
-                            allow_paths=False)[0]
+    return preprocess(base64.b64encode(path.read_bytes()).decode(), PREP, allow_paths=False)
 
 
 def _hwc(cache) -> np.ndarray:
