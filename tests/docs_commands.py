@@ -1,4 +1,5 @@
-"""The shell commands of the docs, so tests run them exactly as written (issue 8).
+"""The shell commands and Python snippets of the docs, so tests run them exactly as written
+(issue 8).
 
     from tests.docs_commands import bash_blocks, block_under, fill, private_network
 
@@ -8,10 +9,12 @@
         subprocess.run([*private_network_prefix, "bash", "-c", text], check=True)
 
 A block is a fenced code block whose info string is ``bash``; other fences (``text``,
-``python``, ``json``, none) are not commands. A command is a line plus the lines its trailing
-``\\`` or ``|`` continues; full-line comments and blank lines are left out, trailing comments
-stay (bash ignores them). :func:`private_network` gives commands their own loopback, so a
-documented fixed port (``-p 5000``) can't collide with anything else on the machine.
+``json``, none) are not commands. A command is a line plus the lines its trailing ``\\`` or
+``|`` continues; full-line comments and blank lines are left out, trailing comments stay (bash
+ignores them). :func:`python_blocks` reads the ``python`` blocks, each as one command: the
+whole snippet, a program run as written. :func:`private_network` gives commands their own
+loopback, so a documented fixed port (``-p 5000``) can't collide with anything else on the
+machine.
 """
 
 from __future__ import annotations
@@ -50,6 +53,19 @@ class Block:
 
 def bash_blocks(path: str | os.PathLike) -> list[Block]:
     """Every fenced ``bash`` block of a markdown file, in order, with its heading."""
+    return [Block(Path(path), heading, start, tuple(_commands(body, start + 1)))
+            for heading, start, body in _fenced(path, "bash")]
+
+
+def python_blocks(path: str | os.PathLike) -> list[Block]:
+    """Every fenced ``python`` block of a markdown file, in order; its one command is the
+    whole snippet (comment lines included)."""
+    return [Block(Path(path), heading, start, (Command("\n".join(body), start + 1),))
+            for heading, start, body in _fenced(path, "python")]
+
+
+def _fenced(path: str | os.PathLike, language: str) -> list[tuple[str, int, list[str]]]:
+    """(heading, line of the opening fence, body lines) of each ``language`` block."""
     path = Path(path)
     blocks, heading, fence, body, start = [], "", None, [], 0
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -61,8 +77,8 @@ def bash_blocks(path: str | os.PathLike) -> list[Block]:
             elif h := _HEADING.match(line):
                 heading = h.group(2)
         elif line.startswith(fence):
-            if fence_lang == "bash":
-                blocks.append(Block(path, heading, start, tuple(_commands(body, start + 1))))
+            if fence_lang == language:
+                blocks.append((heading, start, body))
             fence = None
         else:
             body.append(line)
