@@ -116,10 +116,11 @@ def imagefolder(tmp_path) -> Path:
 
 
 def mlflow_run(*args: str, params: dict | None = None, env: dict | None = None,
-               cwd: Path = ROOT, timeout: int = 600, check: bool = True
-               ) -> subprocess.CompletedProcess:
-    """Run the real ``mlflow run`` CLI on this project; returns the completed process."""
-    cmd = [str(BIN / "mlflow"), "run", str(cwd), "--env-manager", "local", *args]
+               cwd: Path = ROOT, timeout: int = 600, check: bool = True,
+               project: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``mlflow run`` CLI, typed in ``cwd``, on ``project`` (default: ``cwd``,
+    i.e. ``mlflow run .``); returns the completed process."""
+    cmd = [str(BIN / "mlflow"), "run", str(project or cwd), "--env-manager", "local", *args]
     for k, v in (params or {}).items():
         cmd += ["-P", f"{k}={v}"]
     # `mlflow run --env-manager local` runs the entry point with whatever `python` is on PATH.

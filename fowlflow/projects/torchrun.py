@@ -6,9 +6,10 @@
 
 The run is created here, then ``supervise.py`` starts ``python -m torch.distributed.run ...``
 in its own session and process group; this process streams the log until the run ends
-(``mlflow run -b PLUGIN`` never waits by itself). The supervisor ends the MLflow run and
-uploads the output as ``fowlflow-logs/node0.log``; cancel (Ctrl-C, ``fowlflow cancel``) kills
-every process of the run.
+(``mlflow run -b PLUGIN`` never waits by itself). The processes get ``$FOWLFLOW_CALLER_DIR``, the
+folder ``mlflow run`` was typed in, so a relative ``-P data=`` (``images=``...) is found there
+(:mod:`fowlflow.local_paths`). The supervisor ends the MLflow run and uploads the output as
+``fowlflow-logs/node0.log``; cancel (Ctrl-C, ``fowlflow cancel``) kills every process of the run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from mlflow.projects.backend.abstract_backend import AbstractBackend
 
 from fowlflow.errors import ConfigError, RemoteError
+from fowlflow.local_paths import CALLER_DIR_ENV
 from fowlflow.projects import common
 from fowlflow.projects.config import parse_torchrun_config, split_mlflow_keys
 from fowlflow.projects.launch import pick_gpus, torchrun_argv
@@ -63,7 +65,10 @@ class TorchrunBackend(AbstractBackend):
         try:
             run_dir = Path(os.path.expanduser(cfg.run_dir)) / run_id
             run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            env = {**common.run_env(run_id, experiment_id, tracking_uri), **cfg.env}
+            # no `mlflow run` is above the supervised processes: tell them where the user is,
+            # for relative paths (fowlflow.local_paths)
+            env = {**common.run_env(run_id, experiment_id, tracking_uri),
+                   CALLER_DIR_ENV: os.getcwd(), **cfg.env}
             if gpu_ids:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
             node = Node(runner, str(run_dir), "node0", sys.executable, SUPERVISOR)

@@ -4,12 +4,13 @@
         -P data_dir=data/val
     python -m fowlflow.registry.evaluate --model_uri ... --data_dir data/val
 
-``data_dir`` holds one sub-folder per class (the ImageFolder's ``val/`` or ``test/``); folder
+``data_dir`` holds one sub-folder per class (the ImageFolder's ``val/`` or ``test/``; a relative
+one is relative to the folder the command was typed in, see :mod:`fowlflow.local_paths`); folder
 names must be among the model's ``class_names``. The run gets params ``model_uri`` and
 ``data_dir``, metrics ``accuracy``, ``images``, ``failed_images`` and per-class
 ``recall_<class>``/``precision_<class>``, and artifacts ``confusion_matrix.png``,
-``confusion_matrix.json``, ``per_class_metrics.json`` and ``predictions.csv``. Unreadable
-images are listed in ``predictions.csv`` and left out of the accuracy.
+``confusion_matrix.json``, ``per_class_metrics.json`` and ``predictions.csv``. Unreadable images
+are listed in ``predictions.csv`` and left out of the accuracy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fowlflow.errors import RegistryError
+from fowlflow.local_paths import find_local
 from fowlflow.registry._cli import log_params
 from fowlflow.registry.images import list_images
 
@@ -75,7 +77,9 @@ def evaluate(model_uri: str, data_dir: str | os.PathLike, batch_size: int = 32) 
     from fowlflow.registry.predict import predict_files
     from fowlflow.tracking import figures
 
-    given_dir, data_dir = os.fspath(data_dir), Path(data_dir)
+    given_dir = os.fspath(data_dir)
+    data_dir = find_local(given_dir, "evaluate: data_dir", RegistryError,
+                          "Give an ImageFolder split such as <data>/val.")
     clf = load_classifier(model_uri)
     names = clf.class_names
     paths, labels = labelled_images(data_dir, names)

@@ -5,9 +5,11 @@
     python -m fowlflow.registry.predict --model_uri ... --images a.jpg,b.png,folder/
 
 ``images`` is a comma-separated list of files and folders (searched recursively for image
-extensions). A file that is missing or can't be decoded gets its own row with the error; the
-others are still predicted. The exit status is 0 unless no image at all could be read. Under ``mlflow run`` the
-CSV is also logged to the project run as ``predictions.csv``.
+extensions); a relative one is relative to the folder the command was typed in
+(:mod:`fowlflow.local_paths`), and rows name the images found by absolute path. A file that is
+missing or can't be decoded gets its own row with the error; the others are still predicted. The
+exit status is 0 unless no image at all could be read. Under ``mlflow run`` the CSV is also
+logged to the project run as ``predictions.csv``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fowlflow.errors import RegistryError
+from fowlflow.local_paths import find_local
 from fowlflow.registry._cli import given
 from fowlflow.registry.images import IMAGE_EXTENSIONS, list_images
 
@@ -28,7 +31,9 @@ logger = logging.getLogger(__name__)
 def expand_images(spec: str) -> list[Path]:
     """Files and folders (comma-separated) → image paths; folders are searched recursively.
 
-    A path that does not exist is kept: its row reports the error, the others are predicted.
+    A relative path is found by :func:`fowlflow.local_paths.find_local`. A path that does not
+    exist is kept as given, with a warning naming where it was looked for: its row reports the
+    error, the others are predicted.
 
     Raises:
         RegistryError: ``spec`` names nothing at all.
@@ -37,7 +42,11 @@ def expand_images(spec: str) -> list[Path]:
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        p = Path(item).expanduser()
+        try:
+            p = find_local(item, "predict: image path", RegistryError)
+        except RegistryError as exc:
+            logger.warning("%s", exc.message)
+            p = Path(item).expanduser()
         found = list_images(p) if p.is_dir() else [p]
         if not found:
             logger.warning("predict: no image files in the folder %s (extensions: %s)", p,

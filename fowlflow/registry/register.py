@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fowlflow.errors import RegistryError
+from fowlflow.local_paths import find_local
 from fowlflow.registry._cli import given, log_params
 from fowlflow.registry.card import PAIRED_ONNX, VersionFacts, model_card, version_tags
 from fowlflow.registry.parity import DEFAULT_ATOL, DEFAULT_MAX_IMAGES, ParityReport
@@ -95,8 +96,10 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
         model_uri: ``runs:/<id>/model``, ``models:/<name>/<version>``, ``models:/m-<id>``…
         log_run_id: the run that receives the ONNX model and parity figures (default: the
             model's source run).
-        val_dir: a folder of validation images; default: the ``val/`` folder of the data the
-            model was trained on (its ``data_uri`` metadata, resolved like the trainer does).
+        val_dir: a folder of validation images (a relative one is relative to the folder the
+            command was typed in, see :mod:`fowlflow.local_paths`); default: the ``val/``
+            folder of the data the model was trained on (its ``data_uri`` metadata, resolved
+            like the trainer does).
         name, atol, max_images, opset: as for :func:`register_trained_model`.
 
     Returns:
@@ -128,7 +131,9 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
         raise RegistryError(f"{model_uri!r} belongs to no run, so there is nowhere to log its "
                             "ONNX model; run the register entry point with `mlflow run`")
     prep = Preprocessing.from_metadata(metadata)
-    val_dir = Path(val_dir) if val_dir else training_val_dir(metadata, model_uri)
+    val_dir = (find_local(str(val_dir), "register: val_dir", RegistryError,
+                          "Give the ImageFolder's val/ folder (-P val_dir=...).")
+               if val_dir else training_val_dir(metadata, model_uri))
     pixels, paths = load_parity_images(val_dir, prep, max_images)
     classifier = PixelClassifier(module, prep)
     proto = None

@@ -7,11 +7,11 @@
 Sources: a local ImageFolder directory, a local ``.zip``, an ``http(s)://`` ``.zip``
 (:mod:`fowlflow.trainer.downloads`), an ``s3://bucket/prefix`` (a folder of images or one
 ``.zip`` object; boto3 with the standard AWS variables and ``MLFLOW_S3_ENDPOINT_URL``), or
-``synthetic``. A relative local path is relative to the folder ``mlflow run`` was typed in (see
-:func:`local_data_path`). Archives are unpacked into ``$FOWLFLOW_CACHE_DIR/extracted``, keyed by
-their content hash, under a temporary name renamed only when complete, so a half-written
-extraction is never used. Archive members that would land outside the target (zip-slip) or are
-links make the whole archive refused.
+``synthetic``. A relative local path is relative to the folder the command was typed in
+(:mod:`fowlflow.local_paths`; :func:`data_location` gives the absolute one). Archives are
+unpacked into ``$FOWLFLOW_CACHE_DIR/extracted``, keyed by their content hash, under a temporary
+name renamed only when complete, so a half-written extraction is never used. Archive members
+that would land outside the target (zip-slip) or are links make the whole archive refused.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-import psutil
 from tqdm import tqdm
 
 from fowlflow.errors import DataError
+from fowlflow.local_paths import find_local
 from fowlflow.trainer.downloads import (ZIP_ERRORS, cache_dir, clear_hint, cleanup_on_sigterm,
                                         download, key, locked, zip_problem)
-from fowlflow.trainer.lifecycle import find_mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +49,28 @@ def resolve_data(uri: str) -> Path:
     Raises:
         DataError: the source can't be reached, downloaded or unpacked; the message says why.
     """
+    location = data_location(uri)
+    # A SIGTERM while downloading or unpacking leaves no temporary file behind.
+    with cleanup_on_sigterm():
+        return _resolve(location)
+
+
+def data_location(uri: str) -> str:
+    """``uri`` with a local path made absolute (relative to where the command was typed, see
+    :mod:`fowlflow.local_paths`); URLs, ``s3://`` and ``synthetic`` unchanged. What a model
+    records as its ``data_uri``, so ``register`` finds the same data from any folder.
+
+    Raises:
+        DataError: empty, an unsupported scheme, or a local path that does not exist.
+    """
     uri = uri.strip()
     if not uri:
         raise DataError(f"-P data is empty. {FIX}")
-    # A SIGTERM while downloading or unpacking leaves no temporary file behind.
-    with cleanup_on_sigterm():
-        return _resolve(uri)
+    if uri == "synthetic" or uri.startswith(("http://", "https://", "s3://")):
+        return uri
+    if "://" in uri and not uri.startswith("file://"):
+        raise DataError(f"Unsupported data URI scheme in {uri!r}. {FIX}")
+    return str(find_local(uri.removeprefix("file://"), "Data path", DataError, FIX))
 
 
 def _resolve(uri: str) -> Path:
@@ -68,58 +83,12 @@ def _resolve(uri: str) -> Path:
         return zip_root(_extract_cached(archive, uri), uri)
     if uri.startswith("s3://"):
         return download_s3(uri)
-    if "://" in uri and not uri.startswith("file://"):
-        raise DataError(f"Unsupported data URI scheme in {uri!r}. {FIX}")
-    path = local_data_path(uri.removeprefix("file://"), Path.cwd(), caller_dir())
+    path = Path(uri)
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise DataError(f"{str(path)!r} is a file but not a .zip archive. {FIX}")
         return zip_root(extract_zip(path, str(path)), str(path))
     return find_imagefolder_root(path)
-
-
-def caller_dir() -> Path | None:
-    """The folder the user typed ``mlflow run`` in, when that command started this process
-    (directly or through ``bash -c``); None otherwise (then the current folder is the user's).
-
-    ``mlflow run`` starts the entry point in the project folder, and the ``bash -c`` between
-    them resets ``$PWD`` to it, so the folder is read from the ``mlflow run`` process itself.
-    """
-    launcher = find_mlflow_run()
-    try:
-        return Path(launcher.cwd()) if launcher is not None else None
-    except psutil.Error:  # gone, or not ours to inspect
-        return None
-
-
-def local_data_path(text: str, here: Path, caller: Path | None) -> Path:
-    """Where a local ``-P data=`` path points, as an absolute path.
-
-    An absolute path (or ``~/...``) is used as is. A relative one is looked up first in
-    ``caller`` (the folder ``mlflow run`` was typed in) and, failing that, in ``here`` (the
-    process's folder: the project folder under ``mlflow run``), with a warning.
-
-    Raises:
-        DataError: the path exists in neither place; the message names both.
-    """
-    path = Path(text).expanduser()
-    if path.is_absolute():
-        if not path.exists():
-            raise DataError(f"Data path {text!r} does not exist. {FIX}")
-        return path
-    places = [caller, here] if caller is not None and caller != here else [here]
-    for i, base in enumerate(places):
-        found = Path(os.path.abspath(base / path))
-        if found.exists():
-            if i:
-                log.warning("Data path %r is not in %s (where `mlflow run` was typed); using "
-                            "the project folder's %s.", text, caller, found)
-            return found
-    looked = " nor ".join(f"{os.path.abspath(b / path)}" for b in places)
-    where = (" (relative paths are relative to the folder you typed `mlflow run` in, then to "
-             "the project folder)") if len(places) > 1 else ""
-    raise DataError(f"Data path {text!r} does not exist: not found as {looked}{where}. "
-                    f"Check the path, or give an absolute one. {FIX}")
 
 
 def find_imagefolder_root(path: Path) -> Path:

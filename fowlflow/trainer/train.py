@@ -26,7 +26,7 @@ from fowlflow.trainer.augment import IMAGENET_MEAN, IMAGENET_STD, eval_batch
 from fowlflow.trainer.checkpoint import (check_classes, check_output_dir, load_checkpoint,
                                          save_checkpoint)
 from fowlflow.trainer.config import TrainConfig
-from fowlflow.trainer.data_sources import resolve_data
+from fowlflow.trainer.data_sources import data_location, resolve_data
 from fowlflow.trainer.distributed import DistContext
 from fowlflow.trainer.image_cache import decode_split, resize_size
 from fowlflow.trainer.imagefolder import Split, check_nonempty, scan_imagefolder
@@ -49,11 +49,13 @@ def use_bf16(amp: str, device: torch.device) -> bool:
 
 
 def _load_data(cfg: TrainConfig, ctx: DistContext):
+    """The layout, both image caches, and the data's location (a local path made absolute)."""
+    location = data_location(cfg.data)
     if ctx.local_rank == 0:
-        root = resolve_data(cfg.data)
+        root = resolve_data(location)
     ctx.barrier()  # the other local ranks then find the download in the cache
     if ctx.local_rank != 0:
-        root = resolve_data(cfg.data)
+        root = resolve_data(location)
     layout = scan_imagefolder(root)
     progress = ctx.is_main
     caches = {}
@@ -68,7 +70,7 @@ def _load_data(cfg: TrainConfig, ctx: DistContext):
         log.warning("Skipped %d unreadable file(s) (training goes on without them):\n  %s",
                     len(layout.skipped),
                     "\n  ".join(f"{s['path']}: {s['reason']}" for s in layout.skipped))
-    return layout, caches["train"], caches["val"]
+    return layout, caches["train"], caches["val"], location
 
 
 def _log_inputs(tracker: RunTracker, cfg: TrainConfig, layout, ctx, device, bf16: bool) -> None:
@@ -87,7 +89,7 @@ def _log_inputs(tracker: RunTracker, cfg: TrainConfig, layout, ctx, device, bf16
         tracker.log_dict(layout.skipped, "data/skipped_files.json")
 
 
-def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc) -> None:
+def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, location) -> None:
     """Final evaluation of the best weights: figures, per-class table, the model."""
     result = evaluate(model, val_cache, setup, shard=False)
     cm = result.confusion.numpy()
@@ -109,7 +111,7 @@ def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc) -> Non
     example = eval_batch(val_cache.images[:2]).cpu().numpy()
     metadata = {"class_names": layout.classes, "image_size": cfg.image_size,
                 "resize_size": resize_size(cfg.image_size), "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "arch": cfg.arch, "data_uri": cfg.data,
+                "std": list(IMAGENET_STD), "arch": cfg.arch, "data_uri": location,
                 "data_digest": layout.digest, "best_val_acc": best_acc}
     cpu_model = copy.deepcopy(model).float().to("cpu", memory_format=torch.contiguous_format).eval()
     tracker.log_model(cpu_model, example, metadata)
@@ -150,7 +152,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
     state = load_checkpoint(cfg.resume, _ckpt_config(cfg)) if cfg.resume else None
     device = ctx.device()
     bf16 = use_bf16(cfg.amp, device)
-    layout, train_cache, val_cache = _load_data(cfg, ctx)
+    layout, train_cache, val_cache, location = _load_data(cfg, ctx)
     if state is not None:
         check_classes(state, cfg.resume, layout.classes)
     if len(train_cache) < 2 * ctx.world_size:
@@ -214,7 +216,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
         return summary
     finish_start = time.perf_counter()
     model.load_state_dict(best_state)
-    _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc)
+    _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, location)
     if cfg.registered_model_name and tracker.run_id:
         from fowlflow.registry import register_trained_model
 

@@ -62,6 +62,25 @@ def test_trainer_runs_ddp_on_cpu_with_gloo(tracking_uri, tmp_path):
     assert not marked_processes(run.info.run_id)
 
 
+def test_relative_data_is_found_where_mlflow_run_was_typed(tracking_uri, tmp_path):
+    """The trainer runs under a detached supervisor, with no `mlflow run` above it to ask."""
+    import mlflow
+
+    from tests.conftest import make_imagefolder
+
+    user = tmp_path / "user"
+    make_imagefolder(user / "rel" / "imgs")
+    params = {**TINY_PARAMS, "data": "rel/imgs", "output_dir": str(tmp_path / "out")}
+    code, out, err = finish(mlflow_cli(ROOT, "torchrun", _cfg(tmp_path,
+                                                              process_count_per_node=1),
+                                       params, cwd=user), timeout=400)
+    assert code == 0, err[-4000:]
+    run = only_run()
+    assert run.data.tags["data_root"] == str(user / "rel" / "imgs")
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    assert info.metadata["data_uri"] == str(user / "rel" / "imgs")
+
+
 def test_failed_run_exits_nonzero_keeps_output_and_ends_failed(tracking_uri, tmp_path):
     code, out, err = finish(mlflow_cli(STANDIN, "torchrun",
                                        _cfg(tmp_path, process_count_per_node=1),

@@ -7,7 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from tests.conftest import TURKEY
+from tests.conftest import ROOT, TURKEY, mlflow_run
 from tests.registry.conftest import MODEL_NAME, hymenoptera_images
 
 ONNX_URI = f"models:/{MODEL_NAME}-onnx/1"  # the `registered` fixture's version
@@ -55,6 +55,39 @@ def test_predict_gives_a_missing_path_its_own_row(registered, use_store, tmp_pat
         predict.main(["--model_uri", ONNX_URI, "--images", "/nope/hen.jpg"])
     with pytest.raises(RegistryError, match="no image files in ' , '"):
         predict.expand_images(" , ")
+
+
+@pytest.mark.slow
+def test_mlflow_run_typed_elsewhere_reads_relative_paths_from_there(registered, use_store,
+                                                                    val_dir, tmp_path):
+    """`mlflow run <project>` runs the entry point in the project folder; relative -P paths
+    are still looked up where the command was typed (issue 8 item 8)."""
+    import mlflow
+
+    user = tmp_path / "user"
+    shutil.copytree(val_dir, user / "rel" / "val")
+    csv = tmp_path / "preds.csv"
+    proc = mlflow_run("-e", "predict", "--experiment-name", "registry-tests", cwd=user,
+                      project=ROOT, params={"model_uri": ONNX_URI, "output_csv": csv,
+                                            "images": "rel/val/ants,gone.jpg"})
+    table = pd.read_csv(csv, keep_default_na=False)
+    ants = sorted(str(p) for p in (user / "rel" / "val" / "ants").glob("*.jpg"))
+    assert list(table["path"]) == [*ants, "gone.jpg"] and len(ants) == 4
+    assert all(table["label"][:4]) and "can't read the file" in table["error"][4]
+    assert f"not found as {user}/gone.jpg nor {ROOT}/gone.jpg" in proc.stderr
+
+    mlflow_run("-e", "evaluate", "--experiment-name", "registry-tests", cwd=user,
+               project=ROOT, params={"model_uri": ONNX_URI, "data_dir": "rel/val"})
+    (run,) = mlflow.search_runs(experiment_names=["registry-tests"], output_format="list",
+                                filter_string="params.data_dir = 'rel/val'")
+    assert run.data.metrics["images"] == 8 and "accuracy" in run.data.metrics
+
+    proc = mlflow_run("-e", "evaluate", "--experiment-name", "registry-tests", cwd=user,
+                      project=ROOT, check=False,
+                      params={"model_uri": ONNX_URI, "data_dir": "no/val"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (f"evaluate: data_dir 'no/val' does not exist: not found as {user}/no/val nor "
+            f"{ROOT}/no/val") in proc.stderr
 
 
 def test_evaluate_logs_accuracy_and_confusion_matrix_to_a_new_run(registered, use_store,

@@ -211,19 +211,38 @@ def test_zip_with_train_two_levels_down_names_the_zip(tmp_path, cache):
 
 
 def test_relative_paths_prefer_the_callers_folder(tmp_path, caplog):
-    from fowlflow.trainer.data_sources import local_data_path
+    from fowlflow.local_paths import local_path
 
     user, project = tmp_path / "user", tmp_path / "project"
     for base in (user, project):
         (base / "imgs").mkdir(parents=True)
     (project / "only_here").mkdir()
-    assert local_data_path("imgs", project, user) == user / "imgs"
-    assert local_data_path("imgs", project, None) == project / "imgs"  # not under mlflow run
-    assert local_data_path("only_here", project, user) == project / "only_here"
+    assert local_path("imgs", project, user) == user / "imgs"
+    assert local_path("imgs", project, None) == project / "imgs"  # not under mlflow run
+    assert local_path("only_here", project, user) == project / "only_here"
     assert f"is not in {user}" in caplog.text
     with pytest.raises(DataError) as info:
-        local_data_path("missing/dir", project, user)
+        local_path("missing/dir", project, user, "Data path", DataError)
     assert f"{user}/missing/dir nor {project}/missing/dir" in str(info.value)
+
+
+def test_the_callers_folder_comes_from_the_torchrun_backends_variable(tmp_path):
+    """A process with no `mlflow run` above it (under -b torchrun's supervisor) reads the
+    folder from FOWLFLOW_CALLER_DIR; without it, its own folder is the user's."""
+    from fowlflow.local_paths import CALLER_DIR_ENV
+
+    user = tmp_path / "user"
+    make_imagefolder(user / "rel" / "imgs")
+    code = ("from fowlflow.trainer.data_sources import data_location; "
+            "print(data_location('rel/imgs'))")
+    env = {**os.environ, CALLER_DIR_ENV: str(user)}
+    out = subprocess.run([str(BIN / "python"), "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == str(user / "rel" / "imgs"), out.stderr[-2000:]
+    env.pop(CALLER_DIR_ENV)
+    out = subprocess.run([str(BIN / "python"), "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert f"not found as {ROOT}/rel/imgs." in out.stderr
 
 
 def run_mlflow_from(cwd: Path, params: dict) -> subprocess.CompletedProcess:
@@ -239,6 +258,7 @@ def run_mlflow_from(cwd: Path, params: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_mlflow_run_reads_a_relative_data_path_from_where_it_was_typed(tracking_uri, tmp_path):
+    import mlflow
     from mlflow import MlflowClient
 
     user = tmp_path / "user"
@@ -249,6 +269,9 @@ def test_mlflow_run_reads_a_relative_data_path_from_where_it_was_typed(tracking_
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
     assert run.data.tags["data_root"] == str(user / "rel" / "imgs")
+    # the model records where its data is, so `register` finds it from any folder
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    assert info.metadata["data_uri"] == str(user / "rel" / "imgs")
 
     proc = run_mlflow_from(user, {**TINY_PARAMS, "data": "no/such/dir",
                                   "output_dir": tmp_path / "out"})
