@@ -240,3 +240,17 @@ def test_val_dir_defaults_to_the_training_data(tmp_path, monkeypatch):
     assert val.name == "val" and list_images(val)
     with pytest.raises(RegistryError, match="no data_uri in its metadata"):
         training_val_dir({}, "runs:/x/model")
+
+
+def test_a_relative_val_dir_follows_the_one_rule_for_local_paths(registered, use_store,
+                                                                 tmp_path, monkeypatch):
+    """val_dir is looked up like -P data= (fowlflow.local_paths); the error names where."""
+    import mlflow
+
+    from fowlflow.registry.register import register_model_uri
+
+    monkeypatch.chdir(tmp_path)  # outside `mlflow run`, the process's folder is the user's
+    source = mlflow.MlflowClient().get_model_version(MODEL_NAME, registered.version).run_id
+    with pytest.raises(RegistryError, match=f"register: val_dir 'no/val' does not exist: "
+                                            f"not found as {tmp_path}/no/val"):
+        register_model_uri(f"runs:/{source}/model", "fowl-test-relative", "no/val")
