@@ -545,13 +545,16 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 @pytest.fixture
-def sqlite_store(tmp_path) -> str:
+def sqlite_store(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store for one test, its tables created (so that the CLI and
-    this test's polling don't both migrate a new database at once)."""
+    this test's polling don't both migrate a new database at once) from tmp_path, so the
+    Default experiment keeps its artifacts in tmp_path/mlruns, not in the repository."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
+    with monkeypatch.context() as here:
+        here.chdir(tmp_path)
+        MlflowClient(uri).search_experiments()
     return uri
 
 
