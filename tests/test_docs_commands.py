@@ -83,14 +83,14 @@ NOT_RUNNABLE: dict[str, str] = {
     """mlflow run . -b torchrun --env-manager local -c '{"free_gpus": 2}' -P num_epochs=10""":
         "needs two idle NVIDIA GPUs (and the internet for the default data and weights)",
     # README "Team tracking server" and docs/deployment.md
-    "mlflow run . -P data=...":
-        "without --env-manager, mlflow run builds the MLproject's conda environment: needs "
-        "conda and the internet; and the defaults (ResNet18, weights=imagenet, 25 epochs at "
-        "224 px) download weights; training through the team stack is the `trained` fixture "
-        "of tests/tracking/server/conftest.py",
-    "mlflow run . -P data=s3://datasets/fowl -P registered_model_name=fowl-classifier":
-        "needs conda (no --env-manager) and the internet (ImageNet weights); a run on an "
-        "s3:// dataset of the stack's S3 is the `trained` fixture of "
+    "mlflow run . --env-manager local -P data=...":
+        INTERNET + "the defaults (ResNet18, weights=imagenet, 25 epochs at 224 px) download "
+        "ImageNet weights; a tiny training run through the team stack is the `trained` "
+        "fixture of tests/tracking/server/conftest.py",
+    "mlflow run . --env-manager local -P data=s3://datasets/fowl "
+    "-P registered_model_name=fowl-classifier":
+        INTERNET + "ImageNet weights (default), and a bucket `datasets`; a run on an s3:// "
+        "dataset of the stack's S3, registered, is the `trained` fixture of "
         "tests/tracking/server/conftest.py",
     "mlflow server --backend-store-uri 'postgresql+psycopg://mlflow@db.internal:5432/mlflow"
     "?sslmode=verify-full' --artifacts-destination s3://acme-mlflow/artifacts "
