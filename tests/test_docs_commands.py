@@ -19,7 +19,11 @@ test that makes it:
 
 * placeholders get real values, each checked to be in the command: ``/path/to/...`` -> the
   shared hymenoptera set or a real zip, ``RUN_ID`` -> a run id, ``[--tail N] [--node K]`` ->
-  without the options and with N=2, K=0; each of ``status|logs|attach|cancel`` runs;
+  without the options and with N=2, K=0 (each of ``status|logs|attach|cancel`` runs);
+  deployment.md's ``https://mlflow.example.com`` -> ``http://127.0.0.1:5000`` (its comment's
+  local value) and ``MLFLOW_TRACKING_PASSWORD=...`` -> the user's password;
+* setup a reader would already have: experiments 1-3, the model ``fowl-classifier`` and user
+  ``bob`` that the users block names, and stdin carrying the passwords ``user add`` reads;
 * environment variables the Makefile or the tools honour: ``EPOCHS=1`` where the command does
   not set EPOCHS (a short ``make train``), ``FOWLFLOW_CACHE_DIR`` and ``FOWLFLOW_SERVER_HOME``
   on temporary folders, ``MLFLOW_TRACKING_URI`` unset for ``make`` (its embedded default is

@@ -64,9 +64,9 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tracking_uri, tmp_path)
     planted = tmp_path / "planted-by-checkpoint"
     hostile = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1, "config": {}, "payload": PlantFile(str(planted))}, hostile)
-    proc = mlflow_run("--experiment-name", "hostile", check=False, params={
-        **TINY_PARAMS, "data": make_imagefolder(tmp_path / "d"), "resume": hostile,
-        "output_dir": tmp_path / "out"})
+    proc = mlflow_run("--experiment-name", "hostile", cwd=tmp_path, project=ROOT, check=False,
+                      params={**TINY_PARAMS, "data": make_imagefolder(tmp_path / "d"),
+                              "resume": hostile, "output_dir": tmp_path / "out"})
     assert not planted.exists(), "loading the checkpoint ran code"
     assert proc.returncode != 0
     assert f"fowlflow: error: -P resume='{hostile}' was not loaded" in proc.stderr
@@ -232,7 +232,7 @@ def test_stop_signal_to_the_trainer_ends_the_run_killed(tracking_uri, tmp_path, 
 def test_class_names_mlflow_refuses_in_metric_keys(tracking_uri, tmp_path):
     classes = ("hen (adult)", "turkey+poult")
     data = make_imagefolder(tmp_path / "d", classes=classes)
-    proc = mlflow_run("--experiment-name", "odd-names",
+    proc = mlflow_run("--experiment-name", "odd-names", cwd=tmp_path, project=ROOT,
                       params={**TINY_PARAMS, "data": data, "output_dir": tmp_path / "out"})
     assert "ERROR" not in proc.stderr
     run = only_run("odd-names")

@@ -30,7 +30,7 @@ def messy_folder(tmp_path):
 
 def test_mlflow_run_logs_everything(tracking_uri, messy_folder, tmp_path):
     env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    proc = mlflow_run("--experiment-name", "e2e",
+    proc = mlflow_run("--experiment-name", "e2e", cwd=tmp_path, project=ROOT,
                       params={**TINY_PARAMS, "data": messy_folder, "num_epochs": 2,
                               "registered_model_name": "fowl-classifier",
                               "output_dir": tmp_path / "out"}, env=env)
@@ -100,8 +100,8 @@ def trainer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_missing_data_fails_clearly_through_mlflow_run(tracking_uri, tmp_path):
-    proc = mlflow_run("--experiment-name", "bad", params={**TINY_PARAMS, "data": tmp_path / "nope"},
-                      check=False)
+    proc = mlflow_run("--experiment-name", "bad", cwd=tmp_path, project=ROOT, check=False,
+                      params={**TINY_PARAMS, "data": tmp_path / "nope"})
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr and "-P data=" in proc.stderr
     assert "Traceback" not in proc.stderr  # a clear message, not a stack dump
