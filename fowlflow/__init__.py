@@ -1,6 +1,6 @@
 """fowlflow: train, track and register PyTorch image classifiers with MLflow.
 
-    mlflow run . -P data=path/to/imagefolder -P num_epochs=5
+    mlflow run . --env-manager local -P data=path/to/imagefolder -P num_epochs=5
 
 Sub-packages: ``trainer`` (the payload), ``tracking`` (everything sent to MLflow),
 ``registry`` (versions, ONNX, aliases, serving) and ``projects`` (launch backends).

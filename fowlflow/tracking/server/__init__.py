@@ -4,7 +4,7 @@ From a shell::
 
     fowlflow server start                 # first start: initdb, bucket, admin user; ~20 s
     eval "$(fowlflow server env)"         # MLFLOW_TRACKING_URI, _USERNAME, _PASSWORD
-    mlflow run . -P data=...              # tracked on the team server
+    mlflow run . --env-manager local -P data=...   # tracked on the team server
     fowlflow server status | stop
 
 From Python (tests, benchmarks)::
