@@ -251,7 +251,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     ``bin/`` first on PATH (an activated venv), plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
-                        "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI")}
+                        "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI",
+                        # a shell, not a sub-make of `make test` (make[1]: Entering directory ...)
+                        "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

@@ -18,7 +18,7 @@ def test_every_main_parameter_is_a_trainer_flag_with_the_same_default():
     defaults = TrainConfig()
     for name, param in params.items():
         expected = getattr(defaults, name)
-        given = param.default
+        given = flags[name].type(param.default) if flags[name].type else param.default
         if isinstance(expected, bool):
             assert str(given).lower() == str(expected).lower(), name
         else:
