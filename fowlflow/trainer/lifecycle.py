@@ -43,6 +43,7 @@ DEFER_IN = frozenset({"mlflow", "sqlalchemy", "alembic", "sqlite3", "requests", 
 _stopping = threading.Event()
 _first_signal: list[float] = []
 _launcher_gone: list[str] = []  # why the watcher stopped the trainer, when it did
+_requested: list[BaseException] = []  # the exception the first stop signal raised
 
 
 class Terminated(BaseException):
@@ -83,9 +84,23 @@ def _on_signal(signum: int, frame) -> None:
     timer.daemon = True
     timer.start()
     if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    name = signal.Signals(signum).name
-    raise Terminated(signum, _launcher_gone[0] if _launcher_gone else f"received {name}")
+        stop: BaseException = KeyboardInterrupt()
+    else:
+        name = signal.Signals(signum).name
+        stop = Terminated(signum, _launcher_gone[0] if _launcher_gone else f"received {name}")
+    _requested.append(stop)
+    raise stop
+
+
+def raise_if_stopping() -> None:
+    """Raise the stop a signal asked for again, in case its exception was lost on the way.
+
+    A handler's exception that lands while C code is calling back into Python can be cleared
+    there (torch's C++ does this in places): the trainer would then train on until ``GRACE_S``.
+    The training and evaluation loops call this once per batch; it costs a list check.
+    """
+    if _requested:
+        raise _requested[0].with_traceback(None)
 
 
 def _inside(frame, packages: frozenset[str]) -> bool:

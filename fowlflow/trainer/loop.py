@@ -20,6 +20,7 @@ from tqdm import tqdm
 from fowlflow.trainer.augment import eval_batch, train_batch
 from fowlflow.trainer.distributed import DistContext
 from fowlflow.trainer.image_cache import ImageCache
+from fowlflow.trainer.lifecycle import raise_if_stopping
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache:
     bar = tqdm(batches, desc=f"epoch {epoch} train", unit="batch", disable=not setup.progress,
                leave=False, mininterval=1.0)
     for step, idx in enumerate(bar):
+        raise_if_stopping()
         idx = idx.to(setup.device, non_blocking=True)
         x = train_batch(cache.images[idx], cache.aspect[idx], setup.image_size, gen)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -127,6 +129,7 @@ def evaluate(model: torch.nn.Module, cache: ImageCache, setup: LoopSetup,
     loss_sum = torch.zeros((), device=setup.device)
     preds = []
     for idx in rows.split(max(setup.batch_size, 64)):
+        raise_if_stopping()
         idx = idx.to(setup.device)
         x = eval_batch(cache.images[idx]).contiguous(memory_format=torch.channels_last)
         y = cache.labels[idx]

@@ -10,6 +10,7 @@ import pwd
 import shlex
 import signal
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -322,3 +323,30 @@ def test_output_dir_not_writable_fails_before_training(tmp_path):
     assert "Epoch 1" not in proc.stdout and list(locked.iterdir()) == []
     (run,) = MlflowClient(uri).search_runs(["0"])
     assert run.info.status == "FAILED" and "is not writable" in run.data.tags["error"]
+
+
+def test_a_stop_whose_exception_was_lost_is_raised_again_at_the_next_batch():
+    """A stop signal's exception can be cleared by C code that calls back into Python (seen
+    in CI: the trainer trained on until the 30 s grace ran out, in torch's backward). The loops
+    ask `raise_if_stopping()` every batch, so the stop still ends the run at once."""
+    code = textwrap.dedent("""
+        import os, signal
+        from fowlflow.trainer import lifecycle
+        lifecycle.install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100000):
+                pass  # the handler runs here and raises Terminated
+        except BaseException:
+            pass  # what C code that clears the error does
+        lifecycle.raise_if_stopping()  # nothing is raised unless a stop was asked for
+        print("not raised")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode != 0 and "not raised" not in out.stdout, out.stdout + out.stderr
+    assert "Terminated: received SIGTERM" in out.stderr, out.stderr
+    quiet = subprocess.run([sys.executable, "-c", "from fowlflow.trainer import lifecycle; "
+                            "lifecycle.install(); lifecycle.raise_if_stopping(); print('ok')"],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert quiet.stdout.strip() == "ok", quiet.stderr
