@@ -37,3 +37,24 @@ class RemoteError(FowlflowError):
 
 class ServerError(FowlflowError):
     """The team tracking server stack could not start, stop or be reached."""
+
+
+def exit_code(main, *args) -> int:
+    """Call ``main(*args)`` the way every fowlflow command line does: its return value is the
+    exit code (``None`` is 0); a :class:`FowlflowError` prints ``fowlflow: error: <message>``
+    on stderr and gives 2; Ctrl-C gives 130. One rule for ``fowlflow``, ``python -m`` entry
+    points and the MLproject's commands::
+
+        if __name__ == "__main__":
+            sys.exit(exit_code(main))
+    """
+    import sys
+
+    try:
+        return int(main(*args) or 0)
+    except FowlflowError as exc:
+        print(f"fowlflow: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fowlflow: interrupted", file=sys.stderr)
+        return 130
