@@ -71,9 +71,9 @@ def main() -> int:
                     help="use the running stack of this state dir instead of a new one")
     args = ap.parse_args()
 
-    from fowlflow.tracking.server import Stack, StackConfig
-    from fowlflow.tracking.server.mlflow_server import CLIENT_RETRY_ENV
-    from fowlflow.tracking.server.users import AuthAdmin
+    from fowlflow.server import Stack, StackConfig
+    from fowlflow.server.mlflow_server import CLIENT_RETRY_ENV
+    from fowlflow.server.users import AuthAdmin
 
     own = args.state_dir is None
     state = Path(tempfile.mkdtemp(prefix="ffbench-", dir="/tmp")) if own else args.state_dir

@@ -18,7 +18,7 @@ from fowlflow.errors import FowlflowError
 
 # Modules that provide ``register(subparsers)``; each sets ``func`` on its parsers.
 COMMAND_MODULES = (
-    "fowlflow.tracking.server.commands",
+    "fowlflow.server.commands",
     "fowlflow.projects.commands",
 )
 

@@ -17,8 +17,8 @@ from tests.conftest import make_imagefolder
 @pytest.fixture(scope="module")
 def s3():
     """SeaweedFS alone (the team stack's S3 part), with a bucket holding an ImageFolder."""
-    from fowlflow.tracking.server.config import Secrets, StackConfig
-    from fowlflow.tracking.server.seaweedfs import SeaweedFS
+    from fowlflow.server.config import Secrets, StackConfig
+    from fowlflow.server.seaweedfs import SeaweedFS
 
     state = Path(tempfile.mkdtemp(prefix="ff-s3-"))
     cfg = StackConfig.load(state, pick_free=True)

@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 from fowlflow.errors import ServerError
-from fowlflow.tracking.server.config import Secrets, StackConfig, _write_private
-from fowlflow.tracking.server.procs import (Owner, ProcessRecord, http_status, spawn, stop,
+from fowlflow.server.config import Secrets, StackConfig, _write_private
+from fowlflow.server.procs import (Owner, ProcessRecord, http_status, spawn, stop,
                                             wait_until)
 
 log = logging.getLogger(__name__)

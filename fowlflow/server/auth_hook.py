@@ -1,7 +1,7 @@
 """fowlflow's ``authorization_function`` for ``mlflow server --app-name basic-auth``.
 
 MLflow's basic-auth app calls the function named in ``auth.ini`` before every request
-(``authorization_function = fowlflow.tracking.server.auth_hook:authenticate``). This one runs
+(``authorization_function = fowlflow.server.auth_hook:authenticate``). This one runs
 MLflow's own check (``authenticate_request_basic_auth``: password, login cache) and adds what
 MLflow's permission model lacks; permissions themselves stay MLflow's:
 
@@ -38,7 +38,7 @@ import time
 
 from flask import Response, g, request
 
-from fowlflow.tracking.server.users import READ_ONLY_ROLE
+from fowlflow.server.users import READ_ONLY_ROLE
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"

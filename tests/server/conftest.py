@@ -5,9 +5,9 @@ with ``fowlflow server stop`` (with an in-process fallback that stops the record
 failed test never leaves servers behind). Its logs are copied to ``test-output/server-logs/``.
 
 Fixtures:
-    stack          the running :class:`~fowlflow.tracking.server.Stack`
+    stack          the running :class:`~fowlflow.server.Stack`
     admin_env      MLFLOW_TRACKING_* of the admin, set for one test (in-process client)
-    admin          an :class:`~fowlflow.tracking.server.users.AuthAdmin`
+    admin          an :class:`~fowlflow.server.users.AuthAdmin`
     reader         (username, password) of a user created for the session
     trained        a real ``mlflow run`` of the trainer on an ``s3://`` dataset of the stack's
                    S3, registered as a model with two versions and aliases
@@ -67,7 +67,7 @@ def client_env(stack, username: str | None = None, password: str | None = None) 
 
 @pytest.fixture(scope="session")
 def stack():
-    from fowlflow.tracking.server import Stack, StackConfig
+    from fowlflow.server import Stack, StackConfig
 
     # Under /tmp, not pytest's 0700 tmp root: the postgres user must reach the data dir.
     state = Path(tempfile.mkdtemp(prefix="ffstack-", dir="/tmp"))
@@ -110,7 +110,7 @@ def _drop_experiment_env() -> None:
 
 @pytest.fixture(scope="session")
 def admin(stack):
-    from fowlflow.tracking.server.users import AuthAdmin
+    from fowlflow.server.users import AuthAdmin
 
     return AuthAdmin(stack.cfg.tracking_uri, stack.secrets.admin_username,
                      stack.secrets.admin_password)

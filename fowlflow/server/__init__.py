@@ -9,7 +9,7 @@ From a shell::
 
 From Python (tests, benchmarks)::
 
-    from fowlflow.tracking.server import Stack, StackConfig
+    from fowlflow.server import Stack, StackConfig
     stack = Stack(StackConfig.load(state_dir, pick_free=True))
     stack.start(); ...; stack.stop()
 
@@ -20,7 +20,7 @@ attribution), ``commands`` (the CLI), ``procs`` (pids, ports, readiness), ``logp
 (rotated, capped server logs).
 """
 
-from fowlflow.tracking.server.config import Secrets, StackConfig, default_state_dir
-from fowlflow.tracking.server.stack import Stack
+from fowlflow.server.config import Secrets, StackConfig, default_state_dir
+from fowlflow.server.stack import Stack
 
 __all__ = ["Secrets", "Stack", "StackConfig", "default_state_dir"]

@@ -142,7 +142,7 @@ def spawn(argv: Sequence[str], *, owner: Owner, log_path: Path, env: Mapping[str
                               "(pip install 'fowlflow[server]', apt-get install postgresql)"
                               ) from exc
         pump_env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG")}
-        subprocess.Popen([sys.executable, "-m", "fowlflow.tracking.server.logpipe",
+        subprocess.Popen([sys.executable, "-m", "fowlflow.server.logpipe",
                           str(log_path), str(max_bytes), str(backups)],
                          stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env={**pump_env, **owner.env()}, cwd="/", start_new_session=True,

@@ -29,7 +29,7 @@ def test_seaweedfs_log_is_quiet_when_idle(stack):
 @pytest.fixture
 def small_logs():
     """PostgreSQL and mlflow server of a fresh stack whose logs rotate at 32 KiB (2 kept)."""
-    from fowlflow.tracking.server import Stack, StackConfig
+    from fowlflow.server import Stack, StackConfig
 
     state = Path(tempfile.mkdtemp(prefix="ffstack-logs-", dir="/tmp"))
     os.chmod(state, 0o711)

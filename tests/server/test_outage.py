@@ -16,8 +16,8 @@ import concurrent.futures
 import subprocess
 import time
 
-from tests.tracking.server.conftest import fowlflow
-from tests.tracking.server.test_faults import Client, _metric_counts, _run_status
+from tests.server.conftest import fowlflow
+from tests.server.test_faults import Client, _metric_counts, _run_status
 
 OUTAGE_S = 180  # the outage docs/deployment.md promises to ride out is longer (5 minutes)
 CLIENTS = 8

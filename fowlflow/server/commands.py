@@ -28,10 +28,10 @@ from fowlflow.errors import ServerError
 
 
 def _stack(args, *, create: bool = False):
-    from fowlflow.tracking.server.config import StackConfig
-    from fowlflow.tracking.server.stack import Stack
+    from fowlflow.server.config import StackConfig
+    from fowlflow.server.stack import Stack
 
-    from fowlflow.tracking.server.config import default_state_dir
+    from fowlflow.server.config import default_state_dir
 
     state_dir = Path(args.state_dir).absolute() if args.state_dir else default_state_dir()
     if not create and not (state_dir / "ports.json").exists():
@@ -73,7 +73,7 @@ def cmd_status(args) -> int:
 
 def cmd_env(args) -> int:
     """Print shell exports; the password is read from its 0600 file when evaluated."""
-    from fowlflow.tracking.server.mlflow_server import CLIENT_RETRY_ENV
+    from fowlflow.server.mlflow_server import CLIENT_RETRY_ENV
 
     stack = _stack(args)
     pw_file = stack.cfg.secrets_dir / "admin_password"
@@ -94,7 +94,7 @@ def cmd_env(args) -> int:
 
 
 def _admin(args):
-    from fowlflow.tracking.server.users import AuthAdmin
+    from fowlflow.server.users import AuthAdmin
 
     stack = _stack(args)
     return AuthAdmin(stack.cfg.tracking_uri, stack.secrets.admin_username,
@@ -149,7 +149,7 @@ def cmd_revoke(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``server`` and its sub-commands to the ``fowlflow`` CLI."""
-    from fowlflow.tracking.server.users import PERMISSIONS, RESOURCE_TYPES, ROLES
+    from fowlflow.server.users import PERMISSIONS, RESOURCE_TYPES, ROLES
 
     server = subparsers.add_parser("server", help="the team tracking server stack",
                                    description=__doc__.split("\n\n")[0])

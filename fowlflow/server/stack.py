@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 from fowlflow.errors import ServerError
-from fowlflow.tracking.server.config import Secrets, StackConfig
-from fowlflow.tracking.server.mlflow_server import MlflowServer
-from fowlflow.tracking.server.postgres import PostgresServer
-from fowlflow.tracking.server.procs import ProcessRecord, port_free
-from fowlflow.tracking.server.seaweedfs import SeaweedFS
+from fowlflow.server.config import Secrets, StackConfig
+from fowlflow.server.mlflow_server import MlflowServer
+from fowlflow.server.postgres import PostgresServer
+from fowlflow.server.procs import ProcessRecord, port_free
+from fowlflow.server.seaweedfs import SeaweedFS
 
 log = logging.getLogger(__name__)
 COMPONENTS = ("postgres", "s3", "mlflow")  # start order; stop is the reverse

@@ -9,7 +9,7 @@ import requests
 
 from tests.conftest import BIN
 from tests.local_user import as_user, ensure_local_user
-from tests.tracking.server.conftest import fowlflow
+from tests.server.conftest import fowlflow
 
 API = "/api/2.0/mlflow"
 
@@ -19,7 +19,7 @@ def owned(stack, admin, reader):
     """An experiment, a run and a registered model of the admin; ``reader`` gets READ on them."""
     from mlflow import MlflowClient
 
-    from tests.tracking.server.conftest import _login
+    from tests.server.conftest import _login
 
     with _login(stack):
         client = MlflowClient(stack.cfg.tracking_uri)
@@ -37,7 +37,7 @@ def as_reader(stack, reader, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
-    from tests.tracking.server.conftest import client_env
+    from tests.server.conftest import client_env
 
     for k, v in client_env(stack, *reader).items():
         monkeypatch.setenv(k, v)
@@ -194,8 +194,8 @@ def test_cli_adds_a_user_and_grants_read(stack, owned):
 
 def test_command_lines_carry_no_secret(stack):
     """The argv the stack builds for its servers (what `ps` shows) has no password or key."""
-    from fowlflow.tracking.server.mlflow_server import server_argv
-    from fowlflow.tracking.server.seaweedfs import weed_argv
+    from fowlflow.server.mlflow_server import server_argv
+    from fowlflow.server.seaweedfs import weed_argv
 
     weed = weed_argv(stack.cfg, stack.s3.data_dir, stack.s3.tls_dir)
     for argv in (server_argv(stack.cfg), weed):
@@ -224,7 +224,7 @@ def artifact(stack, tmp_path_factory):
     """An artifact logged through the mlflow server with the stack's keys: its S3 key."""
     from mlflow import MlflowClient
 
-    from tests.tracking.server.conftest import _login
+    from tests.server.conftest import _login
 
     f = tmp_path_factory.mktemp("art") / "secret-weights.txt"
     f.write_text("only for logged-in users")

@@ -4,7 +4,7 @@ The stack starts one of these next to each server, reading the server's stdout a
 through a pipe, so every log is bounded (``max_bytes`` x ``1 + backups``) whatever the server
 writes, with the standard library's :class:`logging.handlers.RotatingFileHandler`::
 
-    python -m fowlflow.tracking.server.logpipe logs/mlflow.log 10485760 3 < server-output
+    python -m fowlflow.server.logpipe logs/mlflow.log 10485760 3 < server-output
 
 It ignores SIGINT/SIGTERM/SIGHUP: it exits when the last writer closes the pipe, so a server's
 last words on shutdown are kept.

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fowlflow.tracking.server.procs import Owner, ProcessRecord, stop
+from fowlflow.server.procs import Owner, ProcessRecord, stop
 from tests.conftest import BIN
-from tests.tracking.server.conftest import fowlflow
+from tests.server.conftest import fowlflow
 
 
 def _our_processes(stack) -> dict[str, psutil.Process]:
@@ -133,7 +133,7 @@ def test_any_shell_finds_the_server_through_its_home(stack, tmp_path):
 
 
 def test_default_home_is_fixed_not_relative(monkeypatch, tmp_path):
-    from fowlflow.tracking.server.config import default_state_dir
+    from fowlflow.server.config import default_state_dir
 
     monkeypatch.delenv("FOWLFLOW_SERVER_HOME", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -146,7 +146,7 @@ def test_taken_port_is_reported_with_the_fix(tmp_path):
     import socket
 
     from fowlflow.errors import ServerError
-    from fowlflow.tracking.server import Stack, StackConfig
+    from fowlflow.server import Stack, StackConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,7 +166,7 @@ def test_failed_start_stops_what_it_started():
     from pathlib import Path
 
     from fowlflow.errors import ServerError
-    from fowlflow.tracking.server import Stack, StackConfig
+    from fowlflow.server import Stack, StackConfig
 
     state = Path(tempfile.mkdtemp(prefix="ffstack-fail-", dir="/tmp"))
     os.chmod(state, 0o711)

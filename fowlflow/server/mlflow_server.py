@@ -24,8 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-from fowlflow.tracking.server.config import AUTH_DB, Secrets, StackConfig, _write_private
-from fowlflow.tracking.server.procs import (Owner, ProcessRecord, http_status, spawn, stop,
+from fowlflow.server.config import AUTH_DB, Secrets, StackConfig, _write_private
+from fowlflow.server.procs import (Owner, ProcessRecord, http_status, spawn, stop,
                                             wait_until)
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ CLIENT_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",
                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
-AUTH_HOOK = "fowlflow.tracking.server.auth_hook:authenticate"
+AUTH_HOOK = "fowlflow.server.auth_hook:authenticate"
 # Failed logins of one username from one address (per worker) before HTTP 429, and the window:
 # the [fowlflow] section of auth.ini, written with these defaults at the first start; an
 # admin's edits there are kept by later starts.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tracking.server.conftest import DATASET_BUCKET, OUTPUT
+from tests.server.conftest import DATASET_BUCKET, OUTPUT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -28,9 +28,9 @@ import subprocess
 from pathlib import Path
 
 from fowlflow.errors import ServerError
-from fowlflow.tracking.server.config import (AUTH_DB, DB_USER, TRACKING_DB, Secrets,
+from fowlflow.server.config import (AUTH_DB, DB_USER, TRACKING_DB, Secrets,
                                              StackConfig, _write_private)
-from fowlflow.tracking.server.procs import Owner, ProcessRecord, log_tail, spawn, stop, wait_until
+from fowlflow.server.procs import Owner, ProcessRecord, log_tail, spawn, stop, wait_until
 
 log = logging.getLogger(__name__)
 OS_USER = "postgres"

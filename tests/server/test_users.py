@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import BIN
-from tests.tracking.server.conftest import fowlflow
+from tests.server.conftest import fowlflow
 
 API = "/api/2.0/mlflow"
 
@@ -56,7 +56,7 @@ def experiment(stack):
 def test_cli_offers_exactly_mlflows_grantable_permissions():
     from mlflow.server.auth.permissions import RESOURCE_GRANTABLE_PERMISSIONS
 
-    from fowlflow.tracking.server.users import PERMISSIONS
+    from fowlflow.server.users import PERMISSIONS
 
     assert set(PERMISSIONS) == set(RESOURCE_GRANTABLE_PERMISSIONS)
     assert "NO_PERMISSIONS" not in PERMISSIONS
@@ -113,7 +113,7 @@ def test_read_only_user_reads_but_cannot_create(stack, experiment):
 
 
 def test_repeated_wrong_passwords_are_throttled(stack):
-    from fowlflow.tracking.server.mlflow_server import MAX_FAILED_LOGINS
+    from fowlflow.server.mlflow_server import MAX_FAILED_LOGINS
 
     user, password = _new_user(stack, "throttled-user")
     statuses, limited = [], None

@@ -14,7 +14,7 @@ Talks to the auth REST API with explicit HTTP basic credentials (not the process
 Permissions are MLflow's own (``mlflow.server.auth.permissions``): READ (view), USE, EDIT
 (log, update), MANAGE (edit + delete + grant) and DENY (no access, overriding the default).
 The read-only role is MLflow's role ``read-only``, which fowlflow's auth hook
-(:mod:`fowlflow.tracking.server.auth_hook`) reads.
+(:mod:`fowlflow.server.auth_hook`) reads.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import secrets as _secrets
 from pathlib import Path
 
 from fowlflow.errors import ServerError
-from fowlflow.tracking.server.procs import free_ports, port_free
+from fowlflow.server.procs import free_ports, port_free
 
 DEFAULT_PORTS = {"mlflow": 5000, "postgres": 5433, "s3": 8333}
 # SeaweedFS `weed mini` runs five services, each with an HTTP and a gRPC port; all are pinned

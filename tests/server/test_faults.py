@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tracking.server.conftest import client_env, fowlflow
+from tests.server.conftest import client_env, fowlflow
 
 LOGGER = Path(__file__).with_name("metric_logger.py")
 RESILIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -221,7 +221,7 @@ def test_kill_9_of_a_main_process_is_recovered_by_start(stack, component):
 
 
 def test_stop_after_kill_9_of_every_main_process_leaves_nothing(stack):
-    from fowlflow.tracking.server.procs import port_free
+    from fowlflow.server.procs import port_free
 
     for component in ("mlflow", "s3", "postgres"):
         _kill_9(stack, component)
