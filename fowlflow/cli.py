@@ -14,7 +14,7 @@ import importlib
 import logging
 import sys
 
-from fowlflow.errors import FowlflowError
+from fowlflow.errors import exit_code
 
 # Modules that provide ``register(subparsers)``; each sets ``func`` on its parsers.
 COMMAND_MODULES = (
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real import error inside an existing module
+            # Skipped: a command module (or its package) that is not there. Any other missing
+            # module is a real import error inside an existing command module.
+            if not (exc.name == name or name.startswith(f"{exc.name}.")):
                 raise
             continue
         module.register(sub)
@@ -39,16 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen sub-command; its return value is the exit code
+    (:func:`fowlflow.errors.exit_code`: a FowlflowError prints ``fowlflow: error: ...`` and gives
+    2, Ctrl-C gives 130)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except FowlflowError as exc:
-        print(f"fowlflow: error: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return exit_code(args.func, args)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,15 @@ from pathlib import Path
 
 from fowlflow.server.config import AUTH_DB, Secrets, StackConfig, _write_private
 from fowlflow.server.procs import (Owner, ProcessRecord, http_status, spawn, stop,
-                                            wait_until)
+                                   wait_until)
 
 log = logging.getLogger(__name__)
 
 # What `fowlflow server env` exports for clients (MLflow's own variables). urllib3 waits
 # 0, 2, 4, 8, 16, 32, 64, 120, 120, 120 s (+ up to 1 s jitter each) before the 10 retries,
 # so a request keeps trying for about 8 minutes: a restart or an outage of 5 minutes is
-# ridden out (tests: 3 minutes, 8 clients). 10 is MLflow's maximum number of retries.
+# ridden out (tests/server/test_outage.py: 8 clients through a real outage, and the retry
+# schedule these values give). 10 is MLflow's maximum number of retries.
 CLIENT_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",
                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1",
@@ -142,6 +143,3 @@ class MlflowServer:
     def stop(self, record: ProcessRecord | None) -> bool:
         # `mlflow server` forwards SIGTERM to uvicorn, which drains its workers.
         return stop(self.owner, record, signal.SIGTERM, timeout=30)
-
-    def log_file(self) -> Path:
-        return self.log_path

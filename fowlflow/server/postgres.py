@@ -28,8 +28,8 @@ import subprocess
 from pathlib import Path
 
 from fowlflow.errors import ServerError
-from fowlflow.server.config import (AUTH_DB, DB_USER, TRACKING_DB, Secrets,
-                                             StackConfig, _write_private)
+from fowlflow.server.config import (AUTH_DB, DB_USER, TRACKING_DB, Secrets, StackConfig,
+                                    _write_private)
 from fowlflow.server.procs import Owner, ProcessRecord, log_tail, spawn, stop, wait_until
 
 log = logging.getLogger(__name__)

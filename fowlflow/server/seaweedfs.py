@@ -34,7 +34,7 @@ from pathlib import Path
 from fowlflow.errors import ServerError
 from fowlflow.server.config import Secrets, StackConfig, _write_private
 from fowlflow.server.procs import (Owner, ProcessRecord, http_status, spawn, stop,
-                                            wait_until)
+                                   wait_until)
 
 log = logging.getLogger(__name__)
 
