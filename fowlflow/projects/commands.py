@@ -1,101 +1,81 @@
 """``fowlflow logs|attach|status|cancel RUN_ID``: runs launched by a fowlflow backend.
 
-Everything comes from the run's ``fowlflow.launch`` tag (hosts, run dirs, supervisor), so any
-terminal with the same tracking URI and SSH access can do it::
+Everything comes from the run's launch record (:mod:`fowlflow.projects.launch_record`: hosts,
+run dirs, supervisor), so any terminal with the same tracking URI and SSH access can do it::
 
     fowlflow status 6a51...          # node0: RUNNING on root@gpu-box (log /root/.fowlflow/...)
     fowlflow logs 6a51... [--tail 50]   # the output so far
     fowlflow attach 6a51...          # stream until the run ends; exit 0 iff FINISHED
     fowlflow cancel 6a51...          # kill every process on every node; run ends KILLED
+
+Each command shares one SSH connection per host and closes it when it is done.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
-from fowlflow.errors import ConfigError, RemoteError
-from fowlflow.projects.common import LAUNCH_TAG
-from fowlflow.projects.config import HostSpec
-from fowlflow.projects.runners import LocalRunner, SshRunner
-from fowlflow.projects.submitted import Node, RunState, SupervisedRun
+from fowlflow.errors import RemoteError
+from fowlflow.projects.launch_record import LaunchRecord
+from fowlflow.projects.nodes import RunState
+from fowlflow.projects.run_lifecycle import client
+from fowlflow.projects.ssh_connections import SharedConnections
+from fowlflow.projects.submitted import SupervisedRun, combine
 
 
-def run_from_tags(run_id: str, stream: bool = True) -> SupervisedRun:
-    """Rebuild the ``SubmittedRun`` of a launched run from its tags.
+def run_from_tags(run_id: str, shared: SharedConnections, stream: bool = True
+                  ) -> SupervisedRun:
+    """Rebuild the ``SubmittedRun`` of a launched run from its launch record.
 
     Raises:
         ConfigError: the run does not exist or was not launched by a fowlflow backend.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        run = MlflowClient().get_run(run_id)
-    except MlflowException as exc:
-        raise ConfigError(f"run {run_id!r} not found in the tracking store "
-                          f"({exc.message.splitlines()[0]}); check MLFLOW_TRACKING_URI") from exc
-    record = run.data.tags.get(LAUNCH_TAG)
-    if record is None:
-        raise ConfigError(f"run {run_id} has no {LAUNCH_TAG} tag: it was not launched with "
-                          "`mlflow run -b torchrun|ssh`, so there is nothing to attach to")
-    record = json.loads(record)
-    ssh = record.get("ssh", {})
-    nodes = []
-    for n in record["nodes"]:
-        if n["host"] is None:
-            runner = LocalRunner()
-        else:
-            runner = SshRunner(HostSpec(**n["host"]),
-                               strict_host_key_checking=ssh.get("strict_host_key_checking",
-                                                                True),
-                               known_hosts_file=ssh.get("known_hosts_file"),
-                               connect_timeout=ssh.get("connect_timeout", 10),
-                               extra_options=tuple(ssh.get("ssh_options", ())))
-        nodes.append(Node(runner, n["run_dir"], n["name"], n["python"], n["supervisor"]))
-    return SupervisedRun(run_id, nodes, stream=stream)
+    record = LaunchRecord.load(client(None), run_id)
+    return SupervisedRun(run_id, record.nodes_for(shared), stream=stream)
 
 
-def _status(args) -> int:
-    from mlflow.tracking import MlflowClient
-
-    submitted = run_from_tags(args.run_id)
+def _status(args, shared: SharedConnections) -> int:
+    submitted = run_from_tags(args.run_id, shared)
     states = submitted.states()
-    mlflow_status = MlflowClient().get_run(args.run_id).info.status
-    overall = submitted.combine(states)
-    if overall.is_terminal() and mlflow_status == "RUNNING":
-        submitted.reconcile(overall)  # its process is gone: the run must not stay RUNNING
-        mlflow_status = MlflowClient().get_run(args.run_id).info.status
+    overall = combine(states)
+    if overall.is_terminal():
+        submitted.reconcile(overall)  # its processes are gone: the run must not stay RUNNING
+    mlflow_status = client(None).get_run(args.run_id).info.status
     for node, state in zip(submitted.nodes, states):
         print(f"{node.name}: {state.value} on {node.runner.name} (log {node.log_path})")
     print(f"run {args.run_id}: {overall.value}; MLflow status {mlflow_status}")
     return 0
 
 
-def _logs(args) -> int:
-    submitted = run_from_tags(args.run_id)
-    node = submitted.nodes[args.node]
-    argv = ["tail", "-n", str(args.tail), node.log_path] if args.tail else ["cat", node.log_path]
-    sys.stdout.buffer.write(node.runner.run(argv, timeout=120).stdout)
+def _logs(args, shared: SharedConnections) -> int:
+    node = run_from_tags(args.run_id, shared).nodes[args.node]
+    sys.stdout.buffer.write(node.read_log(args.tail))
     sys.stdout.flush()
     return 0
 
 
-def _attach(args) -> int:
-    submitted = run_from_tags(args.run_id)
+def _attach(args, shared: SharedConnections) -> int:
+    submitted = run_from_tags(args.run_id, shared)
     ok = submitted.wait()  # Ctrl-C cancels the run, as during `mlflow run`
     print(f"run {args.run_id}: {submitted.get_status()}", file=sys.stderr)
     return 0 if ok else 1
 
 
-def _cancel(args) -> int:
-    submitted = run_from_tags(args.run_id)
+def _cancel(args, shared: SharedConnections) -> int:
+    submitted = run_from_tags(args.run_id, shared)
     submitted.cancel()
-    state = submitted.combine(submitted.states())
+    state = combine(submitted.states())
     print(f"run {args.run_id}: {state.value}")
     if state is RunState.RUNNING:
         raise RemoteError(f"run {args.run_id} is still running after cancel")
     return 0
+
+
+def _with_connections(func):
+    def handler(args) -> int:
+        with SharedConnections() as shared:
+            return func(args, shared)
+    return handler
 
 
 def register(subparsers) -> None:
@@ -112,4 +92,4 @@ def register(subparsers) -> None:
             sp.add_argument("--tail", type=int, default=0, metavar="N",
                             help="only the last N lines")
             sp.add_argument("--node", type=int, default=0, help="which node (default 0)")
-        sp.set_defaults(func=funcs[name])
+        sp.set_defaults(func=_with_connections(funcs[name]))

@@ -72,6 +72,16 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class SshAccess:
+    """How to reach every host of a run: the ssh settings that are the same for all of them."""
+
+    strict_host_key_checking: bool = True
+    known_hosts_file: str | None = None
+    connect_timeout: int = 10
+    ssh_options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SshConfig:
     """``-b ssh``: one or more remote hosts, one torchrun per host."""
 
@@ -98,6 +108,11 @@ class SshConfig:
     @property
     def node_count(self) -> int:
         return len(self.hosts)
+
+    @property
+    def access(self) -> SshAccess:
+        return SshAccess(self.strict_host_key_checking, self.known_hosts_file,
+                         self.connect_timeout, self.ssh_options)
 
 
 def split_mlflow_keys(backend_config: dict | str | None) -> tuple[MlflowKeys, dict]:

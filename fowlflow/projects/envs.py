@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fowlflow.errors import ConfigError, RemoteError
+from fowlflow.projects.runners import Runner
 
 # Runs with the host's python3 (stdlib only). argv: manager env_dir project_dir requirements
 PREPARE_SOURCE = r"""
@@ -111,7 +112,7 @@ def env_spec(project_dir: Path, manager: str, host_python_version: str) -> EnvSp
     return EnvSpec(manager, requirements, f"{manager}-{digest.hexdigest()[:16]}")
 
 
-def prepare(runner, spec: EnvSpec, python: str, envs_dir: str, project_dir: str,
+def prepare(runner: Runner, spec: EnvSpec, python: str, envs_dir: str, project_dir: str,
             run_dir: str) -> dict:
     """Create the environment on the host unless an identical one is ready.
 
@@ -125,7 +126,7 @@ def prepare(runner, spec: EnvSpec, python: str, envs_dir: str, project_dir: str,
     reqs = ""
     if spec.requirements:
         reqs = f"{run_dir}/requirements.txt"
-        runner.run(["sh", "-c", 'cat > "$1"', "sh", reqs], input=spec.requirements.encode())
+        runner.write_file(reqs, spec.requirements.encode())
     proc = runner.run([python, "-c", PREPARE_SOURCE, spec.manager, env_dir, project_dir, reqs],
                       timeout=3600, check=False)
     if proc.returncode != 0:

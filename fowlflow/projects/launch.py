@@ -1,11 +1,11 @@
 """Pure functions that turn an entry point command into the argv a node runs.
 
-MLflow renders an entry point to one shell string (``python -m fowlflow.trainer --data x``);
+MLflow renders an entry point to one shell string (``python -m fowlflow.train --data x``);
 :func:`torchrun_argv` wraps it for ``torch.distributed.run``::
 
-    torchrun_argv("python -m fowlflow.trainer --num_epochs 1", nproc=2)
+    torchrun_argv("python -m fowlflow.train --num_epochs 1", nproc=2)
     # ['python', '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--standalone',
-    #  '--max-restarts', '0', '-m', 'fowlflow.trainer', '--num_epochs', '1']
+    #  '--max-restarts', '0', '-m', 'fowlflow.train', '--num_epochs', '1']
 
 ``python -m X`` and ``python script.py`` become torchrun's module/script form; any other command
 runs under ``--no-python``. Nothing here touches the system, so all of it is unit-tested.

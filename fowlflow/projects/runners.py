@@ -1,31 +1,31 @@
-"""Command runners: run an argv here or on a host over OpenSSH, and ship a project there.
+"""Command runners: run an argv on this machine or on a host over OpenSSH.
 
-Every command is an argv list. :class:`SshRunner` turns it into the one remote shell string
-with ``shlex.join`` (the only quoting step), and every ``ssh``/``rsync -e`` invocation takes its
-options from :func:`ssh_options`::
+:class:`Runner` is the one interface the backends, the supervisor client and the ``fowlflow``
+commands use; :class:`LocalRunner` and :class:`SshRunner` are its two kinds::
 
-    runner = SshRunner(HostSpec("gpu-box", user="alice"), strict_host_key_checking=True)
+    runner = SshRunner(HostSpec("gpu-box", user="alice"), SshAccess(), shared=shared)
     info = runner.probe("python3")            # {"home": ..., "gpus": [...], "rsync": true}
     runner.run(["mkdir", "-p", ".fowlflow/runs/abc"])
-    ship_project(work_dir, runner, ".fowlflow/runs/abc/project", method="auto")  # or "tar"
+    runner.write_file(".fowlflow/runs/abc/x.json", b"{}")   # 0600, through stdin
+    proc = runner.popen(["tail", "-f", "log"], stdout=subprocess.PIPE)
+
+Every command is an argv list. :class:`SshRunner` turns it into the one remote shell string
+with ``shlex.join`` (the only quoting step); its ssh options come from
+:func:`fowlflow.projects.ssh_connections.ssh_options`.
 """
 
 from __future__ import annotations
 
+import abc
 import json
-import logging
 import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
-import threading
-from pathlib import Path
 
 from fowlflow.errors import RemoteError
-from fowlflow.projects.config import HostSpec
-
-_logger = logging.getLogger(__name__)
+from fowlflow.projects.config import HostSpec, SshAccess
+from fowlflow.projects.ssh_connections import SharedConnections, ssh_options
 
 # Runs with the host's python3 (stdlib only): what the backends need to know about a host.
 PROBE_SOURCE = r"""
@@ -54,97 +54,118 @@ if shutil.which("nvidia-smi"):
         info["gpu_error"] = str(exc)
 print(json.dumps(info))
 """
+# Writes stdin to the file "$1" (folders created), readable by its owner only.
+_WRITE_FILE = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1"'
 
 
-def ssh_options(host: HostSpec, *, strict_host_key_checking: bool = True,
-                known_hosts_file: str | None = None, connect_timeout: int = 10,
-                extra: tuple[str, ...] = ()) -> list[str]:
-    """The one place SSH options are decided (ssh, rsync -e and tunnels all use it).
-
-    BatchMode makes a missing or rejected key fail at once instead of prompting;
-    ConnectTimeout and ServerAlive* bound how long an unreachable or dead host can hang us.
-    """
-    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}",
-            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
-    if strict_host_key_checking:
-        opts += ["-o", "StrictHostKeyChecking=yes"]
-    else:  # explicit opt-out only; never the default
-        opts += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                 "-o", "LogLevel=ERROR"]
-    if known_hosts_file and strict_host_key_checking:
-        opts += ["-o", f"UserKnownHostsFile={known_hosts_file}"]
-    if host.port:
-        opts += ["-p", str(host.port)]
-    if host.identity_file:
-        opts += ["-i", host.identity_file, "-o", "IdentitiesOnly=yes"]
-    return opts + list(extra)
-
-
-def _tail(text: str | bytes, n: int = 2000) -> str:
+def tail_text(text: str | bytes, n: int = 2000) -> str:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     return text[-n:].strip()
 
 
-class LocalRunner:
+class Runner(abc.ABC):
+    """Runs argv lists somewhere: :meth:`run`, :meth:`popen`, :meth:`write_file`, :meth:`probe`."""
+
+    name: str
+
+    @abc.abstractmethod
+    def command(self, argv: list[str]) -> list[str]:
+        """The local argv that runs ``argv`` where this runner runs things."""
+
+    @abc.abstractmethod
+    def probe(self, python: str) -> dict:
+        """What the backends need to know about the machine (see ``PROBE_SOURCE``)."""
+
+    def run(self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """Run to the end and capture the output.
+
+        Raises:
+            RemoteError: it did not end within ``timeout`` s, or (with ``check``) it failed;
+                the message carries the end of its stderr.
+        """
+        try:
+            proc = subprocess.run(self.command(argv), input=input, capture_output=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            self._timed_out()
+            raise RemoteError(f"{self.name}: {shlex.join(argv)[:200]} did not finish within "
+                              f"{timeout} s") from exc
+        self._check_connection(proc)
+        if check and proc.returncode != 0:
+            raise RemoteError(f"{self.name}: {shlex.join(argv)[:300]} failed with exit code "
+                              f"{proc.returncode}:\n{tail_text(proc.stderr or proc.stdout)}")
+        return proc
+
+    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start without waiting (``kwargs`` as for :class:`subprocess.Popen`)."""
+        return subprocess.Popen(self.command(argv), **kwargs)
+
+    def write_file(self, path: str, data: bytes, timeout: float = 60) -> None:
+        """Write ``data`` to ``path`` (mode 0600, missing folders created 0700).
+
+        The bytes travel through stdin, never on a command line, so secrets in them don't
+        show in ``ps`` on either machine.
+        """
+        self.run(["sh", "-c", _WRITE_FILE, "sh", path], input=data, timeout=timeout)
+
+    def _timed_out(self) -> None:
+        """Hook: a command did not finish in time."""
+
+    def _check_connection(self, proc: subprocess.CompletedProcess) -> None:
+        """Hook: raise if the command never reached the machine."""
+
+
+class LocalRunner(Runner):
     """Runs argv lists on this machine."""
 
     name = "local"
 
-    def wrap(self, argv: list[str]) -> list[str]:
+    def command(self, argv: list[str]) -> list[str]:
         return list(argv)
 
-    def run(self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60,
-            check: bool = True) -> subprocess.CompletedProcess:
-        try:
-            proc = subprocess.run(self.wrap(argv), input=input, capture_output=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise RemoteError(f"{self.name}: {shlex.join(argv)[:200]} did not finish within "
-                              f"{timeout} s") from exc
-        if check and proc.returncode != 0:
-            raise RemoteError(f"{self.name}: {shlex.join(argv)[:300]} failed with exit code "
-                              f"{proc.returncode}:\n{_tail(proc.stderr or proc.stdout)}")
-        return proc
-
-    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(self.wrap(argv), **kwargs)
-
     def probe(self, python: str = sys.executable) -> dict:
-        out = self.run([python, "-c", PROBE_SOURCE], timeout=60).stdout
-        return json.loads(out)
+        return json.loads(self.run([python, "-c", PROBE_SOURCE], timeout=60).stdout)
 
 
-class SshRunner(LocalRunner):
-    """Runs argv lists on one host through the OpenSSH client (``~/.ssh/config`` applies)."""
+class SshRunner(Runner):
+    """Runs argv lists on one host through the OpenSSH client (``~/.ssh/config`` applies).
 
-    def __init__(self, host: HostSpec, *, strict_host_key_checking: bool = True,
-                 known_hosts_file: str | None = None, connect_timeout: int = 10,
-                 extra_options: tuple[str, ...] = ()):
+    With ``shared``, every command to the host goes through one SSH connection.
+    """
+
+    def __init__(self, host: HostSpec, access: SshAccess = SshAccess(), *,
+                 shared: SharedConnections | None = None):
         if shutil.which("ssh") is None:
             raise RemoteError("the ssh backend needs the OpenSSH client; install it "
                               "(apt-get install openssh-client)")
         self.host = host
+        self.access = access
         self.name = host.destination
-        self.options = ssh_options(host, strict_host_key_checking=strict_host_key_checking,
-                                   known_hosts_file=known_hosts_file,
-                                   connect_timeout=connect_timeout, extra=extra_options)
+        self.shared = shared
+        if shared is not None:
+            shared.register(host.destination, ["ssh", *self.options])
 
-    def ssh_base(self) -> list[str]:
-        return ["ssh", *self.options, self.host.destination]
+    @property
+    def options(self) -> list[str]:
+        """The ssh options for this host (rsync -e uses them too). ssh takes the first value
+        given for an option, so a ControlPath in the config's ssh_options wins over the shared
+        one; after the shared connections were closed, commands connect on their own."""
+        shared = self.shared.options() if self.shared and not self.shared.closed else []
+        return ssh_options(self.host, self.access) + shared
 
-    def wrap(self, argv: list[str]) -> list[str]:
+    def command(self, argv: list[str]) -> list[str]:
         # `--` ends ssh's options; the remote side gets exactly one shell string.
-        return [*self.ssh_base(), "--", shlex.join(argv)]
+        return ["ssh", *self.options, self.host.destination, "--", shlex.join(argv)]
 
-    def run(self, argv, *, input=None, timeout=60, check=True):
-        proc = super().run(argv, input=input, timeout=timeout, check=False)
+    def _timed_out(self) -> None:
+        if self.shared is not None:  # maybe a hung shared connection: don't reuse it
+            self.shared.forget_socket(["ssh", *self.options], self.host.destination)
+
+    def _check_connection(self, proc: subprocess.CompletedProcess) -> None:
         if proc.returncode == 255:
-            raise RemoteError(self.explain_connect_error(_tail(proc.stderr)))
-        if check and proc.returncode != 0:
-            raise RemoteError(f"{self.name}: {shlex.join(argv)[:300]} failed with exit code "
-                              f"{proc.returncode}:\n{_tail(proc.stderr or proc.stdout)}")
-        return proc
+            raise RemoteError(self.explain_connect_error(tail_text(proc.stderr)))
 
     def explain_connect_error(self, stderr: str) -> str:
         hint = "check the host name, that sshd runs there, and your network"
@@ -165,73 +186,17 @@ class SshRunner(LocalRunner):
         proc = self.run([python, "-c", PROBE_SOURCE], timeout=60, check=False)
         if proc.returncode != 0:
             raise RemoteError(f"{self.name}: {python!r} could not run on the host "
-                              f"(exit {proc.returncode}): {_tail(proc.stderr)}\n  fix: set "
+                              f"(exit {proc.returncode}): {tail_text(proc.stderr)}\n  fix: set "
                               "\"python\" in the backend config to a Python 3 on the host")
         return json.loads(proc.stdout)
 
-    def resolved(self) -> dict:
-        """``ssh -G``: the real hostname/user/port after ``~/.ssh/config`` (no connection)."""
+    def address(self) -> str:
+        """The host's real name or address after ``~/.ssh/config`` (``ssh -G``, no
+        connection)."""
         proc = subprocess.run(["ssh", "-G", *self.options, self.host.destination],
                               capture_output=True, text=True, timeout=10)
-        out = {}
         for line in proc.stdout.splitlines():
             key, _, value = line.partition(" ")
-            if key in ("hostname", "user", "port"):
-                out[key] = value
-        return out
-
-
-def project_files(work_dir: Path) -> list[str]:
-    """Tracked and untracked-but-not-ignored files of a git project, else every file but .git."""
-    work_dir = Path(work_dir)
-    if shutil.which("git"):
-        proc = subprocess.run(["git", "-C", str(work_dir), "ls-files", "-z", "--cached",
-                               "--others", "--exclude-standard"], capture_output=True)
-        if proc.returncode == 0:
-            names = [n for n in proc.stdout.decode().split("\0") if n]
-            return sorted(n for n in names if (work_dir / n).is_file())
-    return sorted(str(p.relative_to(work_dir)) for p in work_dir.rglob("*")
-                  if p.is_file() and ".git" not in p.relative_to(work_dir).parts)
-
-
-def ship_project(work_dir: Path, runner: SshRunner, dest: str, method: str = "auto",
-                 remote_rsync: bool = True) -> str:
-    """Copy the project's files (see :func:`project_files`) into ``dest`` on the host.
-
-    rsync is used when both ends have it (``method="auto"``), else a tar stream over ssh.
-
-    Returns:
-        the method used, "rsync" or "tar".
-    """
-    files = project_files(work_dir)
-    use_rsync = method == "rsync" or (method == "auto" and remote_rsync
-                                      and shutil.which("rsync") is not None)
-    runner.run(["mkdir", "-p", "-m", "700", dest])
-    if use_rsync:
-        rsh = shlex.join(["ssh", *runner.options])
-        listing = "\0".join(files).encode()
-        cmd = ["rsync", "-a", "--from0", "--files-from=-", "-e", rsh, f"{work_dir}/",
-               f"{runner.host.destination}:{dest}/"]
-        proc = subprocess.run(cmd, input=listing, capture_output=True, timeout=600)
-        if proc.returncode != 0:
-            raise RemoteError(f"rsync of {work_dir} to {runner.name}:{dest} failed "
-                              f"({proc.returncode}): {_tail(proc.stderr)}")
-        return "rsync"
-    proc = runner.popen(["tar", "-x", "-f", "-", "-C", dest], stdin=subprocess.PIPE,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err: list[bytes] = []
-    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
-    reader.start()
-    try:
-        with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
-            for name in files:
-                tar.add(Path(work_dir) / name, arcname=name, recursive=False)
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    code = proc.wait(timeout=600)
-    reader.join(10)
-    if code != 0:
-        raise RemoteError(f"copying {work_dir} to {runner.name}:{dest} with tar failed "
-                          f"({code}): {_tail(b''.join(err))}")
-    return "tar"
+            if key == "hostname":
+                return value
+        return self.host.host

@@ -107,16 +107,27 @@ def _reap() -> None:
         pass
 
 
-def _finalize(run_id: str, state: str, log_path: str, name: str, set_status: bool) -> None:
+def end_run_if_running(client, run_id: str, status: str) -> bool:
+    """End the MLflow run with ``status`` unless it already ended; True if this call ended it.
+
+    The one place a fowlflow process ends a run: the supervisor when its command ends, and
+    the client (a failed launch, a dead supervisor, a cancel). It lives in this file because
+    this file must run alone, with only the standard library and MLflow, on a remote host.
+    """
+    if client.get_run(run_id).info.status in TERMINAL:
+        return False
+    client.set_terminated(run_id, status)
+    return True
+
+
+def _finalize(run_id: str, state: str, log_path: str, set_status: bool) -> None:
     """End the MLflow run if it is still RUNNING and upload the log; never raise."""
     try:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient()
         if set_status:
-            current = client.get_run(run_id).info.status
-            if current not in TERMINAL:
-                client.set_terminated(run_id, state)
+            end_run_if_running(client, run_id, state)
         client.log_artifact(run_id, log_path, "fowlflow-logs")
     except Exception as exc:  # the log keeps the reason; the client reconciles the status
         _log(log_path, f"finalize failed: {type(exc).__name__}: {exc}")
@@ -135,7 +146,7 @@ def cmd_run(args) -> int:
     env[MARKER] = marker
     state = {"cancelled": False}
 
-    def on_signal(signum, _frame):
+    def on_signal(_signum, _frame):
         state["cancelled"] = True
         raise KeyboardInterrupt
 
@@ -175,7 +186,7 @@ def cmd_run(args) -> int:
     if os.path.exists(p["env"]):
         os.unlink(p["env"])
     if args.finalize or args.upload_log:
-        _finalize(args.run_id, status, p["log"], args.name, set_status=args.finalize)
+        _finalize(args.run_id, status, p["log"], set_status=args.finalize)
     _write_atomic(p["status"], json.dumps({"state": status, "exit_code": code,
                                            "ended": time.time()}))
     return 0 if status == "FINISHED" else 1

@@ -20,11 +20,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.net import free_port, wait_port
+from tests.projects.helpers import Store
 
 BIN = Path(sys.executable).parent
 STANDIN = Path(__file__).with_name("standin")
@@ -38,23 +40,6 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr}")
     return proc
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_port(host: str, port: int, timeout: float = 60, netns: str | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
@@ -162,7 +147,7 @@ Subsystem sftp internal-sftp
     with open(keys.known_hosts, "a") as fh:
         name = address if port == 22 else f"[{address}]:{port}"  # ssh's known_hosts syntax
         fh.write(f"{name} {pub[0]} {pub[1]}\n")
-    wait_port(address, port)  # namespaces: reachable from here through the bridge
+    wait_port(address, port, proc=proc, log=log)  # namespaces: through the bridge
     return Sshd(address, port, proc, netns, log)
 
 
@@ -245,30 +230,31 @@ def tracking_server(network, tmp_path_factory) -> TrackingServer:
              "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
             stdout=fh, stderr=subprocess.STDOUT, cwd=d)
     try:
-        wait_port(BRIDGE_IP, port, timeout=120)
+        wait_port(BRIDGE_IP, port, timeout=120, proc=proc, log=log)
         yield TrackingServer(f"http://{BRIDGE_IP}:{port}", proc, log)
     finally:
         stop(proc)
 
 
 @pytest.fixture
-def server_uri(tracking_server, monkeypatch, request) -> str:
-    """Point this test (and the ``mlflow`` CLI it starts) at the tracking server.
-
-    Each test gets its own experiment on the shared server, so "the runs of this test" is
-    simply the active experiment's runs.
-    """
+def server_store(tracking_server, monkeypatch, request) -> Store:
+    """This test's own experiment on the shared tracking server; the ``mlflow`` and
+    ``fowlflow`` CLIs it starts log there too (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID)."""
     import uuid
 
-    import mlflow
+    from mlflow import MlflowClient
 
     name = f"{request.node.name[:60]}-{uuid.uuid4().hex[:8]}"
+    experiment_id = MlflowClient(tracking_server.uri).create_experiment(name)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
-    mlflow.set_tracking_uri(tracking_server.uri)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.MlflowClient().create_experiment(name))
-    yield tracking_server.uri
-    mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    return Store(tracking_server.uri, experiment_id)
+
+
+@pytest.fixture
+def local_store(tracking_uri) -> Store:
+    """A fresh SQLite store in tmp_path (``tracking_uri``), its Default experiment."""
+    return Store(tracking_uri, "0")
 
 
 def ssh_config(keys: Keys, sshd: Sshd, **extra) -> dict:

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from fowlflow.errors import ConfigError, FowlflowError
-from fowlflow.projects.config import (MLFLOW_KEYS, HostSpec, parse_ssh_config,
+from fowlflow.projects.config import (MLFLOW_KEYS, HostSpec, SshAccess, parse_ssh_config,
                                       parse_torchrun_config, split_mlflow_keys)
 from fowlflow.projects.launch import Rendezvous, node_argv, pick_gpus, torchrun_argv
-from fowlflow.projects.runners import ssh_options
-from fowlflow.projects.ssh import remote_tracking_uri
-from fowlflow.projects.submitted import RunState
+from fowlflow.projects.nodes import RunState
+from fowlflow.projects.ssh_connections import ssh_options
+from fowlflow.projects.tunnels import remote_tracking_uri
 
 MLFLOW_ADDED = {"ENV_MANAGER": "local", "SYNCHRONOUS": False, "DOCKER_ARGS": {},
                 "STORAGE_DIR": None, "build_image": False, "docker_auth": None}
@@ -74,9 +74,9 @@ def test_ssh_hosts_and_defaults(tmp_path):
 
 
 def test_torchrun_argv_module_script_and_other_commands():
-    argv = torchrun_argv("python -m fowlflow.trainer --data 'a b' --num_epochs 1", 2)
+    argv = torchrun_argv("python -m fowlflow.train --data 'a b' --num_epochs 1", 2)
     assert argv == ["python", "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--standalone", "--max-restarts", "0", "-m", "fowlflow.trainer",
+                    "--standalone", "--max-restarts", "0", "-m", "fowlflow.train",
                     "--data", "a b", "--num_epochs", "1"]
     assert torchrun_argv("python3 train.py --x 1", 1)[-3:] == ["train.py", "--x", "1"]
     assert torchrun_argv("bash run.sh", 1)[-3:] == ["--no-python", "bash", "run.sh"]
@@ -120,7 +120,7 @@ def test_ssh_options_verify_host_keys_unless_told_not_to():
     assert "StrictHostKeyChecking=yes" in opts and "BatchMode=yes" in opts
     assert "ConnectTimeout=10" in opts and opts[opts.index("-p") + 1] == "2222"
     assert "UserKnownHostsFile=/dev/null" not in opts
-    off = ssh_options(host, strict_host_key_checking=False)
+    off = ssh_options(host, SshAccess(strict_host_key_checking=False))
     assert "StrictHostKeyChecking=no" in off and "UserKnownHostsFile=/dev/null" in off
 
 
@@ -166,12 +166,11 @@ def test_env_file_is_written_0600_through_stdin(tmp_path):
     import os
     import stat
 
-    from fowlflow.projects.common import write_env_file
+    from fowlflow.projects.nodes import Node
     from fowlflow.projects.runners import LocalRunner
-    from fowlflow.projects.submitted import Node
 
     node = Node(LocalRunner(), str(tmp_path / "run"), "node0", sys.executable, "unused")
-    write_env_file(node.runner, node, {"MLFLOW_TRACKING_PASSWORD": "p w'\"$x"})
+    node.write_env({"MLFLOW_TRACKING_PASSWORD": "p w'\"$x"})
     path = tmp_path / "run" / "node0.env.json"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
@@ -179,7 +178,7 @@ def test_env_file_is_written_0600_through_stdin(tmp_path):
 
 
 def test_relative_local_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
-    from fowlflow.projects.common import absolute_tracking_uri
+    from fowlflow.projects.run_lifecycle import absolute_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"

@@ -11,30 +11,26 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 import uuid
 
-import mlflow
 import psutil
 import pytest
 
 from fowlflow.errors import ConfigError, RemoteError
 from fowlflow.projects.ssh import SshBackend
 from tests.conftest import ROOT, TINY_PARAMS
-from tests.projects.conftest import NS_IFACE, Relay, free_port, ssh_config
-from tests.projects.helpers import (STANDIN, artifact_text, finish, fowlflow, marked_processes,
-                                    mlflow_cli, only_run, wait_for_metric, wait_for_run)
+from tests.net import free_port
+from tests.projects.conftest import NS_IFACE, Relay, ssh_config
+from tests.projects.helpers import STANDIN, finish, fowlflow, marked_processes, mlflow_cli
 
 pytestmark = pytest.mark.slow
 
 
-def _no_runs() -> bool:
-    return not mlflow.search_runs(output_format="list")
-
-
 def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
-        server_uri, loopback_sshd, keys, tmp_path, monkeypatch):
+        server_store, loopback_sshd, keys, tmp_path, monkeypatch):
     secret = f"token-{uuid.uuid4().hex}"
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)  # the server ignores it; we trace it
     # the host is named through an ssh_config alias, as users do with ~/.ssh/config
@@ -47,9 +43,9 @@ def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
            "python": sys.executable, "remote_dir": str(tmp_path / "remote"),
            "process_count_per_node": 2}
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 6, "sleep": 0.5})
-    run = wait_for_run(proc)
+    run = server_store.wait_for_run(proc)
     run_id = run.info.run_id
-    wait_for_metric(run_id, "allreduce_sum", 1)
+    server_store.wait_for_metric(run_id, "allreduce_sum", 1)
     workers = marked_processes(run_id)
     assert workers and all(p.environ().get("MLFLOW_TRACKING_TOKEN") == secret for p in workers)
     for p in psutil.process_iter(["cmdline"]):
@@ -57,7 +53,7 @@ def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
     code, out, err = finish(proc)
     assert code == 0, err[-4000:]
     assert "rank 0 done" in out and "rank 1 done" in out  # streamed here
-    run = only_run()
+    run = server_store.only_run()
     tags = run.data.tags
     assert run.info.status == "FINISHED"
     assert tags["fowlflow.backend"] == tags["mlflow.project.backend"] == "ssh"
@@ -68,13 +64,13 @@ def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
     assert not os.path.exists(f"{run_dir}/node0.env.json")  # credentials file removed
     assert os.path.exists(f"{run_dir}/project/MLproject")
-    assert len(mlflow.MlflowClient().get_metric_history(run_id, "allreduce_sum")) == 6
+    assert len(server_store.client.get_metric_history(run_id, "allreduce_sum")) == 6
     assert run.data.params["world_size"] == "2"
-    assert "rank 0 done" in artifact_text(run_id, "fowlflow-logs/node0.log")
+    assert "rank 0 done" in server_store.artifact_text(run_id, "fowlflow-logs/node0.log")
     assert not marked_processes(run_id)
 
 
-def test_two_hosts_train_one_ddp_run(server_uri, hosts, keys, tmp_path):
+def test_two_hosts_train_one_ddp_run(server_store, hosts, keys, tmp_path):
     """Real trainer, 2 nodes x 1 CPU process, gloo across namespaces, c10d on the first."""
     cfg = {"hosts": [{"host": s.address} for s in hosts.sshds], "user": "root",
            "identity_file": str(keys.identity), "known_hosts_file": str(keys.known_hosts),
@@ -84,15 +80,15 @@ def test_two_hosts_train_one_ddp_run(server_uri, hosts, keys, tmp_path):
     params = {**TINY_PARAMS, "data": "synthetic", "output_dir": "outputs"}
     code, out, err = finish(mlflow_cli(ROOT, "ssh", cfg, params), timeout=500)
     assert code == 0, out[-3000:] + err[-4000:]
-    run = only_run()
+    run = server_store.only_run()
     tags = run.data.tags
     assert run.info.status == "FINISHED"
     assert tags["fowlflow.nodes"] == "2"
     assert tags["fowlflow.rdzv_endpoint"] == f"{hosts.sshds[0].address}:29400"
     details = json.loads(tags["fowlflow.node_details"])
     assert [d["address"] for d in details] == [s.address for s in hosts.sshds]
-    assert "Epoch 1/1" in artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
-    node1 = artifact_text(run.info.run_id, "fowlflow-logs/node1.log")
+    assert "Epoch 1/1" in server_store.artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    node1 = server_store.artifact_text(run.info.run_id, "fowlflow-logs/node1.log")
     assert "Traceback" not in node1
     assert run.data.metrics and any(not k.startswith("system/") for k in run.data.metrics)
     for node in ("node0", "node1"):  # each node's system metrics, with its node id
@@ -101,48 +97,48 @@ def test_two_hosts_train_one_ddp_run(server_uri, hosts, keys, tmp_path):
     assert not marked_processes(run.info.run_id)
 
 
-def test_dropped_connection_reattaches_and_the_run_finishes(server_uri, loopback_sshd, keys,
+def test_dropped_connection_reattaches_and_the_run_finishes(server_store, loopback_sshd, keys,
                                                              tmp_path):
     cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"),
                      process_count_per_node=1)
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 14, "sleep": 0.5})
-    run_id = wait_for_run(proc).info.run_id
-    wait_for_metric(run_id, "allreduce_sum", 2)
+    run_id = server_store.wait_for_run(proc).info.run_id
+    server_store.wait_for_metric(run_id, "allreduce_sum", 2)
     assert loopback_sshd.drop_connections() >= 1  # every SSH connection dies at once
     code, out, err = finish(proc)
     assert code == 0, err[-4000:]
     assert "re-attaching" in err
     for step in range(14):  # nothing lost, nothing repeated across the re-attach
         assert out.count(f"rank 0 step {step} sum") == 1, step
-    assert only_run().info.status == "FINISHED"
+    assert server_store.only_run().info.status == "FINISHED"
 
 
-def test_killed_remote_trainer_fails_the_run_and_keeps_its_output(server_uri, loopback_sshd,
+def test_killed_remote_trainer_fails_the_run_and_keeps_its_output(server_store, loopback_sshd,
                                                                    keys, tmp_path):
     cfg = ssh_config(keys, loopback_sshd, remote_dir=str(tmp_path / "remote"),
                      process_count_per_node=1, ship="tar")  # the no-rsync path
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
-    run_id = wait_for_run(proc).info.run_id
-    wait_for_metric(run_id, "allreduce_sum", 2)
-    trainer = int(mlflow.MlflowClient().get_run(run_id).data.tags["standin.pid"])
+    run_id = server_store.wait_for_run(proc).info.run_id
+    server_store.wait_for_metric(run_id, "allreduce_sum", 2)
+    trainer = int(server_store.client.get_run(run_id).data.tags["standin.pid"])
     psutil.Process(trainer).kill()
     code, out, err = finish(proc)
     assert code == 1 and "ended FAILED" in err
-    assert only_run().info.status == "FAILED"
-    assert only_run().data.tags["fowlflow.ship"] == "tar"
+    assert server_store.only_run().info.status == "FAILED"
+    assert server_store.only_run().data.tags["fowlflow.ship"] == "tar"
     assert "rank 0 step 1 sum" in err  # the error carries the end of the output
-    log = artifact_text(run_id, "fowlflow-logs/node0.log")
+    log = server_store.artifact_text(run_id, "fowlflow-logs/node0.log")
     assert "rank 0 step 1 sum" in log
     assert not marked_processes(run_id)
 
 
-def test_cancel_from_another_terminal_stops_every_remote_process(server_uri, hosts, keys,
+def test_cancel_from_another_terminal_stops_every_remote_process(server_store, hosts, keys,
                                                                  tmp_path):
     sshd = hosts.sshds[1]
     cfg = ssh_config(keys, sshd, remote_dir=str(tmp_path / "remote"), process_count_per_node=2)
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
-    run_id = wait_for_run(proc).info.run_id
-    wait_for_metric(run_id, "allreduce_sum", 2)
+    run_id = server_store.wait_for_run(proc).info.run_id
+    server_store.wait_for_metric(run_id, "allreduce_sum", 2)
     before = marked_processes(run_id)
     assert len(before) >= 4  # mlflow run, sh/torchrun, 2 workers
     assert "node0: RUNNING" in fowlflow("status", run_id).stdout
@@ -152,11 +148,11 @@ def test_cancel_from_another_terminal_stops_every_remote_process(server_uri, hos
     assert code == 1 and "ended KILLED" in err
     assert not marked_processes(run_id)
     assert all(not p.is_running() or p.status() == "zombie" for p in before)
-    assert only_run().info.status == "KILLED"
+    assert server_store.only_run().info.status == "KILLED"
 
 
 def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
-        server_uri, network, loopback_sshd, keys, tmp_path):
+        server_store, network, loopback_sshd, keys, tmp_path):
     # through the real CLI: an address on the bridge where nothing answers
     started = time.monotonic()
     code, _, err = finish(mlflow_cli(STANDIN, "ssh", {
@@ -165,27 +161,28 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
         "python": sys.executable}), timeout=120)
     assert code == 1 and "ssh to 10.77.0.250 failed" in err and "fix:" in err, err[-3000:]
     assert time.monotonic() - started < 60
-    assert _no_runs()
+    assert not server_store.runs()
 
     backend = SshBackend()
-    experiment = os.environ["MLFLOW_EXPERIMENT_ID"]
+    experiment = server_store.experiment_id
     other_key = tmp_path / "other"
-    os.system(f"ssh-keygen -q -t ed25519 -N '' -f {other_key}")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)],
+                   check=True)
     cases = [({"identity_file": str(other_key)}, "key was rejected"),
              ({"known_hosts_file": str(tmp_path / "empty_known_hosts")}, "host key")]
     for override, fragment in cases:
         cfg = {**ssh_config(keys, loopback_sshd), **override}
         started = time.monotonic()
         with pytest.raises(RemoteError, match=fragment):
-            backend.run(str(STANDIN), "main", {}, None, cfg, server_uri, experiment)
+            backend.run(str(STANDIN), "main", {}, None, cfg, server_store.uri, experiment)
         assert time.monotonic() - started < 30
     with pytest.raises(ConfigError, match="http\\(s\\) tracking server"):
         backend.run(str(STANDIN), "main", {}, None, ssh_config(keys, loopback_sshd),
                     f"sqlite:///{tmp_path / 'm.db'}", experiment)
-    assert _no_runs()
+    assert not server_store.runs()
 
 
-def test_environment_is_prepared_once_and_reused(server_uri, loopback_sshd, keys, tmp_path):
+def test_environment_is_prepared_once_and_reused(server_store, loopback_sshd, keys, tmp_path):
     project = tmp_path / "proj"
     project.mkdir()
     (project / "MLproject").write_text(
@@ -201,8 +198,7 @@ def test_environment_is_prepared_once_and_reused(server_uri, loopback_sshd, keys
         proc = mlflow_cli(project, "ssh", cfg, env_manager="virtualenv")
         code, out, err = finish(proc)
         assert code == 0, err[-3000:]
-        run = mlflow.search_runs(output_format="list",
-                                 order_by=["start_time DESC"])[0]
+        run = server_store.runs()[0]
         seen.append((run.data.tags["fowlflow.env"], run.data.tags["fowlflow.env_reused"], out))
     (env1, reused1, out1), (env2, reused2, out2) = seen
     assert env1 == env2 and env1.startswith(str(tmp_path / "remote" / "envs" / "virtualenv-"))
@@ -211,7 +207,7 @@ def test_environment_is_prepared_once_and_reused(server_uri, loopback_sshd, keys
 
 
 def test_reverse_tunnel_reaches_a_tracking_server_on_this_machines_localhost(
-        server_uri, tracking_server, hosts, keys, tmp_path):
+        server_store, tracking_server, hosts, keys, tmp_path):
     """The host (a namespace) can't reach our 127.0.0.1; ``"tunnel": true`` carries it."""
     host, port = tracking_server.uri.rsplit("/", 1)[-1].split(":")
     relay = Relay((host, int(port)))  # "mlflow server" listening on this machine's localhost
@@ -225,9 +221,9 @@ def test_reverse_tunnel_reaches_a_tracking_server_on_this_machines_localhost(
         assert code == 0, err[-4000:]
     finally:
         relay.close()
-    run = only_run()
+    run = server_store.only_run()
     assert run.info.status == "FINISHED"
-    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "allreduce_sum")) == 3
+    assert len(server_store.client.get_metric_history(run.info.run_id, "allreduce_sum")) == 3
     assert not any(p.info["name"] == "ssh" and "-R" in (p.info["cmdline"] or [])
                    for p in psutil.process_iter(["name", "cmdline"])
                    if f"127.0.0.1:{remote_port}:" in " ".join(p.info["cmdline"] or []))

@@ -18,8 +18,8 @@ import pytest
 from fowlflow.errors import ConfigError
 from fowlflow.projects.torchrun import TorchrunBackend
 from tests.conftest import ROOT, TINY_PARAMS
-from tests.projects.helpers import (STANDIN, artifact_text, finish, fowlflow, marked_processes,
-                                    mlflow_cli, only_run, wait_for_metric, wait_for_run)
+from tests.net import wait_until
+from tests.projects.helpers import STANDIN, finish, fowlflow, marked_processes, mlflow_cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,28 +28,26 @@ def _cfg(tmp_path, **extra) -> dict:
     return {"run_dir": str(tmp_path / "runs"), **extra}
 
 
-def test_bad_config_is_rejected_before_a_run_exists(tracking_uri, tmp_path):
-    import mlflow
-
+def test_bad_config_is_rejected_before_a_run_exists(local_store, tmp_path):
     config = {"ENV_MANAGER": "local", "SYNCHRONOUS": False, "DOCKER_ARGS": {},
               "STORAGE_DIR": None, "build_image": False, "docker_auth": None,
               "proces_count_per_node": 2}
     with pytest.raises(ConfigError, match="valid keys are: .*process_count_per_node"):
-        TorchrunBackend().run(str(STANDIN), "main", {}, None, config, tracking_uri, "0")
+        TorchrunBackend().run(str(STANDIN), "main", {}, None, config, local_store.uri, "0")
     with pytest.raises(ConfigError, match="--env-manager local"):
         TorchrunBackend().run(str(STANDIN), "main", {}, None, {"ENV_MANAGER": "conda"},
-                              tracking_uri, "0")
-    assert not mlflow.search_runs(output_format="list")
+                              local_store.uri, "0")
+    assert not local_store.runs()
 
 
-def test_trainer_runs_ddp_on_cpu_with_gloo(tracking_uri, tmp_path):
+def test_trainer_runs_ddp_on_cpu_with_gloo(local_store, tmp_path):
     params = {**TINY_PARAMS, "data": "synthetic", "output_dir": str(tmp_path / "out")}
     code, out, err = finish(mlflow_cli(ROOT, "torchrun", _cfg(tmp_path,
                                                               process_count_per_node=2),
                                        params), timeout=400)
     assert code == 0, err[-4000:]
     assert "Epoch 1/1" in out  # streamed to the terminal while it ran
-    run = only_run()
+    run = local_store.only_run()
     tags = run.data.tags
     assert run.info.status == "FINISHED"
     assert tags["fowlflow.backend"] == tags["mlflow.project.backend"] == "torchrun"
@@ -57,12 +55,12 @@ def test_trainer_runs_ddp_on_cpu_with_gloo(tracking_uri, tmp_path):
     assert tags["fowlflow.gpus"] == "none (CPU, gloo)"
     assert "--nproc-per-node 2" in tags["fowlflow.command"]
     assert os.path.exists(tags["fowlflow.log_path"])
-    assert "Epoch 1/1" in artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    assert "Epoch 1/1" in local_store.artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
     assert run.data.metrics, "rank 0 logged no metrics"
     assert not marked_processes(run.info.run_id)
 
 
-def test_relative_data_is_found_where_mlflow_run_was_typed(tracking_uri, tmp_path):
+def test_relative_data_is_found_where_mlflow_run_was_typed(local_store, tmp_path):
     """The trainer runs under a detached supervisor, with no `mlflow run` above it to ask."""
     import mlflow
 
@@ -75,30 +73,30 @@ def test_relative_data_is_found_where_mlflow_run_was_typed(tracking_uri, tmp_pat
                                                               process_count_per_node=1),
                                        params, cwd=user), timeout=400)
     assert code == 0, err[-4000:]
-    run = only_run()
+    run = local_store.only_run()
     assert run.data.tags["data_root"] == str(user / "rel" / "imgs")
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
     assert info.metadata["data_uri"] == str(user / "rel" / "imgs")
 
 
-def test_failed_run_exits_nonzero_keeps_output_and_ends_failed(tracking_uri, tmp_path):
+def test_failed_run_exits_nonzero_keeps_output_and_ends_failed(local_store, tmp_path):
     code, out, err = finish(mlflow_cli(STANDIN, "torchrun",
                                        _cfg(tmp_path, process_count_per_node=1),
                                        {"steps": 5, "sleep": 0.1, "fail_at": 1}))
     assert code == 1
     assert "failing on purpose" in out
     assert "ended FAILED" in err
-    run = only_run()
+    run = local_store.only_run()
     assert run.info.status == "FAILED"
-    log = artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    log = local_store.artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
     assert "failing on purpose at step 1" in log and "exited with code" in log
 
 
-def test_ctrl_c_cancels_every_process_and_ends_killed(tracking_uri, tmp_path):
+def test_ctrl_c_cancels_every_process_and_ends_killed(local_store, tmp_path):
     proc = mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=2),
                       {"steps": 400, "sleep": 0.3})
-    run = wait_for_run(proc)
-    wait_for_metric(run.info.run_id, "allreduce_sum", 2)
+    run = local_store.wait_for_run(proc)
+    local_store.wait_for_metric(run.info.run_id, "allreduce_sum", 2)
     pids = [p.pid for p in marked_processes(run.info.run_id)]
     assert len(pids) >= 3  # torchrun + 2 workers (each in its own session)
     supervisor = int(run.data.tags["fowlflow.pid"])
@@ -108,36 +106,36 @@ def test_ctrl_c_cancels_every_process_and_ends_killed(tracking_uri, tmp_path):
     assert not marked_processes(run.info.run_id)
     for pid in [*pids, supervisor]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", pid
-    assert only_run().info.status == "KILLED"
-    assert "cancelled" in artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    assert local_store.only_run().info.status == "KILLED"
+    assert "cancelled" in local_store.artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
 
 
-def test_detached_run_status_attach_and_logs(tracking_uri, tmp_path):
+def test_detached_run_status_attach_and_logs(local_store, tmp_path):
     started = time.monotonic()
     code, _, err = finish(mlflow_cli(STANDIN, "torchrun",
                                      _cfg(tmp_path, process_count_per_node=1, wait=False),
                                      {"steps": 12, "sleep": 0.5}))
     assert code == 0, err[-3000:]
-    run_id = only_run().info.run_id
-    assert only_run().info.status == "RUNNING"
+    run_id = local_store.only_run().info.run_id
+    assert local_store.only_run().info.status == "RUNNING"
     assert f"fowlflow attach {run_id}" in err
     status = fowlflow("status", run_id)
     assert status.returncode == 0 and "node0: RUNNING" in status.stdout
     attach = fowlflow("attach", run_id, timeout=180)  # streams to the end
     assert attach.returncode == 0, attach.stderr
     assert "rank 0 done" in attach.stdout
-    assert only_run().info.status == "FINISHED"
+    assert local_store.only_run().info.status == "FINISHED"
     logs = fowlflow("logs", run_id, "--tail", "1")
     assert logs.stdout.strip() == "rank 0 done"
     assert time.monotonic() - started < 200
 
 
 
-def test_run_whose_processes_died_does_not_stay_running(tracking_uri, tmp_path):
+def test_run_whose_processes_died_does_not_stay_running(local_store, tmp_path):
     finish(mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=1,
                                                 wait=False), {"steps": 400, "sleep": 0.3}))
-    run = only_run()
-    wait_for_metric(run.info.run_id, "allreduce_sum", 1)
+    run = local_store.only_run()
+    local_store.wait_for_metric(run.info.run_id, "allreduce_sum", 1)
     victims = [psutil.Process(int(run.data.tags["fowlflow.pid"])),
                *marked_processes(run.info.run_id)]
     for p in victims:  # a crash: nothing gets to record how the run ended
@@ -145,6 +143,6 @@ def test_run_whose_processes_died_does_not_stay_running(tracking_uri, tmp_path):
     psutil.wait_procs(victims, timeout=30)
     status = fowlflow("status", run.info.run_id)
     assert "node0: LOST" in status.stdout, status.stdout + status.stderr
-    assert only_run().info.status == "FAILED"
-    record = json.loads(only_run().data.tags["fowlflow.launch"])
+    assert local_store.only_run().info.status == "FAILED"
+    record = json.loads(local_store.only_run().data.tags["fowlflow.launch"])
     assert record["backend"] == "torchrun"
