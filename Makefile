@@ -22,8 +22,10 @@ train: $(VENV)/.installed
 	$(BIN)/mlflow run . --env-manager local --experiment-name fowlflow \
 	  -P data=$(DATA) -P weights=$(WEIGHTS) -P arch=$(ARCH) -P num_epochs=$(EPOCHS)
 
+# The whole suite, fast tests first: tests/conftest.py orders them (SLOW lists the slow ones)
+# and stops before the slow ones if a fast one failed. --durations=15: the 15 slowest tests.
 test: system-deps $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)

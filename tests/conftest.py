@@ -1,8 +1,19 @@
 """Fixtures shared by every test: an isolated MLflow store, tiny image sets, the real CLI.
 
-Tests mirror the package: tests/trainer, tests/tracking, tests/registry, tests/projects. Area
-fixtures that start real servers (SeaweedFS, PostgreSQL, sshd, mlflow server) live in the
-area's own conftest.py.
+Tests mirror the package: tests/trainer, tests/tracking, tests/registry, tests/projects,
+tests/server. Area fixtures that start real servers (SeaweedFS, PostgreSQL, sshd, mlflow
+server) live in the area's own conftest.py.
+
+The CI budget (issue 10): the slow end-to-end tests are listed in one place, :data:`SLOW`
+below, and get the ``slow`` marker from it. Every run orders the fast tests first and, if one
+of them failed, stops before the slow ones (fail fast: a broken fast test fails CI in minutes,
+not after half an hour); ``make test`` still runs the whole suite and prints the 15 slowest
+tests. ``pytest -m "not slow"`` is the quick loop while working.
+
+MLflow state: tests name their store explicitly. The ``tracking_uri`` fixture sets
+``MLFLOW_TRACKING_URI`` (read by subprocesses and by in-process fluent calls) and the
+``client`` fixture is ``MlflowClient(tracking_uri)``; nothing here sets MLflow's module-level
+tracking URI, which would leak into later tests.
 """
 
 from __future__ import annotations
@@ -30,6 +41,143 @@ TINY_PARAMS = {
     "workers": "0",
     "registered_model_name": "none",  # registration has its own tests; it adds an ONNX export
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The slow end-to-end tests: real `mlflow run` CLIs, real server stacks, sshd hosts, training
+# runs. One entry per test file or test; the reason says what makes it slow (measured with
+# `pytest --durations=0` on the 2-core CI machine, docs/benchmarks.md "Test suite").
+#
+# An entry is a test file's name, or the name with the folders above it when the name alone is
+# ambiguous ("registry/test_docs_commands.py"), optionally "::test_name" (every
+# parametrization of it, in whichever of the files so named defines it). Entries match by name, wherever the file lives under tests/, so a
+# file moved to another folder stays slow; a file renamed or removed, a test renamed, or a name
+# that matches two files fails the collection until this list is updated (check_slow_list).
+# The `slow` markers written in test files (pytestmark / @pytest.mark.slow) also count; this
+# list is the one that makes the order.
+
+SLOW: dict[str, str] = {
+    # Whole files.
+    "registry/test_docs_commands.py":
+        "the registry docs' 13 mlflow run commands, mlflow models serve twice (~6 min)",
+    "test_docs_python.py": "the registry docs' Python snippets, each a fresh interpreter",
+    "test_e2e.py": "train -> register -> promote -> predict -> evaluate through mlflow run (~2 min)",
+    "test_mlflow_run.py": "training runs through the real mlflow run CLI and the trainer's CLI",
+    "test_ssh.py": "sshd hosts in network namespaces, mlflow run -b ssh, two-node DDP",
+    "test_torchrun.py": "mlflow run -b torchrun: gloo process groups, 60-100 s per run",
+    "test_supervised_run.py": "real supervisor and node processes, a node failing (~20 s)",
+    "test_outage.py": "eight clients through a three-minute server outage (~5 min)",
+    "test_ui.py": "mlflow run through the team stack, then Chromium on the UI",
+    # Single tests.
+    "test_docs_commands.py::test_make_train_offline_with_shipped_imagenet_weights":
+        "make train: efficientnet_lite0 at 224 px, ONNX registration",
+    "test_docs_commands.py::test_make_train_from_a_zip_from_scratch": "make train, 5 epochs",
+    "test_docs_commands.py::test_make_ui_serves_the_runs_of_make_train": "make ui, a real server",
+    "test_docs_commands.py::test_torchrun_backend_cpu_smoke_test": "mlflow run -b torchrun",
+    "test_docs_commands.py::test_fowlflow_status_logs_attach_cancel":
+        "a detached torchrun run, then status/logs/attach/cancel",
+    "test_docs_commands.py::test_onnx_benchmark_quick_form": "bench/onnx_vs_torch.py --quick",
+    "test_docs_commands.py::test_load_benchmark_one_client":
+        "bench/load_server.py: its own team stack (PostgreSQL, SeaweedFS, mlflow server)",
+    "test_docs_commands.py::test_team_server_commands":
+        "a fresh team stack started, stopped and restarted as the docs do (~2.5 min)",
+    "test_lifecycle.py::test_resume_refuses_a_checkpoint_that_would_run_code": "mlflow run",
+    "test_lifecycle.py::test_sigterm_to_mlflow_run_stops_its_trainer_and_ends_the_run":
+        "SIGTERM to a real mlflow run",
+    "test_lifecycle.py::test_stop_signal_to_the_trainer_ends_the_run_killed":
+        "SIGTERM/SIGHUP to a real mlflow run's trainer",
+    "test_lifecycle.py::test_class_names_mlflow_refuses_in_metric_keys": "mlflow run",
+    "test_sources.py::test_mlflow_run_reads_a_relative_data_path_from_where_it_was_typed":
+        "mlflow run typed in another folder (~30 s)",
+    "test_predict_evaluate.py::test_mlflow_run_typed_elsewhere_reads_relative_paths_from_there":
+        "mlflow run -e predict / evaluate (~30 s)",
+    "test_params.py::test_evaluate_with_a_trailing_slash_under_mlflow_run": "mlflow run",
+    "test_params.py::test_register_without_val_dir_under_mlflow_run": "mlflow run",
+    "test_register.py::test_downloaded_onnx_model_is_self_contained_and_torch_free":
+        "a fresh interpreter serving the downloaded model (~20 s)",
+    "test_run_tracker.py::test_failed_artifact_upload_says_where_to_look":
+        "an mlflow server with a dead S3 (~50 s with its setup)",
+    "test_users.py::test_runs_record_the_authenticated_user_and_experiments_the_training_kind":
+        "mlflow run through the team stack",
+}
+
+
+def _entry_files(entry: str, test_files: list[Path]) -> list[Path]:
+    """The test files under tests/ an entry's file part names (matched on trailing parts)."""
+    parts = tuple(entry.split("::", 1)[0].split("/"))
+    return [f for f in test_files if f.parts[-len(parts):] == parts]
+
+
+def check_slow_list(slow: dict[str, str], tests_dir: Path) -> list[str]:
+    """What is wrong with ``slow``: entries whose file is not under ``tests_dir``, that name
+    several files, or whose test is not defined in the file (empty: all good)."""
+    import ast
+
+    def defines(path: Path, name: str) -> bool:
+        tree = ast.parse(path.read_text(), str(path))
+        return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name
+                   for n in ast.walk(tree))
+
+    test_files = sorted(tests_dir.rglob("test_*.py"))
+    problems = []
+    for entry in slow:
+        files = _entry_files(entry, test_files)
+        names = ", ".join(str(f.relative_to(tests_dir)) for f in files)
+        if not files:
+            problems.append(f"{entry}: no such test file under {tests_dir} (moved or renamed? "
+                            "update SLOW in tests/conftest.py)")
+        elif "::" not in entry and len(files) > 1:
+            problems.append(f"{entry}: names {len(files)} files ({names}): add the folder "
+                            "above it")
+        elif "::" in entry:
+            name = entry.split("::", 1)[1]
+            if not any(defines(f, name) for f in files):
+                problems.append(f"{entry}: no test {name} in {names} (renamed? update SLOW "
+                                "in tests/conftest.py)")
+    return problems
+
+
+def is_listed_slow(path: Path, test_name: str, slow: dict[str, str] = SLOW) -> bool:
+    for entry in slow:
+        file_part, _, name = entry.partition("::")
+        parts = tuple(file_part.split("/"))
+        if path.parts[-len(parts):] == parts and (not name or name == test_name):
+            return True
+    return False
+
+
+_FIRST_SLOW = pytest.StashKey[object]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(session, config, items):
+    """Mark the SLOW tests, then order the run: fast tests first, slow ones after (each group
+    in collection order, so module and package fixtures stay grouped)."""
+    problems = check_slow_list(SLOW, ROOT / "tests")
+    if problems:
+        raise pytest.UsageError("tests/conftest.py SLOW is out of date:\n  "
+                                + "\n  ".join(problems))
+    slow_mark = pytest.mark.slow(reason="listed in tests/conftest.py SLOW")
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if is_listed_slow(Path(item.path), name) and not item.get_closest_marker("slow"):
+            item.add_marker(slow_mark)
+    fast = [i for i in items if not i.get_closest_marker("slow")]
+    slow = [i for i in items if i.get_closest_marker("slow")]
+    items[:] = fast + slow
+    config.stash[_FIRST_SLOW] = slow[0] if slow and fast else None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Fail fast: when the first slow test is next and a fast test has failed, stop here (exit
+    status 1, the failures reported as usual) instead of running the slow tests."""
+    session = item.session
+    if item is item.config.stash.get(_FIRST_SLOW, None) and session.testsfailed:
+        session.shouldfail = (f"{session.testsfailed} fast test(s) failed: the slow tests "
+                              "(tests/conftest.py SLOW) were not run")
+        return True
+    return None
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +219,8 @@ def repository_mlflow_files() -> set[str]:
 
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite tracking store in tmp_path, set for this test, which runs in tmp_path.
+    """A fresh SQLite tracking store in tmp_path, named by ``MLFLOW_TRACKING_URI`` for this test
+    (its subprocesses and its in-process fluent calls read it), which runs in tmp_path.
 
     MLflow puts the artifacts of an experiment created without an ``artifact_location`` in
     ``./mlruns`` of the process that creates it: for a SQLite store, the Default experiment
@@ -80,16 +229,27 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     another folder that creates an experiment (``mlflow run --experiment-name``,
     ``MLFLOW_EXPERIMENT_NAME``) puts its artifacts under that folder: start those in tmp_path.
     """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow's module-level URI wins over the variable: one left by another area's fixture
+    # (mlflow.set_tracking_uri) must not point this test's fluent calls at its store.
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.chdir(tmp_path)
+    default = mlflow.MlflowClient(uri).get_experiment("0")  # creates the tables
+    assert default.artifact_location == str(tmp_path / "mlruns" / "0")
+    assert mlflow.get_tracking_uri() == uri
+    return uri
+
+
+@pytest.fixture
+def client(tracking_uri):
+    """``MlflowClient`` on this test's store (``tracking_uri``), named explicitly."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    default = mlflow.MlflowClient().get_experiment("0")  # creates the tables
-    assert default.artifact_location == str(tmp_path / "mlruns" / "0")
-    yield uri
-    mlflow.set_tracking_uri(None)
+    return mlflow.MlflowClient(tracking_uri)
 
 
 def make_imagefolder(root: Path, classes=("ants", "bees"), per_class=(6, 4), size=40) -> Path:
