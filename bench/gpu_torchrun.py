@@ -1,8 +1,9 @@
 """Images/s of the trainer launched through ``mlflow run -b torchrun`` on 1 GPU (not a test).
 
-Prepared for a machine with an NVIDIA GPU; compares against the plain-PyTorch ceiling in
-DESIGN.md (ResNet18, batch 256, bf16 + channels_last: 13,075 img/s on one H200) and against
-the same trainer started directly (no backend), so the backend's own cost shows::
+Prepared for a machine with an NVIDIA GPU; compares against a plain-PyTorch ceiling (a bare
+ResNet18 training step on random tensors already on the GPU, batch 256, 224 px, bf16 +
+channels_last: 13,075 img/s measured on one H200; see docs/benchmarks.md) and against the same
+trainer started directly (no backend), so the backend's own cost shows::
 
     .venv/bin/python bench/gpu_torchrun.py [--data DIR] [--epochs 30] [--batch-size 256]
 
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CEILING = 13_075  # img/s, DESIGN.md: ResNet18, batch 256, bf16 + channels_last, one H200
+CEILING = 13_075  # img/s: bare ResNet18 step, batch 256, bf16 + channels_last, one H200
 BIN = Path(sys.executable).parent
 
 

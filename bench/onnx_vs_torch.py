@@ -8,7 +8,7 @@ Same model and inputs on both sides, in one process: torchvision ResNet18 (rando
 (:class:`fowlflow.registry.export.PixelClassifier`: uint8 RGB pixels in, logits +
 probabilities out), exported with :func:`fowlflow.registry.export.export_onnx`. Inputs are
 real photos (hymenoptera val + the turkey) preprocessed by
-:func:`fowlflow.registry.images.preprocess`. PyTorch runs the eager ``nn.Module`` in float32
+:func:`fowlflow.data.images.preprocess`. PyTorch runs the eager ``nn.Module`` in float32
 under ``torch.inference_mode``; onnxruntime runs the CPU execution provider with its default
 graph optimizations. Both use every core. Timings are medians over repeated runs after warm-up.
 Not a test: results go to docs/benchmarks.md ("Registry: ONNX vs PyTorch").
@@ -71,7 +71,7 @@ def main() -> int:
     import torchvision
 
     from fowlflow.registry.export import PixelClassifier, export_onnx
-    from fowlflow.registry.images import Preprocessing, preprocess
+    from fowlflow.data.images import Preprocessing, preprocess
     from fowlflow.registry.parity import compare, onnx_probabilities, torch_probabilities
 
     size = 64 if args.quick else 224

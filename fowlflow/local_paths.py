@@ -8,12 +8,12 @@ folder, so the process's own folder is not the user's. The user's folder (:func:
 is, in this order:
 
 1. the working folder of the ``mlflow run`` process that started this one (directly or
-   through a ``bash -c``), asked of the OS (:func:`fowlflow.trainer.lifecycle.find_mlflow_run`);
+   through a ``bash -c``), asked of the OS (:func:`fowlflow.stopping.find_mlflow_run`);
 2. ``$FOWLFLOW_CALLER_DIR``, which the ``torchrun`` backend sets to the folder ``mlflow run -b
    torchrun`` was typed in: its processes run under a detached supervisor, with no ``mlflow
    run`` above them. The ssh backend does not set it, as that folder is on another machine:
    relative paths of an ssh run are relative to the project copy on the host;
-3. none: the process's own folder is the user's (``python -m fowlflow.trainer`` by hand).
+3. none: the process's own folder is the user's (``python -m fowlflow.train`` by hand).
 
 A relative path is looked up in the user's folder first; if it is only in the process's folder
 (the project folder under ``mlflow run``), that one is used with a warning; if it is in
@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from fowlflow.errors import ConfigError, FowlflowError
+from fowlflow.stopping import find_mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ CALLER_DIR_ENV = "FOWLFLOW_CALLER_DIR"
 
 def caller_dir() -> Path | None:
     """The folder the user typed the command in, when it is not this process's; else None."""
-    from fowlflow.trainer.lifecycle import find_mlflow_run
-
     launcher = find_mlflow_run()
     if launcher is not None:
         try:

@@ -5,10 +5,12 @@
     reg.version, reg.onnx_version, reg.parity.max_abs_prob_diff
 
 Entry points (MLproject): ``register``, ``promote``, ``predict``, ``evaluate``; see
-docs/registry.md. Modules: ``images`` (decode + preprocess, torch-free), ``image_pyfunc`` (the
-ONNX model's python_function flavor, torch-free: it is copied into every ONNX model),
-``export`` (pt2 → ONNX), ``parity``, ``card`` (tags + model card), ``register``, ``promote``,
-``classifier`` (one interface over both formats), ``predict``, ``evaluate``.
+docs/registry.md. Modules: ``image_pyfunc`` (the ONNX model's python_function flavor,
+torch-free: it is copied into every ONNX model, with the decode + preprocess of
+:mod:`fowlflow.data.images` it uses), ``export`` (pt2 → ONNX), ``parity``, ``card`` (tags +
+model card), ``register``, ``promote``, ``classifier`` (one interface over both formats),
+``predict``, ``evaluate``. The training entry point (``python -m fowlflow.train``) calls
+:func:`register_trained_model` after training; the trainer itself never imports the registry.
 
 Importing this package imports neither torch nor onnxruntime.
 """

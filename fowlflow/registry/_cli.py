@@ -1,29 +1,14 @@
-"""Shared ``__main__`` plumbing of the registry entry points (register, promote, predict, evaluate).
+"""What the registry entry points (register, promote, predict, evaluate) share besides
+:func:`fowlflow.errors.exit_code`, which runs each ``main``:
 
-    if __name__ == "__main__":
-        run_main(main)     # logging set up; a FowlflowError → its message on stderr, exit 2
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     given(args.val_dir)    # "" and "none" → None
     log_params(vars(args)) # to the active run, leaving `mlflow run`'s own values alone
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from typing import Callable
-
-from fowlflow.errors import FowlflowError
-
-
-def run_main(main: Callable[[list[str] | None], int]) -> None:
-    """Run an entry point's ``main`` and exit with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        code = int(main(None) or 0)
-    except FowlflowError as exc:
-        print(f"fowlflow: error: {exc.message}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def given(value: str | None) -> str | None:

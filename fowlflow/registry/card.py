@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from fowlflow.registry.images import Preprocessing
+from fowlflow.data.images import Preprocessing
 from fowlflow.registry.parity import ParityReport
 
 _MAX_TAG = 4000  # below MLflow's smallest tag value limit (5000 for model version tags)

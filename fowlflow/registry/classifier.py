@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from fowlflow.data.images import Preprocessing
 from fowlflow.errors import RegistryError
-from fowlflow.registry.images import Preprocessing
 
 
 class Classifier(Protocol):

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fowlflow.data.images import list_images
 from fowlflow.errors import RegistryError
 from fowlflow.local_paths import find_local
 from fowlflow.registry._cli import log_params
-from fowlflow.registry.images import list_images
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fowlflow.registry._cli import run_main
+    import sys
 
-    run_main(main)
+    from fowlflow.errors import exit_code
+    from fowlflow.registry._cli import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    sys.exit(exit_code(main))

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from fowlflow.data.images import Preprocessing
 from fowlflow.errors import RegistryError
-from fowlflow.registry.images import Preprocessing
+from fowlflow.registry.image_pyfunc import INPUT_NAME, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def export_onnx(classifier, path: Path, prep: Preprocessing, *, opset: int = DEF
     try:
         program = torch.onnx.export(
             classifier, (example,), dynamo=True, opset_version=opset, verbose=False,
-            input_names=["pixels"], output_names=["logits", "probabilities"],
-            dynamic_shapes={"pixels": {0: batch}},
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={INPUT_NAME: {0: batch}},
         )
         program.save(str(path))
         proto = onnx.load(str(path))
@@ -135,17 +135,3 @@ def export_onnx(classifier, path: Path, prep: Preprocessing, *, opset: int = DEF
                 path.stat().st_size / 1e6)
     return proto
 
-
-def onnx_io(proto) -> dict[str, Any]:
-    """Names, element types and shapes of a graph's inputs and outputs (for the model card)."""
-    import onnx
-
-    def describe(values):
-        out = {}
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-            out[v.name] = f"{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)}{dims}"
-        return out
-
-    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}

@@ -9,10 +9,11 @@
 An ONNX model logged by :func:`save_model` has two flavors: ``onnx`` (MLflow's: the graph,
 for any language and for ``mlflow.onnx.load_model``) and ``python_function``, whose loader is
 this module instead of ``mlflow.onnx``. The loader decodes and preprocesses images with
-``fowlflow.registry.images.preprocess`` (the same function parity checks use) and runs the
+``fowlflow.data.images.preprocess`` (the same function parity checks use) and runs the
 graph, whose input is raw RGB pixels (uint8 ``[N, S, S, 3]``) with normalization built in.
-This module and ``images.py`` import no torch and are copied into the model's ``code/``
-folder, so ``mlflow models serve`` needs only mlflow, onnxruntime, numpy, pandas and Pillow.
+This module and ``fowlflow/data/images.py`` import no torch and are copied, with the package
+files they need (``_CODE_FILES``), into the model's ``code/`` folder, so ``mlflow models
+serve`` needs only mlflow, onnxruntime, numpy, pandas and Pillow.
 Inside the scoring server, str inputs are read as base64 only (never as server-side paths).
 Results are per item: an input that is not a readable image gets a row with ``error`` set
 (and no label) while the others are classified, so one bad photo never fails a batch, and the
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fowlflow.registry.images import ImageDecodeError, Preprocessing, preprocess
+from fowlflow.data.images import ImageDecodeError, Preprocessing, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ PYFUNC_INPUT = ("images, one per row: a list, or a DataFrame column 'image' (or 
                 "each base64-encoded image bytes, and in Python also a path, bytes or a PIL image")
 _CHUNK = 64  # images per onnxruntime call: bounds memory for large predict() batches
 # The files a served model imports; everything else in fowlflow may need torch.
-_CODE_FILES = ("__init__.py", "errors.py", "registry/__init__.py", "registry/images.py",
-               "registry/image_pyfunc.py")
+_CODE_FILES = ("__init__.py", "errors.py", "data/__init__.py", "data/images.py",
+               "registry/__init__.py", "registry/image_pyfunc.py")
 
 
 class OnnxImageClassifier:

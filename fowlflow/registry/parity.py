@@ -4,7 +4,7 @@
     report = check_parity(PixelClassifier(module, prep), Path("model.onnx"), pixels, atol=1e-4)
     report.passed, report.top1_agreement, report.max_abs_prob_diff
 
-Both sides get the same uint8 pixels from :func:`fowlflow.registry.images.preprocess`; the
+Both sides get the same uint8 pixels from :func:`fowlflow.data.images.preprocess`; the
 PyTorch side runs the wrapper that the ONNX graph was exported from, in float32 eager mode.
 Passing means every image gets the same top-1 class and no class probability differs by more
 than ``atol`` (default 1e-4).
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fowlflow.data.images import ImageDecodeError, Preprocessing, list_images, preprocess
 from fowlflow.errors import RegistryError
-from fowlflow.registry.images import ImageDecodeError, Preprocessing, list_images, preprocess
 
 logger = logging.getLogger(__name__)
 

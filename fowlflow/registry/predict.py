@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fowlflow.data.images import IMAGE_EXTENSIONS, list_images
 from fowlflow.errors import RegistryError
 from fowlflow.local_paths import find_local
 from fowlflow.registry._cli import given
-from fowlflow.registry.images import IMAGE_EXTENSIONS, list_images
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fowlflow.registry._cli import run_main
+    import sys
 
-    run_main(main)
+    from fowlflow.errors import exit_code
+    from fowlflow.registry._cli import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    sys.exit(exit_code(main))

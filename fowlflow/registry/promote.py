@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fowlflow.registry._cli import run_main
+    import sys
 
-    run_main(main)
+    from fowlflow.errors import exit_code
+    from fowlflow.registry._cli import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    sys.exit(exit_code(main))

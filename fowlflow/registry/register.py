@@ -1,6 +1,7 @@
 """Register a trained model: PyTorch version, ONNX export, parity check, ONNX version, aliases.
 
-The trainer calls, at the end of a run with ``registered_model_name`` set::
+The training entry point (``python -m fowlflow.train``, the MLproject's ``main``) calls, at
+the end of a run with ``registered_model_name`` set, under that same run::
 
     from fowlflow.registry import register_trained_model
     register_trained_model(run_id=run_id, name="fowl-classifier", val_dir=Path("data/val"))
@@ -29,6 +30,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fowlflow.data.images import Preprocessing
+from fowlflow.data.sources import resolve_data
 from fowlflow.errors import RegistryError
 from fowlflow.local_paths import find_local
 from fowlflow.registry._cli import given, log_params
@@ -108,15 +111,9 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
         tagged or moved (registration is idempotent).
     """
     import mlflow
-    import onnx
-    import onnxruntime
-    import torch
 
-    from fowlflow.registry.export import DEFAULT_OPSET, PixelClassifier, export_onnx, load_pytorch
-    from fowlflow.registry.images import Preprocessing
-    from fowlflow.registry.parity import check_parity, load_parity_images
+    from fowlflow.registry.export import DEFAULT_OPSET, load_pytorch
 
-    opset = opset or DEFAULT_OPSET
     client = mlflow.MlflowClient()
     info = _model_info(model_uri)
     source_run_id = info.run_id or ""
@@ -134,20 +131,46 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
     val_dir = (find_local(str(val_dir), "register: val_dir", RegistryError,
                           "Give the ImageFolder's val/ folder (-P val_dir=...).")
                if val_dir else training_val_dir(metadata, model_uri))
+    proto, report = _export_and_check(module, prep, val_dir, opset or DEFAULT_OPSET, atol,
+                                      max_images, client, log_run_id, model_uri)
+    facts = _version_facts(metadata, prep, report, proto, opset or DEFAULT_OPSET, client,
+                           source_run_id, model_uri)
+    version = _register(client, register_uri, name, facts, "pytorch")
+    _refuse_unpaired(client, name, version, report)
+    return _register_onnx(client, proto, facts, name, version, log_run_id)
+
+
+def _export_and_check(module, prep: Preprocessing, val_dir: Path, opset: int, atol: float,
+                      max_images: int, client, log_run_id: str, model_uri: str):
+    """Export ONNX and compare it with PyTorch on real images; returns ``(proto, report)``.
+
+    A failed export gives ``proto=None`` and a report that says so: the PyTorch model is
+    still registered, marked unpromotable. Parity metrics go to ``log_run_id``.
+    """
+    from fowlflow.registry.export import PixelClassifier, export_onnx
+    from fowlflow.registry.parity import check_parity, load_parity_images
+
     pixels, paths = load_parity_images(val_dir, prep, max_images)
     classifier = PixelClassifier(module, prep)
-    proto = None
     with tempfile.TemporaryDirectory(prefix="fowlflow-onnx-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         try:
             proto = export_onnx(classifier, onnx_path, prep, opset=opset)
-        except RegistryError as exc:  # still register the PyTorch model, marked unpromotable
-            report = ParityReport.export_failed(exc.message, atol)
-        else:
-            report = check_parity(classifier, onnx_path, pixels, atol)
-            _log_parity(client, log_run_id, report, paths, model_uri)
+        except RegistryError as exc:
+            return None, ParityReport.export_failed(exc.message, atol)
+        report = check_parity(classifier, onnx_path, pixels, atol)
+        _log_parity(client, log_run_id, report, paths, model_uri)
+    return proto, report
 
-    facts = VersionFacts(
+
+def _version_facts(metadata: dict, prep: Preprocessing, report: ParityReport, proto,
+                   opset: int, client, source_run_id: str, model_uri: str) -> VersionFacts:
+    """What the tags and model cards of both versions say."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    return VersionFacts(
         source_run_id=source_run_id, model_uri=model_uri,
         class_names=[str(c) for c in metadata["class_names"]], prep=prep,
         val_acc=_val_acc(metadata, client, source_run_id), parity=report, metadata=metadata,
@@ -155,7 +178,10 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
                   "onnxruntime": str(onnxruntime.__version__),
                   "opset": str(_opset(proto) if proto is not None else opset)},
     )
-    version = _register(client, register_uri, name, facts, "pytorch")
+
+
+def _refuse_unpaired(client, name: str, version: str, report: ParityReport) -> None:
+    """Raise when the export or the parity check failed: the PyTorch version stays, tagged."""
     onnx_name = onnx_name_for(name)
     if report.error:
         client.set_model_version_tag(name, version, PAIRED_ONNX, "none: export failed")
@@ -170,6 +196,12 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
             f"model; nothing was registered under {onnx_name!r} and this version can't be "
             "promoted. Fix: try another -P opset=..., or report the arch and torch version; "
             "raise -P atol=... only if you accept the difference.")
+
+
+def _register_onnx(client, proto, facts: VersionFacts, name: str, version: str,
+                   log_run_id: str) -> Registration:
+    """Log and register the ONNX twin, link the pair, write the cards, move ``candidate``."""
+    onnx_name = onnx_name_for(name)
     onnx_info = _log_onnx(proto, facts, log_run_id)
     onnx_version = _register(client, onnx_info.model_uri, onnx_name, facts, "onnx",
                              paired=f"{name}/{version}")
@@ -180,7 +212,7 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
         client.set_registered_model_alias(model_name, CANDIDATE, v)
     logger.info("registered %s/%s and %s/%s; alias %r points at both", name, version,
                 onnx_name, onnx_version, CANDIDATE)
-    return Registration(name, version, onnx_name, onnx_version, report)
+    return Registration(name, version, onnx_name, onnx_version, facts.parity)
 
 
 def _model_info(model_uri: str):
@@ -218,19 +250,18 @@ def _already_registered(client, name: str, register_uri: str,
 def training_val_dir(metadata: dict, model_uri: str) -> Path:
     """The ``val/`` folder of the data the model was trained on (its ``data_uri`` metadata).
 
-    Resolved with the trainer's own data sources (downloads are cached), so ``register`` needs
-    no ``val_dir`` for models trained on a reachable source.
+    Resolved by :func:`fowlflow.data.sources.resolve_data`, as the trainer resolved it
+    (downloads are cached), so ``register`` needs no ``val_dir`` for models trained on a
+    reachable source.
 
     Raises:
         RegistryError: the model has no ``data_uri``, or the data has no ``val/`` folder.
     """
-    from fowlflow.trainer.data_sources import resolve_data
-
     uri = str(metadata.get("data_uri") or "")
     if not uri:
         raise RegistryError(f"{model_uri!r} has no data_uri in its metadata, so its validation "
                             "images are unknown; pass -P val_dir=<ImageFolder>/val")
-    val = resolve_data(uri) / "val"
+    val = resolve_data(uri).root / "val"
     if not val.is_dir():
         raise RegistryError(f"the training data {uri!r} has no val/ folder ({val}); pass "
                             "-P val_dir=<folder of validation images>")
@@ -359,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fowlflow.registry._cli import run_main
+    import sys
 
-    run_main(main)
+    from fowlflow.errors import exit_code
+    from fowlflow.registry._cli import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    sys.exit(exit_code(main))

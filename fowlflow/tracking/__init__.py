@@ -1,4 +1,4 @@
-"""Everything fowlflow sends to MLflow goes through here; it is a no-op off global rank 0.
+"""What a training run sends to MLflow goes through here; it is a no-op off global rank 0.
 
     tracker = RunTracker(enabled=ctx.is_main)
     run_id = tracker.start()                  # joins MLFLOW_RUN_ID when `mlflow run` set it
@@ -11,6 +11,12 @@ Per-step values are queued with MLflow's async logging and flushed at epoch end;
 metrics are one ``log_batch`` each. System metrics (CPU, memory; GPU through nvidia-ml-py)
 come from MLflow's own monitor; on a multi-node run every node's local rank 0 adds its own
 with a node id (:func:`start_node_system_metrics`).
+
+The rest of fowlflow calls MLflow itself where the call is its job: the registry registers,
+tags and aliases model versions and logs the ONNX model (``fowlflow.registry``), the launch
+backends create and end the runs they submit (``fowlflow.projects``). The training and
+registry entry points log their params by this package's one rule
+(:func:`fowlflow.tracking.run_tracker.log_new_params`).
 """
 
 from fowlflow.tracking.run_tracker import RunTracker, start_node_system_metrics

@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fowlflow.data.sources import DataSource
 from fowlflow.errors import FowlflowError, ServerError
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,15 @@ class RunTracker:
         if self.enabled:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_dataset(self, name: str, source_uri: str, digest: str, context: str) -> None:
-        """An MLflow dataset input (no data copied: the source URI and a content digest)."""
+    def log_dataset(self, source: DataSource, split: str, digest: str, context: str) -> None:
+        """One split of ``source`` as an MLflow dataset input, named ``<source name>/<split>``
+        (no data copied: where it came from and a content digest)."""
         if not self.enabled:
             return
         from mlflow.data.meta_dataset import MetaDataset
 
-        dataset = MetaDataset(source=_dataset_source(source_uri), name=name, digest=digest)
+        dataset = MetaDataset(source=_dataset_source(source), name=f"{source.name}/{split}",
+                              digest=digest)
         mlflow.log_input(dataset, context=context)
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
@@ -224,19 +227,19 @@ def artifact_upload(name: str):
             "FAILED; -P resume=<output_dir>/checkpoint.pt skips the finished epochs).") from exc
 
 
-def _dataset_source(uri: str):
-    """An MLflow dataset source for ``uri`` (http, s3, local path; 'synthetic' is code)."""
+def _dataset_source(source: DataSource):
+    """An MLflow dataset source: the URL of an http or s3 source, the local ImageFolder of a
+    folder or zip, code for ``synthetic``."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-    if uri == "synthetic":
+    if source.kind == "synthetic":
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
-        return CodeDatasetSource(tags={"generator": "fowlflow.trainer.synthetic"})
+        return CodeDatasetSource(tags={"generator": "fowlflow.data.synthetic"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
-        if "://" not in uri:
-            uri = str(Path(uri).resolve())
+        uri = source.uri if source.is_remote else str(Path(source.root).resolve())
         return resolve_dataset_source(uri)
 

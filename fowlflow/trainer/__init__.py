@@ -1,4 +1,8 @@
-"""The payload: data sources -> in-memory image caches -> model -> train/eval loop (DDP-ready).
+"""The payload: in-memory image caches -> model -> train/eval loop (DDP-ready), tracked.
 
-    python -m fowlflow.trainer --data ../hymenoptera_data --num_epochs 5
+    summary = run(parse_args(["--data", "synthetic", "--num_epochs", "2"]))  # trainer.train
+
+Data sources and the shared image preprocessing are :mod:`fowlflow.data`; the command line
+(``python -m fowlflow.train``, which also registers the model) is :mod:`fowlflow.train`.
+The trainer never imports the registry.
 """

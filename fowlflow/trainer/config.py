@@ -37,7 +37,6 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = "outputs"
     resume: str = ""
-    registered_model_name: str = "fowl-classifier"
 
     def as_params(self) -> dict[str, str]:
         """The config as MLflow params (strings)."""
@@ -53,16 +52,17 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _optional(text: str) -> str:
+def optional(text: str) -> str:
     """``none`` (MLproject's default for an unset value) and ``""`` both mean unset: ``""``."""
     return "" if text.strip().lower() in ("", "none") else text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser; flag names equal the MLproject parameter names."""
+    """The trainer's flags; their names equal the MLproject ``main`` parameter names (the entry
+    point, ``python -m fowlflow.train``, adds ``--registered_model_name``)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m fowlflow.trainer",
+        prog="python -m fowlflow.train",
         description="Transfer-learn an image classifier on an ImageFolder, tracked in MLflow.",
     )
     p.add_argument("--data", default=d.data,
@@ -85,10 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints and local outputs")
-    p.add_argument("--resume", default=d.resume, type=_optional,
+    p.add_argument("--resume", default=d.resume, type=optional,
                    help="a checkpoint file to continue from (e.g. outputs/checkpoint.pt); none: don't")
-    p.add_argument("--registered_model_name", default=d.registered_model_name, type=_optional,
-                   help="register the trained model under this name (none: don't register)")
     return p
 
 
@@ -98,7 +96,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     Raises:
         ConfigError: a value is out of range (the message names it and the valid range).
     """
-    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    return checked(TrainConfig(**vars(build_parser().parse_args(argv))))
+
+
+def checked(cfg: TrainConfig) -> TrainConfig:
+    """``cfg``, once every value is in range.
+
+    Raises:
+        ConfigError: a value is out of range (the message names it and the valid range).
+    """
     checks = [
         (cfg.num_epochs >= 1, "num_epochs", cfg.num_epochs, "at least 1"),
         (cfg.learning_rate > 0, "learning_rate", cfg.learning_rate, "greater than 0"),

@@ -7,7 +7,7 @@ Training images are resized ("squashed") to ``S x S`` with ``S = resize_size(ima
 their original aspect ratio is kept, so the batched random-resized-crop in ``augment`` can
 sample crops in the original geometry without losing the image's edges. Validation images get
 the classic eval transform once (shorter side to ``S``, centre crop ``image_size``). Both decode
-with the served model's :func:`fowlflow.registry.images.to_rgb` (EXIF orientation, 16-bit
+with the served model's :func:`fowlflow.data.images.to_rgb` (EXIF orientation, 16-bit
 grayscale, the ``FOWLFLOW_MAX_IMAGE_PIXELS`` decode limit). Decoding runs in ``workers``
 processes with a progress bar; files that fail to decode are reported, not fatal.
 """
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from fowlflow.registry.images import (ImageDecodeError, Preprocessing, max_image_pixels,
+from fowlflow.data.images import (ImageDecodeError, Preprocessing, max_image_pixels,
                                       resize_and_crop, to_rgb)
 
 log = logging.getLogger(__name__)

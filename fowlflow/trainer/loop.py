@@ -17,10 +17,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fowlflow.stopping import raise_if_stopping
 from fowlflow.trainer.augment import eval_batch, train_batch
 from fowlflow.trainer.distributed import DistContext
 from fowlflow.trainer.image_cache import ImageCache
-from fowlflow.trainer.lifecycle import raise_if_stopping
+
+
+# Every random stream is seeded from (seed, epoch, rank), so a resumed run repeats an
+# uninterrupted one exactly. The multipliers are primes that keep the streams of different
+# seeds, epochs and ranks apart (seed 1 epoch 2 is not seed 2 epoch 1).
+SHUFFLE_SEED_STRIDE = 100_003     # the epoch's shared shuffle: seed * this + epoch
+AUGMENT_SEED_STRIDE = 1_000_003   # this rank's augmentation and dropout: seed * this
+AUGMENT_EPOCH_STRIDE = 1_009      #   + epoch * this + rank
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,8 @@ class EvalResult:
 
 def epoch_batches(n: int, setup: LoopSetup, epoch: int) -> list[torch.Tensor]:
     """This rank's index batches: one shared shuffle per epoch, equal shards per rank."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(setup.seed * 100_003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(
+        setup.seed * SHUFFLE_SEED_STRIDE + epoch))
     ctx = setup.ctx
     per_rank = n // ctx.world_size
     mine = perm[ctx.rank::ctx.world_size][:per_rank]
@@ -73,7 +82,7 @@ def epoch_batches(n: int, setup: LoopSetup, epoch: int) -> list[torch.Tensor]:
 
 
 def _seed_epoch(setup: LoopSetup, epoch: int) -> torch.Generator:
-    seed = setup.seed * 1_000_003 + epoch * 1_009 + setup.ctx.rank
+    seed = setup.seed * AUGMENT_SEED_STRIDE + epoch * AUGMENT_EPOCH_STRIDE + setup.ctx.rank
     torch.manual_seed(seed)  # dropout etc.
     return torch.Generator(device=setup.device).manual_seed(seed)
 

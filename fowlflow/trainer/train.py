@@ -1,9 +1,11 @@
-"""The training run, end to end: data -> caches -> model -> epochs -> figures -> model -> registry.
+"""The training run, end to end: data -> caches -> model -> epochs -> figures -> logged model.
 
-    python -m fowlflow.trainer --data synthetic --num_epochs 2     # what `mlflow run .` calls
     summary = run(parse_args([...]), tracking=False)               # from Python (benchmarks)
+    run(cfg, after=register)     # register(TrainedRun) on rank 0, while the MLflow run is open
 
-Works as one process or under ``torchrun`` (DDP; rank 0 alone talks to MLflow).
+``python -m fowlflow.train`` (what ``mlflow run .`` calls) wraps this with the stop handling
+and, after training, the registry. Works as one process or under ``torchrun`` (DDP; rank 0
+alone talks to MLflow).
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import copy
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from fowlflow.data.imagefolder import Split, check_nonempty, scan_imagefolder
+from fowlflow.data.sources import DataSource, data_location, resolve_data
 from fowlflow.errors import DataError
+from fowlflow.stopping import Terminated
 from fowlflow.tracking import RunTracker, start_node_system_metrics
 from fowlflow.tracking import figures
 from fowlflow.tracking.lineage import lineage_tags
@@ -26,11 +33,8 @@ from fowlflow.trainer.augment import IMAGENET_MEAN, IMAGENET_STD, eval_batch
 from fowlflow.trainer.checkpoint import (check_classes, check_output_dir, load_checkpoint,
                                          save_checkpoint)
 from fowlflow.trainer.config import TrainConfig
-from fowlflow.trainer.data_sources import data_location, resolve_data
 from fowlflow.trainer.distributed import DistContext
 from fowlflow.trainer.image_cache import decode_split, resize_size
-from fowlflow.trainer.imagefolder import Split, check_nonempty, scan_imagefolder
-from fowlflow.trainer.lifecycle import Terminated
 from fowlflow.trainer.loop import LoopSetup, evaluate, train_epoch
 from fowlflow.trainer.model import build_model
 
@@ -48,15 +52,23 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@dataclass(frozen=True)
+class TrainedRun:
+    """What :func:`run` hands its ``after`` callable on rank 0, the MLflow run still open."""
+
+    run_id: str
+    data: DataSource  # what the model was trained on; its ``root / "val"`` the validation set
+
+
 def _load_data(cfg: TrainConfig, ctx: DistContext):
-    """The layout, both image caches, and the data's location (a local path made absolute)."""
+    """The layout, both image caches, and the resolved data source."""
     location = data_location(cfg.data)
     if ctx.local_rank == 0:
-        root = resolve_data(location)
+        source = resolve_data(location)
     ctx.barrier()  # the other local ranks then find the download in the cache
     if ctx.local_rank != 0:
-        root = resolve_data(location)
-    layout = scan_imagefolder(root)
+        source = resolve_data(location)
+    layout = scan_imagefolder(source.root)
     progress = ctx.is_main
     caches = {}
     for name, split in (("train", layout.train), ("val", layout.val)):
@@ -70,26 +82,25 @@ def _load_data(cfg: TrainConfig, ctx: DistContext):
         log.warning("Skipped %d unreadable file(s) (training goes on without them):\n  %s",
                     len(layout.skipped),
                     "\n  ".join(f"{s['path']}: {s['reason']}" for s in layout.skipped))
-    return layout, caches["train"], caches["val"], location
+    return layout, caches["train"], caches["val"], source
 
 
-def _log_inputs(tracker: RunTracker, cfg: TrainConfig, layout, ctx, device, bf16: bool) -> None:
-    tracker.log_params({**cfg.as_params(), "data_digest": layout.digest,
+def _log_inputs(tracker: RunTracker, cfg: TrainConfig, layout, source: DataSource, ctx, device,
+                bf16: bool, params: dict[str, Any]) -> None:
+    tracker.log_params({**cfg.as_params(), **params, "data_digest": layout.digest,
                         "num_classes": len(layout.classes), "train_images": len(layout.train.paths),
                         "val_images": len(layout.val.paths), "world_size": ctx.world_size,
                         "bf16": bf16})
     tracker.set_tags({**lineage_tags(device), "class_names": ", ".join(layout.classes),
                       "data_digest": layout.digest, "data_root": str(layout.root)})
-    name = Path(cfg.data.rstrip("/")).stem if cfg.data != "synthetic" else "synthetic"
-    source = cfg.data if "://" in cfg.data or cfg.data == "synthetic" else str(layout.root)
-    tracker.log_dataset(f"{name}/train", source, layout.train_digest, "training")
-    tracker.log_dataset(f"{name}/val", source, layout.val_digest, "validation")
+    tracker.log_dataset(source, "train", layout.train_digest, "training")
+    tracker.log_dataset(source, "val", layout.val_digest, "validation")
     tracker.log_epoch({"skipped_files": len(layout.skipped)}, 0)
     if layout.skipped:
         tracker.log_dict(layout.skipped, "data/skipped_files.json")
 
 
-def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, location) -> None:
+def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, data_uri) -> None:
     """Final evaluation of the best weights: figures, per-class table, the model."""
     result = evaluate(model, val_cache, setup, shard=False)
     cm = result.confusion.numpy()
@@ -111,14 +122,20 @@ def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, locati
     example = eval_batch(val_cache.images[:2]).cpu().numpy()
     metadata = {"class_names": layout.classes, "image_size": cfg.image_size,
                 "resize_size": resize_size(cfg.image_size), "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "arch": cfg.arch, "data_uri": location,
+                "std": list(IMAGENET_STD), "arch": cfg.arch, "data_uri": data_uri,
                 "data_digest": layout.digest, "best_val_acc": best_acc}
     cpu_model = copy.deepcopy(model).float().to("cpu", memory_format=torch.contiguous_format).eval()
     tracker.log_model(cpu_model, example, metadata)
 
 
-def run(cfg: TrainConfig, tracking: bool = True) -> dict:
+def run(cfg: TrainConfig, tracking: bool = True, *, params: dict[str, Any] | None = None,
+        after: Callable[[TrainedRun], None] | None = None) -> dict:
     """Train as configured; returns a summary (best_val_acc, throughput, run_id).
+
+    Args:
+        params: more MLflow params to log with the config (the entry point's own flags).
+        after: called on global rank 0 once the model is logged, before the MLflow run ends
+            (the entry point registers the model there); what it raises fails the run.
 
     Raises:
         FowlflowError: bad data, model or config (the run, if any, is marked FAILED).
@@ -131,7 +148,7 @@ def run(cfg: TrainConfig, tracking: bool = True) -> dict:
         tracker.start(node_id=f"node{ctx.node_rank}" if ctx.distributed else None)
         if tracking and not ctx.is_main and ctx.local_rank == 0 and os.environ.get("MLFLOW_RUN_ID"):
             node_monitor = start_node_system_metrics(os.environ["MLFLOW_RUN_ID"], f"node{ctx.node_rank}")
-        summary = _train(cfg, ctx, tracker)
+        summary = _train(cfg, ctx, tracker, params or {}, after)
         tracker.flush()  # raises if MLflow refused a metric batch
         tracker.finish("FINISHED")
         return summary
@@ -146,85 +163,109 @@ def run(cfg: TrainConfig, tracking: bool = True) -> dict:
         ctx.shutdown()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker) -> dict:
+def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict[str, Any],
+           after: Callable[[TrainedRun], None] | None) -> dict:
     if ctx.is_main:
         check_output_dir(cfg.output_dir)
     state = load_checkpoint(cfg.resume, _ckpt_config(cfg)) if cfg.resume else None
     device = ctx.device()
     bf16 = use_bf16(cfg.amp, device)
-    layout, train_cache, val_cache, location = _load_data(cfg, ctx)
+    layout, train_cache, val_cache, source = _load_data(cfg, ctx)
     if state is not None:
         check_classes(state, cfg.resume, layout.classes)
     if len(train_cache) < 2 * ctx.world_size:
         raise DataError(f"Only {len(train_cache)} readable training images for "
                         f"{ctx.world_size} process(es); add images.")
-    _log_inputs(tracker, cfg, layout, ctx, device, bf16)
+    _log_inputs(tracker, cfg, layout, source, ctx, device, bf16, params)
     train_cache, val_cache = train_cache.to(device), val_cache.to(device)
-
-    torch.manual_seed(cfg.seed)  # the new head's initialisation
-    model = build_model(cfg.arch, len(layout.classes), cfg.weights, cfg.freeze_backbone)
-    model = model.to(device, memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    start_epoch, best_acc, best_state = 1, -1.0, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_acc, best_state = state["epoch"] + 1, state["best_acc"], state["best_state"]
-        tracker.set_tags({"resumed_from": os.path.abspath(cfg.resume)})
-        if ctx.is_main:
-            log.info("Resuming from %s at epoch %d", cfg.resume, start_epoch)
-    train_model = model
-    if ctx.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    t = _Training.build(cfg, ctx, device, len(layout.classes), state, tracker)
     setup = LoopSetup(device, ctx, cfg.batch_size, cfg.image_size, len(layout.classes),
                       cfg.seed, bf16, progress=ctx.is_main)
-    ckpt_path = Path(cfg.output_dir) / "checkpoint.pt"
-    speeds = []
     loop_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.num_epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        stats, step_losses = train_epoch(train_model, optimizer, train_cache, setup, epoch)
-        scheduler.step()  # after the optimizer steps (the sample stepped it first)
-        val = evaluate(model, val_cache, setup)
-        if val.acc > best_acc:
-            best_acc, best_state = val.acc, copy.deepcopy(model.state_dict())
-        speeds.append(stats.images_per_sec)
-        steps_per_epoch = len(step_losses)
-        tracker.log_step_losses(step_losses, first_step=(epoch - 1) * steps_per_epoch)
-        tracker.log_epoch({"train_loss": stats.loss, "train_acc": stats.acc, "val_loss": val.loss,
-                           "val_acc": val.acc, "lr": lr, "momentum": cfg.momentum,
-                           "best_val_acc": best_acc, "train_images_per_sec": stats.images_per_sec,
-                           "epoch_seconds": stats.seconds}, epoch)
-        if ctx.is_main:
-            print(f"Epoch {epoch}/{cfg.num_epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}"
-                  f"  val loss {val.loss:.4f} acc {val.acc:.4f}  best {best_acc:.4f}"
-                  f"  lr {lr:.2g}  {stats.images_per_sec:.1f} img/s", flush=True)
-            save_checkpoint(ckpt_path, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "best_acc": best_acc, "best_state": best_state,
-                "config": _ckpt_config(cfg), "classes": layout.classes, "data_digest": layout.digest})
-
-    summary = {"best_val_acc": best_acc, "train_images_per_sec": float(np.median(speeds)) if speeds else 0.0,
+    speeds = _epochs(t, cfg, ctx, tracker, setup, train_cache, val_cache, layout)
+    summary = {"best_val_acc": t.best_acc,
+               "train_images_per_sec": float(np.median(speeds)) if speeds else 0.0,
                "loop_seconds": time.perf_counter() - loop_start, "run_id": tracker.run_id,
                "classes": layout.classes}
     if not ctx.is_main:
         return summary
     finish_start = time.perf_counter()
-    model.load_state_dict(best_state)
-    _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, location)
-    if cfg.registered_model_name and tracker.run_id:
-        from fowlflow.registry import register_trained_model
-
+    t.model.load_state_dict(t.best_state)
+    _log_results(tracker, t.model, val_cache, setup, layout, cfg, t.best_acc, source.uri)
+    if after is not None and tracker.run_id:
         tracker.flush()
-        register_trained_model(run_id=tracker.run_id, name=cfg.registered_model_name,
-                               val_dir=layout.root / "val")
+        after(TrainedRun(tracker.run_id, source))
     summary["finish_seconds"] = time.perf_counter() - finish_start
     return summary
+
+
+@dataclass
+class _Training:
+    """The model and its optimizer state, fresh or resumed, and the best epoch so far."""
+
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # ``model``, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    start_epoch: int = 1
+    best_acc: float = -1.0
+    best_state: dict | None = None
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, ctx: DistContext, device: torch.device, num_classes: int,
+              state: dict | None, tracker: RunTracker) -> "_Training":
+        torch.manual_seed(cfg.seed)  # the new head's initialisation
+        model = build_model(cfg.arch, num_classes, cfg.weights, cfg.freeze_backbone)
+        model = model.to(device, memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size,
+                                                    gamma=cfg.gamma)
+        train_model = model
+        if ctx.distributed:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        t = cls(model, train_model, optimizer, scheduler)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            t.start_epoch, t.best_acc = state["epoch"] + 1, state["best_acc"]
+            t.best_state = state["best_state"]
+            tracker.set_tags({"resumed_from": os.path.abspath(cfg.resume)})
+            if ctx.is_main:
+                log.info("Resuming from %s at epoch %d", cfg.resume, t.start_epoch)
+        return t
+
+
+def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracker,
+            setup: LoopSetup, train_cache, val_cache, layout) -> list[float]:
+    """Train the remaining epochs, logging and checkpointing each; returns images/s per epoch."""
+    ckpt_path = Path(cfg.output_dir) / "checkpoint.pt"
+    speeds = []
+    for epoch in range(t.start_epoch, cfg.num_epochs + 1):
+        lr = t.optimizer.param_groups[0]["lr"]
+        stats, step_losses = train_epoch(t.train_model, t.optimizer, train_cache, setup, epoch)
+        t.scheduler.step()  # after the optimizer steps (the sample stepped it first)
+        val = evaluate(t.model, val_cache, setup)
+        if val.acc > t.best_acc:
+            t.best_acc, t.best_state = val.acc, copy.deepcopy(t.model.state_dict())
+        speeds.append(stats.images_per_sec)
+        tracker.log_step_losses(step_losses, first_step=(epoch - 1) * len(step_losses))
+        tracker.log_epoch({"train_loss": stats.loss, "train_acc": stats.acc, "val_loss": val.loss,
+                           "val_acc": val.acc, "lr": lr, "momentum": cfg.momentum,
+                           "best_val_acc": t.best_acc, "train_images_per_sec": stats.images_per_sec,
+                           "epoch_seconds": stats.seconds}, epoch)
+        if ctx.is_main:
+            print(f"Epoch {epoch}/{cfg.num_epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}"
+                  f"  val loss {val.loss:.4f} acc {val.acc:.4f}  best {t.best_acc:.4f}"
+                  f"  lr {lr:.2g}  {stats.images_per_sec:.1f} img/s", flush=True)
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch, "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict(), "best_acc": t.best_acc,
+                "best_state": t.best_state, "config": _ckpt_config(cfg), "classes": layout.classes,
+                "data_digest": layout.digest})
+    return speeds
 
 
 def _ckpt_config(cfg: TrainConfig) -> dict:

@@ -65,19 +65,17 @@ def store(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("registry-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # for the code under test and its subprocesses
     # A SQLite store puts each new experiment's artifacts under ./mlruns of the process that
     # creates it: create this package's experiments here, not in the repository.
     cwd = os.getcwd()
     os.chdir(root)
     try:
         for name in ("registry-tests", "params-tests"):
-            mlflow.MlflowClient().create_experiment(name)
+            mlflow.MlflowClient(uri).create_experiment(name)
     finally:
         os.chdir(cwd)
     yield uri
-    mlflow.set_tracking_uri(None)
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -86,11 +84,13 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture
 def use_store(store, monkeypatch) -> str:
-    """Point MLflow at the package store for this test (other areas' fixtures reset it)."""
-    import mlflow
+    """Point the code under test at the package store (by ``MLFLOW_TRACKING_URI``, which other
+    areas' fixtures change); tests name it explicitly: ``MlflowClient(use_store)``."""
+    from mlflow.tracking._tracking_service import utils
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    mlflow.set_tracking_uri(store)
+    # MLflow's module-level URI wins over the variable: one left set must not win here.
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     return store
 
 
@@ -116,7 +116,7 @@ def registered(store, val_dir) -> Registered:
 
     run_id = log_contract_model(val_acc=0.75)
     reg = register_trained_model(run_id=run_id, name=MODEL_NAME, val_dir=val_dir)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(store)
     aliases = {n: {a: str(v) for a, v in client.get_registered_model(n).aliases.items()}
                for n in (reg.name, reg.onnx_name)}
     return Registered(*(getattr(reg, f.name) for f in fields(Registration)), aliases=aliases)

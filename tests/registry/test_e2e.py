@@ -18,7 +18,7 @@ def test_train_registers_then_promote_and_predict_entry_points(tmp_path, trackin
     monkeypatch.setenv("PATH", f"{BIN}:{__import__('os').environ['PATH']}")
     name = "fowl-e2e"
     mlflow_run(params={**TINY_PARAMS, "data": "synthetic", "registered_model_name": name})
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri)
     (mv,) = client.search_model_versions(f"name='{name}'")
     (onnx_mv,) = client.search_model_versions(f"name='{name}-onnx'")
     assert mv.tags["onnx_model"] == f"{name}-onnx/{onnx_mv.version}"

@@ -7,6 +7,8 @@ exactly that way (MLflow's own code on this project's MLproject), then run the e
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.conftest import ROOT
@@ -23,7 +25,7 @@ def _project_run(monkeypatch, entry_point: str, values: dict) -> str:
 
     final, extra = _project_spec.load_project(str(ROOT)).get_entry_point(
         entry_point).compute_parameters(values, storage_dir=None)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.create_run(mlflow.set_experiment("params-tests").experiment_id)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in {**final, **extra}.items()])
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
@@ -33,7 +35,7 @@ def _project_run(monkeypatch, entry_point: str, values: dict) -> str:
 def _params(run_id: str) -> dict:
     import mlflow
 
-    return mlflow.MlflowClient().get_run(run_id).data.params
+    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).data.params
 
 
 def test_evaluate_with_a_trailing_slash_under_mlflow_run(registered, use_store, val_dir,
@@ -56,7 +58,8 @@ def test_register_without_val_dir_under_mlflow_run(registered, use_store, monkey
     from fowlflow.registry import register
 
     monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(tmp_path))
-    source = mlflow.MlflowClient().get_model_version(MODEL_NAME, registered.version).run_id
+    client = mlflow.MlflowClient(use_store)
+    source = client.get_model_version(MODEL_NAME, registered.version).run_id
     uri = f"runs:/{source}/model"
     run_id = _project_run(monkeypatch, "register", {"model_uri": uri, "name": MODEL_NAME})
     assert _params(run_id)["val_dir"] == "none"  # MLproject's default, not ''
@@ -72,7 +75,8 @@ def test_plain_python_m_logs_params_as_given_with_empties_as_none(registered, us
 
     from fowlflow.registry import register
 
-    source = mlflow.MlflowClient().get_model_version(MODEL_NAME, registered.version).run_id
+    client = mlflow.MlflowClient(use_store)
+    source = client.get_model_version(MODEL_NAME, registered.version).run_id
     mlflow.set_experiment("params-tests")
     assert register.main(["--model_uri", source, "--val_dir", "", "--name", MODEL_NAME]) == 0
     run = mlflow.last_active_run()
@@ -100,17 +104,17 @@ def test_run_tracker_keeps_mlflow_runs_spelling_and_logs_the_rest(use_store, mon
 
 
 def test_trainer_flags_take_none_for_unset():
-    from fowlflow.trainer.config import parse_args
+    from fowlflow.train import parse_args
 
-    cfg = parse_args(["--resume", "none", "--registered_model_name", "none"])
-    assert (cfg.resume, cfg.registered_model_name) == ("", "")
-    assert parse_args(["--resume", "out/ck.pt"]).resume == "out/ck.pt"
+    cfg, name = parse_args(["--resume", "none", "--registered_model_name", "none"])
+    assert (cfg.resume, name) == ("", "")
+    assert parse_args(["--resume", "out/ck.pt"])[0].resume == "out/ck.pt"
 
 
 def _metrics(run_id: str) -> dict:
     import mlflow
 
-    return mlflow.MlflowClient().get_run(run_id).data.metrics
+    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).data.metrics
 
 
 @pytest.fixture(autouse=True)

@@ -106,7 +106,7 @@ def test_evaluate_logs_accuracy_and_confusion_matrix_to_a_new_run(registered, us
     assert run.data.metrics["accuracy"] == onnx["accuracy"]
     assert run.data.params["model_uri"] == ONNX_URI
     assert {"recall_ants", "precision_bees"} <= set(run.data.metrics)
-    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    names = {a.path for a in mlflow.MlflowClient(use_store).list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv"} <= names
 
 

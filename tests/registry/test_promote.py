@@ -44,7 +44,7 @@ def test_promotion_accepted_then_refused_then_by_min_accuracy(registered, use_st
     from fowlflow.registry import register_trained_model
     from fowlflow.registry.promote import promote
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(use_store)
     onnx = MODEL_NAME + "-onnx"
     first = promote(MODEL_NAME)  # @candidate = the first version; no champion yet
     assert first.accepted and "no current champion" in first.reason

@@ -19,7 +19,7 @@ ONNX_NAME = MODEL_NAME + "-onnx"
 def test_both_versions_carry_the_model_card_and_point_at_each_other(registered, use_store):
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(use_store)
     assert registered.parity.passed and registered.parity.max_abs_prob_diff <= 1e-4
     torch_mv = client.get_model_version(MODEL_NAME, registered.version)
     onnx_mv = client.get_model_version(ONNX_NAME, registered.onnx_version)
@@ -70,7 +70,7 @@ def test_pyfunc_takes_paths_bytes_base64_and_batches(registered, use_store):
     import mlflow
 
     from fowlflow.registry.classifier import TorchClassifier
-    from fowlflow.registry.images import preprocess
+    from fowlflow.data.images import preprocess
 
     model = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}/{registered.onnx_version}")
     photos = [TURKEY, *hymenoptera_images(2)]
@@ -114,7 +114,7 @@ def test_registering_the_same_model_again_reuses_its_versions(registered, use_st
     from fowlflow.registry import register_trained_model
     from fowlflow.registry.register import main
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(use_store)
     run_id = client.get_model_version(MODEL_NAME, registered.version).run_id
     before = {n: len(client.search_model_versions(f"name='{n}'")) for n in (MODEL_NAME, ONNX_NAME)}
     aliases = {n: dict(client.get_registered_model(n).aliases) for n in (MODEL_NAME, ONNX_NAME)}
@@ -155,7 +155,7 @@ def test_parity_failure_refuses_the_onnx_model(registered, use_store, val_dir, m
         return proto
 
     monkeypatch.setattr(export, "export_onnx", perturbed_export)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(use_store)
     run_id = client.get_model_version(MODEL_NAME, registered.version).run_id
     with pytest.raises(RegistryError) as err:
         from fowlflow.registry import register_trained_model
@@ -180,7 +180,7 @@ def test_export_failure_still_registers_the_pytorch_model_unpromotable(registere
         raise RegistryError("exporting the model to ONNX (opset 20) failed: Unsupported op")
 
     monkeypatch.setattr(export, "export_onnx", failing_export)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(use_store)
     run_id = client.get_model_version(MODEL_NAME, registered.version).run_id
     from fowlflow.registry import register_trained_model
 
@@ -232,7 +232,7 @@ def test_downloaded_onnx_model_is_self_contained_and_torch_free(registered, use_
 
 
 def test_val_dir_defaults_to_the_training_data(tmp_path, monkeypatch):
-    from fowlflow.registry.images import list_images
+    from fowlflow.data.images import list_images
     from fowlflow.registry.register import training_val_dir
 
     monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(tmp_path))
@@ -250,7 +250,8 @@ def test_a_relative_val_dir_follows_the_one_rule_for_local_paths(registered, use
     from fowlflow.registry.register import register_model_uri
 
     monkeypatch.chdir(tmp_path)  # outside `mlflow run`, the process's folder is the user's
-    source = mlflow.MlflowClient().get_model_version(MODEL_NAME, registered.version).run_id
+    client = mlflow.MlflowClient(use_store)
+    source = client.get_model_version(MODEL_NAME, registered.version).run_id
     with pytest.raises(RegistryError, match=f"register: val_dir 'no/val' does not exist: "
                                             f"not found as {tmp_path}/no/val"):
         register_model_uri(f"runs:/{source}/model", "fowl-test-relative", "no/val")

@@ -5,21 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
-import time
 
 import pytest
 import requests
 
 from tests.conftest import BIN, HYMENOPTERA, TURKEY
+from tests.net import free_port, wait_http
 from tests.registry.conftest import MODEL_NAME, hymenoptera_images
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="package")
@@ -28,7 +21,7 @@ def server(registered, store, tmp_path_factory):
     from fowlflow.registry.promote import promote
 
     promote(MODEL_NAME, version=registered.version, policy="manual")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     # The server execs `uvicorn` by name: the venv's bin must be on PATH (as when activated).
     env = {**os.environ, "MLFLOW_TRACKING_URI": store,
@@ -41,19 +34,7 @@ def server(registered, store, tmp_path_factory):
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("cwd"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow models serve exited {proc.returncode}:\n"
-                                     f"{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not up after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_http(f"{url}/ping", timeout=120, proc=proc, log=log)
         yield url
     finally:
         proc.terminate()

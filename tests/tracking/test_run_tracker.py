@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
-import urllib.request
 
 import mlflow
 import pytest
+from mlflow.tracking._tracking_service import utils
 
 from fowlflow.errors import ServerError
 from fowlflow.tracking import RunTracker
 from tests.conftest import BIN
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.net import free_port, wait_http
 
 
 @pytest.fixture
 def server_with_dead_s3(tmp_path):
     """mlflow server (SQLite) proxying artifacts to an S3 endpoint where nothing listens."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+    port = free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_MAX_ATTEMPTS": "1"}
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -35,15 +28,7 @@ def server_with_dead_s3(tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError((tmp_path / "server.log").read_text()[-2000:])
-                time.sleep(0.5)
+        wait_http(f"{url}/health", timeout=90, proc=proc, log=tmp_path / "server.log")
         yield url
     finally:
         proc.terminate()
@@ -59,7 +44,8 @@ def test_failed_artifact_upload_says_where_to_look(server_with_dead_s3, monkeypa
     exp_id = mlflow.MlflowClient(server_with_dead_s3).create_experiment("dead-s3")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    mlflow.set_tracking_uri(server_with_dead_s3)
+    # MLflow's module-level URI wins over the variable: one left set must not win here.
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     tracker = RunTracker()
     run_id = tracker.start()
     try:
@@ -71,6 +57,5 @@ def test_failed_artifact_upload_says_where_to_look(server_with_dead_s3, monkeypa
         assert "artifact store (S3)" in message and "server log" in message
     finally:
         tracker.finish("FAILED")
-        mlflow.set_tracking_uri(None)
     run = mlflow.MlflowClient(server_with_dead_s3).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.metrics["val_acc"] == 0.5

@@ -1,11 +1,13 @@
 """Decoding image items (issue 8): 16-bit PNGs, EXIF orientation, the decode pixel limit, and
 memory that stays flat for huge images and huge non-image files. The trainer's validation
-decode and the served model's preprocessing must give the same pixels."""
+decode and the served model's preprocessing must give the same pixels. Files that fail to
+decode are skipped and listed; a class left with none fails the run, naming each file."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fowlflow.data.imagefolder import scan_imagefolder
+from fowlflow.data.images import Preprocessing, preprocess, resize_and_crop
 from fowlflow.errors import ConfigError
-from fowlflow.registry.images import Preprocessing, preprocess, resize_and_crop
 from fowlflow.trainer.image_cache import decode_split, eval_transform, resize_size, train_transform
 from tests.conftest import HYMENOPTERA, ROOT, TURKEY, make_imagefolder
 from tests.image_samples import RED, BLUE, gray16_png, huge_png, sideways_jpeg, top_and_bottom
@@ -117,9 +120,9 @@ def test_pixel_limit_skips_big_images_and_drafts_big_jpegs(tmp_path, monkeypatch
 _MEASURE = """
 import json, resource, sys
 from pathlib import Path
-from fowlflow.registry.images import ImageDecodeError, load_image
+from fowlflow.data.imagefolder import scan_imagefolder
+from fowlflow.data.images import ImageDecodeError, load_image
 from fowlflow.trainer.image_cache import decode_split
-from fowlflow.trainer.imagefolder import scan_imagefolder
 
 def grown_mb():  # growth of the peak resident set since the imports
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
@@ -184,3 +187,52 @@ print(json.dumps(out))
     assert "cannot decode: UnidentifiedImageError" in out["failures"][0][1]
     assert "is not a readable image (UnidentifiedImageError" in out["served"]
     assert len(out["digest"]) == 16
+
+
+def test_corrupt_files_are_skipped_and_listed(tmp_path):
+    root = make_imagefolder(tmp_path / "d")
+    (root / "train" / "ants" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "train" / "ants" / "notes.txt").write_text("hello")
+    layout = scan_imagefolder(root)
+    assert [s["path"] for s in layout.skipped] == ["train/ants/notes.txt"]
+    cache, failures = decode_split(layout.train.paths, layout.train.labels, "train", 32, 0,
+                                   progress=False)
+    assert [p.name for p, _ in failures] == ["broken.jpg"]
+    assert "cannot decode" in failures[0][1]
+    assert len(cache) == len(layout.train.paths) - 1
+    assert cache.images.dtype.is_floating_point is False and cache.images.shape[1:] == (3, 37, 37)
+
+
+def test_eval_transform_matches_torchvision(tmp_path):
+    """Our decode-time eval crop equals torchvision's Resize(256) + CenterCrop(224) on a photo."""
+    from torchvision import transforms
+
+    path = next((HYMENOPTERA / "val" / "bees").glob("*.jpg"))
+    ours = eval_transform(Image.open(path), 224).astype(np.int16)
+    ref = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    theirs = np.asarray(ref(Image.open(path).convert("RGB"))).astype(np.int16)
+    assert ours.shape == theirs.shape == (224, 224, 3)
+    assert np.abs(ours - theirs).max() <= 1  # rounding only
+
+
+def test_unreadable_val_class_error_lists_each_file_and_why(tmp_path, tracking_uri):
+    """`python -m fowlflow.train` on a set whose val/bees images are all unreadable."""
+    root = make_imagefolder(tmp_path / "d")
+    for path in (root / "val" / "bees").iterdir():
+        path.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "val" / "bees" / "clip.png").write_bytes(b"\x89PNG truncated")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fowlflow.train", "--data", str(root), "--weights", "none",
+         "--image_size", "32", "--workers", "0", "--num_epochs", "1",
+         "--output_dir", str(tmp_path / "out"), "--registered_model_name", ""],
+        cwd=tmp_path, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    error = proc.stderr[proc.stderr.index("fowlflow: error: "):]
+    assert error.startswith(f"fowlflow: error: val/ has no readable image for class(es) ['bees'] "
+                            f"in {root}. Every file there was skipped:\n")
+    listed = [line for line in error.splitlines() if line.startswith("  val/bees/")]
+    assert [line.split(":")[0].strip() for line in listed] == [
+        "val/bees/bees_0.jpg", "val/bees/bees_1.jpg", "val/bees/bees_2.jpg",
+        "val/bees/bees_3.jpg", "val/bees/clip.png"]
+    assert all("cannot decode: " in line for line in listed), listed
+    assert "Replace those files with readable images" in error

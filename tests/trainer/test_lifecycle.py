@@ -32,7 +32,7 @@ def env(**extra: str) -> dict:
 
 
 def trainer(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT, env=env(),
+    return subprocess.run([sys.executable, "-m", "fowlflow.train", *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -109,7 +109,7 @@ def start_long_run(tmp_path: Path, experiment: str, shell: bool = False) -> subp
         project = tmp_path / "shell-project"
         project.mkdir()
         args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
-        line = " ".join(["python -m fowlflow.trainer", *map(shlex.quote, args), "; exit $?"])
+        line = " ".join(["python -m fowlflow.train", *map(shlex.quote, args), "; exit $?"])
         (project / "MLproject").write_text(
             f"name: shell\nentry_points:\n  main:\n    command: {json.dumps(line)}\n")
         params = {}
@@ -148,7 +148,7 @@ def wait_training(proc: subprocess.Popen, experiment: str, log: Path, timeout: f
 def trainer_procs(root_pid: int) -> list[psutil.Process]:
     """The trainer processes below ``root_pid`` (not a ``bash -c`` that names it)."""
     found = [p for p in psutil.Process(root_pid).children(recursive=True)
-             if p.cmdline()[1:3] == ["-m", "fowlflow.trainer"]]
+             if p.cmdline()[1:3] == ["-m", "fowlflow.train"]]
     assert found, "no trainer process under the launcher"
     return found
 
@@ -210,7 +210,7 @@ def test_stop_signal_to_the_trainer_ends_the_run_killed(tracking_uri, tmp_path, 
     args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
     MlflowClient().search_experiments()  # create the store's tables now, not in two processes
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fowlflow.trainer", *args], cwd=tmp_path,
+        proc = subprocess.Popen([sys.executable, "-m", "fowlflow.train", *args], cwd=tmp_path,
                                 env=env(MLFLOW_EXPERIMENT_NAME="term-trainer"),
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -315,7 +315,7 @@ def test_output_dir_not_writable_fails_before_training(tmp_path):
 
     probe = run_as_user(sys.executable, "-c", f"open({str(locked / 'probe')!r}, 'w')")
     assert "PermissionError" in probe.stderr, probe.stderr  # the setting is real
-    proc = run_as_user(sys.executable, "-m", "fowlflow.trainer",
+    proc = run_as_user(sys.executable, "-m", "fowlflow.train",
                        *tiny_args(HYMENOPTERA, output_dir=locked / "out"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (f"fowlflow: error: -P output_dir='{locked / 'out'}' is not writable ({locked} does "
@@ -331,22 +331,22 @@ def test_a_stop_whose_exception_was_lost_is_raised_again_at_the_next_batch():
     ask `raise_if_stopping()` every batch, so the stop still ends the run at once."""
     code = textwrap.dedent("""
         import os, signal
-        from fowlflow.trainer import lifecycle
-        lifecycle.install()
+        from fowlflow import stopping
+        stopping.install()
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(100000):
                 pass  # the handler runs here and raises Terminated
         except BaseException:
             pass  # what C code that clears the error does
-        lifecycle.raise_if_stopping()  # nothing is raised unless a stop was asked for
+        stopping.raise_if_stopping()  # nothing is raised unless a stop was asked for
         print("not raised")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert out.returncode != 0 and "not raised" not in out.stdout, out.stdout + out.stderr
     assert "Terminated: received SIGTERM" in out.stderr, out.stderr
-    quiet = subprocess.run([sys.executable, "-c", "from fowlflow.trainer import lifecycle; "
-                            "lifecycle.install(); lifecycle.raise_if_stopping(); print('ok')"],
+    quiet = subprocess.run([sys.executable, "-c", "from fowlflow import stopping; "
+                            "stopping.install(); stopping.raise_if_stopping(); print('ok')"],
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert quiet.stdout.strip() == "ok", quiet.stderr

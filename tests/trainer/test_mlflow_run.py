@@ -94,7 +94,7 @@ def test_mlflow_run_logs_everything(tracking_uri, messy_folder, tmp_path):
 
 
 def trainer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fowlflow.trainer", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fowlflow.train", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
 
@@ -159,7 +159,7 @@ def test_ddp_two_processes_log_one_run(tracking_uri, tmp_path):
     """torchrun with 2 CPU processes (gloo): rank 0 alone logs, into a single run."""
     mlflow.set_experiment("ddp")
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fowlflow.trainer",
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fowlflow.train",
          "--data", "synthetic", "--weights", "none", "--image_size", "32", "--batch_size", "8",
          "--num_epochs", "1", "--workers", "0", "--output_dir", str(tmp_path / "out"),
          "--registered_model_name", ""],

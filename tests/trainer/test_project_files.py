@@ -1,23 +1,28 @@
-"""The MLproject, conda.yaml and the trainer's argparse flags agree (one flag per parameter)."""
+"""The MLproject, conda.yaml and the training entry point's argparse flags agree (one flag per
+parameter)."""
 
 from __future__ import annotations
 
 from mlflow.projects._project_spec import load_project
 from mlflow.utils.environment import _PythonEnv
 
-from fowlflow.trainer.config import TrainConfig, build_parser
+from fowlflow.train import DEFAULT_MODEL_NAME, build_parser
+from fowlflow.trainer.config import TrainConfig
 from tests.conftest import ROOT
 
 
-def test_every_main_parameter_is_a_trainer_flag_with_the_same_default():
+def test_every_main_parameter_is_a_flag_of_the_entry_point_with_the_same_default():
     project = load_project(str(ROOT))
-    params = project.get_entry_point("main").parameters
+    main = project.get_entry_point("main")
+    assert main.command.startswith("python -m fowlflow.train ")
+    params = main.parameters
     parser = build_parser()
     flags = {a.dest: a for a in parser._actions if a.dest != "help"}
     assert set(params) == set(flags)
     defaults = TrainConfig()
     for name, param in params.items():
-        expected = getattr(defaults, name)
+        expected = (DEFAULT_MODEL_NAME if name == "registered_model_name"
+                    else getattr(defaults, name))
         given = flags[name].type(param.default) if flags[name].type else param.default
         if isinstance(expected, bool):
             assert str(given).lower() == str(expected).lower(), name

@@ -1,16 +1,20 @@
-"""How the trainer stops when told to: signals, and an ``mlflow run`` that died.
+"""How a fowlflow process stops when told to: one exception, one exit code, one place.
 
-    lifecycle.install()     # first thing in ``python -m fowlflow.trainer``
+    stopping.install()            # first thing in ``python -m fowlflow.train``
+    stopping.raise_if_stopping()  # once per batch in the training and evaluation loops
+    with stopping.sigterm_unwinds():   # a download in a process that installed nothing
+        ...                            # its ``finally`` clauses remove the partial files
 
-SIGTERM and SIGHUP (``timeout``, ``kill``, a cancelled CI job, a closed terminal) raise
-:class:`Terminated` in the main thread, so ``train.run`` ends the MLflow run as KILLED with an
-``error`` tag and the process exits with 128 + the signal number.
+A stop request is :class:`Terminated` (or ``KeyboardInterrupt`` for SIGINT), raised in the main
+thread; the process then exits with 128 + the signal number (:attr:`Terminated.exit_code`).
 
-``mlflow run`` dies of SIGTERM without passing it on, and a SIGKILL can't be passed on, so when
-``mlflow run`` started the trainer (directly, or through the ``bash -c`` of a conda/virtualenv
-activation) a watcher thread stops the trainer the same way once that process is gone: no
-orphan trains on. A trainer started any other way (by hand, ``nohup``, ``torchrun``) is left to
-outlive its parent.
+:func:`install` (the training entry point): SIGTERM and SIGHUP (``timeout``, ``kill``, a
+cancelled CI job, a closed terminal) raise :class:`Terminated`, so ``train.run`` ends the MLflow
+run as KILLED with an ``error`` tag. ``mlflow run`` dies of SIGTERM without passing it on, and a
+SIGKILL can't be passed on, so when ``mlflow run`` started the process (directly, or through
+the ``bash -c`` of a conda/virtualenv activation; :func:`find_mlflow_run`) a watcher thread
+stops it the same way once that process is gone: no orphan trains on. A process started any
+other way (by hand, ``nohup``, ``torchrun``) is left to outlive its parent.
 
 A signal that lands inside MLflow (or the database, HTTP, logging and threading code below it)
 is held back until that call returns (re-delivered every ``RETRY_S``, at most ``DEFER_S``): an
@@ -18,10 +22,19 @@ exception raised halfway through a store write can leave a lock held that the cl
 then wait on forever. Signals that arrive while the run is being ended (a signal sent to the
 whole process group, then the launcher's death) are ignored; the cleanup gets ``GRACE_S``
 seconds, then the process exits, printing where each thread was.
+
+:func:`sigterm_unwinds` (any other process that writes temporary files, e.g. a data download
+from ``register`` or a plain script): where SIGTERM still has its default action, it raises
+:class:`Terminated` inside the block, and once the block has unwound the process ends by
+SIGTERM as it would have anyway.
+
+This module sits at the bottom of fowlflow (it imports no other fowlflow module), so the data
+sources, the trainer and :mod:`fowlflow.local_paths` can all use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -47,7 +60,7 @@ _requested: list[BaseException] = []  # the exception the first stop signal rais
 
 
 class Terminated(BaseException):
-    """The trainer was told to stop (a BaseException, like KeyboardInterrupt: nothing swallows it)."""
+    """The process was told to stop (a BaseException, like KeyboardInterrupt: nothing swallows it)."""
 
     def __init__(self, signum: int, reason: str):
         super().__init__(reason)
@@ -101,6 +114,33 @@ def raise_if_stopping() -> None:
     """
     if _requested:
         raise _requested[0].with_traceback(None)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """Make SIGTERM raise :class:`Terminated` in the block (``finally`` clauses remove temporary
+    files), then end the process by SIGTERM as it would have anyway.
+
+    Only where SIGTERM has its default action and in the main thread: a handler someone
+    installed (:func:`install`'s, which raises the same :class:`Terminated`) keeps its meaning.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise Terminated(signum, "received SIGTERM")
+
+    signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    except Terminated as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(exc.exit_code) from None  # only if the signal was not delivered at once
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _inside(frame, packages: frozenset[str]) -> bool:

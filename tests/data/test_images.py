@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fowlflow.registry.images import (ImageDecodeError, Preprocessing, load_image, preprocess,
-                                      resize_and_crop)
+from fowlflow.data.images import (ImageDecodeError, Preprocessing, load_image, preprocess,
+                                  resize_and_crop)
 from tests.conftest import TURKEY
 from tests.image_samples import BLUE, RED, gray16_png, sideways_jpeg, top_and_bottom
 from tests.registry.conftest import hymenoptera_images

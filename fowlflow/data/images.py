@@ -12,7 +12,9 @@ the shorter side to
 here: they are a layer of the exported ONNX graph and of the PyTorch wrapper
 (``fowlflow.registry.export.PixelClassifier``), so any client that can produce RGB bytes gets
 the same numbers. The trainer decodes with the same :func:`to_rgb`, so validation pixels and
-served pixels agree. This module imports no torch; it is copied into every ONNX model's ``code/``.
+served pixels agree. This module imports no torch and no fowlflow module but
+``fowlflow.errors``: it is copied into every ONNX model's ``code/`` folder
+(``fowlflow.registry.image_pyfunc``).
 """
 
 from __future__ import annotations

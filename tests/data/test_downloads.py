@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fowlflow.errors import DataError
-from fowlflow.trainer.data_sources import resolve_data
+from fowlflow.data.sources import resolve_data
 from tests.conftest import make_imagefolder
 
 HTML = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
@@ -118,7 +118,7 @@ def test_html_page_is_not_cached_and_the_next_run_asks_again(server, cache, zip_
     assert "HTML page" in str(info.value) and "Nothing was cached" in str(info.value)
     assert downloads(cache) == []
     server.serve("/fowl_data.zip", body(zip_bytes))  # the link is fixed on the server side
-    assert (resolve_data(url) / "train" / "ants").is_dir()
+    assert (resolve_data(url).root / "train" / "ants").is_dir()
     assert server.hits["/fowl_data.zip"] == 2
 
 
@@ -129,16 +129,16 @@ def test_zip_cut_short_without_content_length_is_not_cached(server, cache, zip_b
     assert url in str(info.value)
     assert downloads(cache) == []
     server.serve("/fowl_data.zip", body(zip_bytes))
-    assert (resolve_data(url) / "val" / "bees").is_dir()
+    assert (resolve_data(url).root / "val" / "bees").is_dir()
     assert server.hits["/fowl_data.zip"] == 2
 
 
 def test_a_cached_file_that_is_no_zip_is_fetched_again(server, cache, zip_bytes, caplog):
     url = server.serve("/fowl_data.zip", body(zip_bytes))
-    root = resolve_data(url)
+    root = resolve_data(url).root
     (cached,) = downloads(cache)
     cached.write_bytes(HTML)  # e.g. cached by an older fowlflow, before downloads were checked
-    assert resolve_data(url) == root
+    assert resolve_data(url).root == root
     assert server.hits["/fowl_data.zip"] == 2
     assert cached.read_bytes() == zip_bytes
     assert f"The cached download {cached} is unusable" in caplog.text
@@ -158,7 +158,7 @@ def test_a_cached_zip_with_a_damaged_member_is_removed_and_named(server, cache, 
     assert f"The cached copy {cached} was removed" in message
     assert not cached.exists()
     assert not [p for p in (cache / "extracted").iterdir() if p.name.startswith(".extract")]
-    assert (resolve_data(url) / "train").is_dir()  # the next run downloads it afresh
+    assert (resolve_data(url).root / "train").is_dir()  # the next run downloads it afresh
     assert server.hits["/fowl_data.zip"] == 2
 
 
@@ -203,9 +203,9 @@ def test_bad_timeout_setting_is_named(server, monkeypatch, value):
 def start_download(url: str, cache: Path, trainer: bool = False) -> subprocess.Popen:
     """A process resolving ``url``: plain (SIGTERM has its default action) or the trainer
     (which turns SIGTERM into an exception that ends its MLflow run)."""
-    code = ("import logging, sys; from fowlflow.trainer.data_sources import resolve_data; "
-            "logging.basicConfig(level=logging.INFO); print(resolve_data(sys.argv[1]))")
-    argv = (["-m", "fowlflow.trainer", "--data", url, "--weights", "none",
+    code = ("import logging, sys; from fowlflow.data.sources import resolve_data; "
+            "logging.basicConfig(level=logging.INFO); print(resolve_data(sys.argv[1]).root)")
+    argv = (["-m", "fowlflow.train", "--data", url, "--weights", "none",
              "--registered_model_name", ""] if trainer else ["-c", code, url])
     env = {**os.environ, "FOWLFLOW_CACHE_DIR": str(cache),
            "MLFLOW_TRACKING_URI": f"sqlite:///{cache.parent / 'mlflow.db'}"}
@@ -254,7 +254,7 @@ def test_a_part_file_left_by_a_killed_process_does_not_break_the_next_run(server
         stop.set()
     assert part.exists()
     server.serve("/fowl_data.zip", body(zip_bytes))
-    assert (resolve_data(url) / "train").is_dir()
+    assert (resolve_data(url).root / "train").is_dir()
     assert [p.name for p in downloads(cache)] == ["fowl_data.zip"]
 
 

@@ -6,7 +6,8 @@ Only a file that arrived whole (``Content-Length`` matched when sent) and reads 
 (every member's CRC checked) is renamed into the cache; a cached file that no longer reads as
 a zip is removed and fetched again. One process at a time downloads a URL (a lock in the
 cache's ``locks/``); the others wait and then use its result. Partial files have unique names
-and are removed on errors, on SIGTERM, and, when left by a killed process, by the next download.
+and are removed on errors, on SIGTERM (:func:`fowlflow.stopping.sigterm_unwinds`), and, when
+left by a killed process, by the next download.
 
 Stalls are bounded by two environment variables: ``FOWLFLOW_DOWNLOAD_TIMEOUT`` (seconds,
 default 30: to connect, and with no byte received) and ``FOWLFLOW_DOWNLOAD_MIN_RATE`` (bytes/s,
@@ -20,9 +21,7 @@ import hashlib
 import http.client
 import logging
 import os
-import signal
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -94,37 +93,6 @@ def locked(name: str, what: str):
         yield
     finally:
         lock.release()
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived inside :func:`cleanup_on_sigterm`."""
-
-
-@contextlib.contextmanager
-def cleanup_on_sigterm():
-    """Make SIGTERM unwind the block (``finally`` clauses remove temporary files), then end
-    the process by SIGTERM as it would have anyway.
-
-    Only where SIGTERM has its default action and in the main thread: a handler someone
-    installed keeps its meaning (if it raises, the same ``finally`` clauses run).
-    """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-        yield
-        return
-
-    def unwind(signum, frame):
-        raise _Terminated
-
-    signal.signal(signal.SIGTERM, unwind)
-    try:
-        yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise SystemExit(128 + signal.SIGTERM)  # only if the signal was not delivered at once
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def zip_problem(path: Path, thorough: bool = True) -> str | None:

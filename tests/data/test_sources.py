@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fowlflow.data.sources import DataSource, resolve_data
 from fowlflow.errors import DataError
-from fowlflow.trainer.data_sources import resolve_data
 from tests.conftest import BIN, ROOT, TINY_PARAMS, make_imagefolder
 
 
@@ -48,14 +48,35 @@ def http_dir(tmp_path):
 
 def test_local_folder_is_used_in_place(tmp_path):
     folder = make_imagefolder(tmp_path / "imgs")
-    assert resolve_data(str(folder)) == folder
+    assert resolve_data(str(folder)).root == folder
+
+
+def test_the_record_names_root_uri_kind_and_name(tmp_path, http_dir, monkeypatch):
+    """What tracking and the registry use instead of parsing the value again."""
+    folder = make_imagefolder(tmp_path / "my photos")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data("my photos/") == DataSource(root=folder, uri=str(folder), kind="folder",
+                                                    name="my photos")
+    archive = zip_folder(folder, tmp_path / "fowl.zip")
+    local = resolve_data("fowl.zip")
+    assert (local.uri, local.kind, local.name, local.root.name) == (
+        str(archive), "zip", "fowl", "fowl_data")
+    www, base = http_dir
+    zip_folder(folder, www / "fowl_data.zip")
+    remote = resolve_data(f"{base}/fowl_data.zip")
+    assert (remote.uri, remote.kind, remote.name, remote.is_remote) == (
+        f"{base}/fowl_data.zip", "http", "fowl_data", True)
+    synthetic = resolve_data("synthetic")
+    assert (synthetic.uri, synthetic.kind, synthetic.name) == ("synthetic", "synthetic",
+                                                               "synthetic")
+    assert not local.is_remote and synthetic.is_remote
 
 
 def test_local_zip_with_a_top_folder_is_unpacked_once(tmp_path, cache):
     archive = zip_folder(make_imagefolder(tmp_path / "imgs"), tmp_path / "fowl.zip")
-    root = resolve_data(str(archive))
+    root = resolve_data(str(archive)).root
     assert root.name == "fowl_data" and (root / "train" / "ants").is_dir()
-    assert resolve_data(str(archive)) == root  # keyed by content hash: no second extraction
+    assert resolve_data(str(archive)).root == root  # keyed by content hash: no second extraction
     assert len(list((cache / "extracted").iterdir())) == 1
 
 
@@ -84,10 +105,10 @@ def test_symlink_member_is_refused(tmp_path):
 def test_http_zip_is_downloaded_once_then_served_from_cache(tmp_path, http_dir, cache):
     www, base = http_dir
     zip_folder(make_imagefolder(tmp_path / "imgs"), www / "fowl_data.zip")
-    root = resolve_data(f"{base}/fowl_data.zip")
+    root = resolve_data(f"{base}/fowl_data.zip").root
     assert (root / "val" / "bees").is_dir()
     (www / "fowl_data.zip").unlink()  # the server can no longer provide it
-    assert resolve_data(f"{base}/fowl_data.zip") == root
+    assert resolve_data(f"{base}/fowl_data.zip").root == root
     assert not list(cache.rglob("*.part*"))
 
 
@@ -148,11 +169,11 @@ def test_a_file_that_is_not_a_zip(tmp_path):
 
 
 def test_synthetic_set_is_generated_once(cache):
-    root = resolve_data("synthetic")
+    root = resolve_data("synthetic").root
     files = sorted(p for p in root.rglob("*.png"))
     assert len(files) == 144 and {p.parent.name for p in files} == {"circles", "squares"}
     mtime = files[0].stat().st_mtime
-    assert resolve_data("synthetic") == root and files[0].stat().st_mtime == mtime
+    assert resolve_data("synthetic").root == root and files[0].stat().st_mtime == mtime
 
 
 class socket_closed_port:
@@ -175,7 +196,7 @@ def test_copying_hymenoptera_is_not_needed():
     """The shared set is read in place (and has the original's quirks)."""
     from tests.conftest import HYMENOPTERA
 
-    assert resolve_data(str(HYMENOPTERA)) == HYMENOPTERA
+    assert resolve_data(str(HYMENOPTERA)).root == HYMENOPTERA
     assert (HYMENOPTERA / "train" / "ants" / "imageNotFound.gif").exists()
 
 
@@ -233,7 +254,7 @@ def test_the_callers_folder_comes_from_the_torchrun_backends_variable(tmp_path):
 
     user = tmp_path / "user"
     make_imagefolder(user / "rel" / "imgs")
-    code = ("from fowlflow.trainer.data_sources import data_location; "
+    code = ("from fowlflow.data.sources import data_location; "
             "print(data_location('rel/imgs'))")
     env = {**os.environ, CALLER_DIR_ENV: str(user)}
     out = subprocess.run([str(BIN / "python"), "-c", code], cwd=ROOT, env=env,

@@ -1,0 +1,81 @@
+"""``python -m fowlflow.train --data ... --num_epochs ...``: the MLproject's ``main`` entry point.
+
+    python -m fowlflow.train --data ../hymenoptera_data --num_epochs 5
+    python -m fowlflow.train --data synthetic --registered_model_name none   # train only
+
+It composes the two halves: the trainer (:mod:`fowlflow.trainer`) trains and logs the model;
+then, on global rank 0 and when ``--registered_model_name`` is given (the MLproject's default
+is ``fowl-classifier``), the registry (:mod:`fowlflow.registry`) registers it, exports ONNX and
+checks parity, under the same MLflow run. A failed registration fails that run.
+
+The stop handling (:mod:`fowlflow.stopping`) is installed first, before the slow imports:
+``mlflow run`` may be stopped at any moment. Exit codes: 0; 2 for a :class:`FowlflowError`
+(its message on stderr); 128 + N when stopped by signal N; 130 for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fowlflow import stopping
+from fowlflow.errors import exit_code
+
+DEFAULT_MODEL_NAME = "fowl-classifier"
+
+
+def main(argv: list[str] | None = None) -> int:
+    stopping.install()
+    try:
+        return exit_code(_main, argv)
+    except stopping.Terminated as exc:
+        print(f"fowlflow: stopped ({exc})", file=sys.stderr)
+        return exc.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's flags plus ``--registered_model_name``: one per MLproject ``main`` parameter."""
+    from fowlflow.trainer.config import build_parser as trainer_parser, optional
+
+    p = trainer_parser()
+    p.add_argument("--registered_model_name", default=DEFAULT_MODEL_NAME, type=optional,
+                   help="register the trained model under this name (none: don't register)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None):
+    """``(TrainConfig, registered model name or "")`` from the command line.
+
+    Raises:
+        ConfigError: a trainer value is out of range.
+    """
+    from fowlflow.trainer.config import TrainConfig, checked
+
+    values = vars(build_parser().parse_args(argv))
+    name = values.pop("registered_model_name")
+    return checked(TrainConfig(**values)), name
+
+
+def _main(argv: list[str] | None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fowlflow.trainer.train import run
+
+    cfg, name = parse_args(argv)
+    run(cfg, params={"registered_model_name": name},
+        after=_registration(name) if name else None)
+    return 0
+
+
+def _registration(name: str):
+    """What runs after training when a model name is given: the registry's registration."""
+    def register(trained) -> None:
+        from fowlflow.registry import register_trained_model
+
+        register_trained_model(run_id=trained.run_id, name=name,
+                               val_dir=trained.data.root / "val")
+    return register
+
+
+if __name__ == "__main__":
+    sys.exit(main())
