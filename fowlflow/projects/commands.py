@@ -23,15 +23,14 @@ from fowlflow.projects.ssh_connections import SharedConnections
 from fowlflow.projects.submitted import SupervisedRun, combine
 
 
-def run_from_tags(run_id: str, shared: SharedConnections, stream: bool = True
-                  ) -> SupervisedRun:
+def run_from_tags(run_id: str, shared: SharedConnections) -> SupervisedRun:
     """Rebuild the ``SubmittedRun`` of a launched run from its launch record.
 
     Raises:
         ConfigError: the run does not exist or was not launched by a fowlflow backend.
     """
     record = LaunchRecord.load(client(None), run_id)
-    return SupervisedRun(run_id, record.nodes_for(shared), stream=stream)
+    return SupervisedRun(run_id, record.nodes_for(shared))
 
 
 def _status(args, shared: SharedConnections) -> int:

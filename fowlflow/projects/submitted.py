@@ -29,7 +29,7 @@ from fowlflow.errors import RemoteError
 from fowlflow.projects.log_stream import LogStream
 from fowlflow.projects.nodes import Node, RunState
 from fowlflow.projects.run_lifecycle import client
-from fowlflow.projects.supervise import end_run_if_running
+from fowlflow.projects.supervise import TERMINAL, end_run_if_running
 
 _logger = logging.getLogger(__name__)
 SETTLE_S = 120  # how long other nodes may take to end after node 0 FINISHED
@@ -150,7 +150,7 @@ class SupervisedRun(SubmittedRun):
         if not final.is_terminal():
             return
         mlflow_client = client(self.tracking_uri)
-        if mlflow_client.get_run(self.run_id).info.status != "RUNNING":
+        if mlflow_client.get_run(self.run_id).info.status in TERMINAL:
             return
         self._upload_logs(mlflow_client)
         end_run_if_running(mlflow_client, self.run_id, final.mlflow_status)

@@ -302,4 +302,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # no fowlflow.errors.exit_code here: this file runs alone on hosts without fowlflow, and
+    # every error it reports is an exit status plus a line in the node's log
     sys.exit(main())

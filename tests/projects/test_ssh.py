@@ -22,11 +22,22 @@ import pytest
 from fowlflow.errors import ConfigError, RemoteError
 from fowlflow.projects.ssh import SshBackend
 from tests.conftest import ROOT, TINY_PARAMS
-from tests.net import free_port
+from tests.net import free_port, wait_until
 from tests.projects.conftest import NS_IFACE, Relay, ssh_config
 from tests.projects.helpers import STANDIN, finish, fowlflow, marked_processes, mlflow_cli
 
 pytestmark = pytest.mark.slow
+
+
+def _shared_connection_masters() -> list[str]:
+    """fowlflow's ControlMaster processes on this machine (ssh renames itself "ssh: PATH
+    [mux]")."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if "/tmp/fowlflow-ssh-" in line and "[mux]" in line:
+            found.append(line)
+    return found
 
 
 def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
@@ -42,6 +53,7 @@ def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
     cfg = {"hosts": ["ffbox"], "ssh_options": ["-F", str(alias_file)],
            "python": sys.executable, "remote_dir": str(tmp_path / "remote"),
            "process_count_per_node": 2}
+    logins = loopback_sshd.log.read_text().count("Accepted publickey")
     proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 6, "sleep": 0.5})
     run = server_store.wait_for_run(proc)
     run_id = run.info.run_id
@@ -68,6 +80,11 @@ def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
     assert run.data.params["world_size"] == "2"
     assert "rank 0 done" in server_store.artifact_text(run_id, "fowlflow-logs/node0.log")
     assert not marked_processes(run_id)
+    # probe, copy, start, streaming and every status poll shared one SSH connection (without
+    # sharing: one connection per command, a dozen and more)
+    assert loopback_sshd.log.read_text().count("Accepted publickey") - logins == 1
+    wait_until(lambda: not _shared_connection_masters(), what="the shared SSH connection to "
+               "close when `mlflow run` ended", timeout=30)
 
 
 def test_two_hosts_train_one_ddp_run(server_store, hosts, keys, tmp_path):
