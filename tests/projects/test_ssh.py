@@ -177,7 +177,7 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
         "known_hosts_file": str(keys.known_hosts), "connect_timeout": 3,
         "python": sys.executable}), timeout=120)
     assert code == 1 and "ssh to 10.77.0.250 failed" in err and "fix:" in err, err[-3000:]
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 90  # bounded by connect_timeout, not TCP's minutes
     assert not server_store.runs()
 
     backend = SshBackend()
@@ -192,7 +192,7 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
         started = time.monotonic()
         with pytest.raises(RemoteError, match=fragment):
             backend.run(str(STANDIN), "main", {}, None, cfg, server_store.uri, experiment)
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 60
     with pytest.raises(ConfigError, match="http\\(s\\) tracking server"):
         backend.run(str(STANDIN), "main", {}, None, ssh_config(keys, loopback_sshd),
                     f"sqlite:///{tmp_path / 'm.db'}", experiment)
@@ -244,3 +244,34 @@ def test_reverse_tunnel_reaches_a_tracking_server_on_this_machines_localhost(
     assert not any(p.info["name"] == "ssh" and "-R" in (p.info["cmdline"] or [])
                    for p in psutil.process_iter(["name", "cmdline"])
                    if f"127.0.0.1:{remote_port}:" in " ".join(p.info["cmdline"] or []))
+
+
+def test_another_backend_reuses_the_ssh_launch_with_its_own_hosts(server_store, loopback_sshd,
+                                                                 keys, tmp_path):
+    """What a provisioning backend does: hand known addresses to SshLaunch; its ``on_end``
+    runs once, after the run ended and the shared SSH connections closed."""
+    import dataclasses
+
+    from fowlflow.projects.config import HostSpec, MlflowKeys, parse_ssh_config
+    from fowlflow.projects.launch_record import LaunchRecord
+    from fowlflow.projects.run_lifecycle import Submission
+    from fowlflow.projects.ssh_launch import SshLaunch
+
+    cfg = parse_ssh_config({**ssh_config(keys, loopback_sshd), "hosts": ["placeholder"],
+                            "remote_dir": str(tmp_path / "remote"),
+                            "process_count_per_node": 1})
+    cfg = dataclasses.replace(cfg, hosts=(HostSpec(loopback_sshd.address, "root",
+                                                   loopback_sshd.port, str(keys.identity)),))
+    sub = Submission(str(STANDIN), "main", {"steps": "2", "sleep": "0.1"}, None,
+                     server_store.experiment_id, server_store.uri, MlflowKeys())
+    ended = []
+    launch = SshLaunch(sub, cfg, backend="provisioned",
+                       on_end=lambda: ended.append(launch.shared.closed))
+    submitted = launch.run()
+    assert ended == [True]  # called once, after the shared connections were closed
+    wait_until(lambda: not _shared_connection_masters(), what="no shared connection left",
+               timeout=30)
+    run = server_store.client.get_run(submitted.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["fowlflow.backend"] == "provisioned"
+    record = LaunchRecord.load(server_store.client, submitted.run_id)
+    assert record.backend == "provisioned" and record.nodes[0].host.port == loopback_sshd.port
