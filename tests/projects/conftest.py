@@ -6,6 +6,8 @@
 * ``tracking_server``: ``mlflow server`` (SQLite + served artifacts) on the bridge address, so
   processes in the namespaces and on this machine reach the same server.
 * ``loopback_sshd``: one more sshd on 127.0.0.1 in the root namespace.
+* ``server_store`` / ``local_store``: this test's experiment on that server, or a fresh SQLite
+  store, as a :class:`tests.projects.helpers.Store` (an explicit ``MlflowClient(uri)``).
 
 Every process is started by pid and stopped by pid; namespaces and links are deleted by name,
 even when a test fails. Needs root and iproute2 (CI runs as root); without them the fixtures
@@ -29,7 +31,6 @@ from tests.net import free_port, wait_port
 from tests.projects.helpers import Store
 
 BIN = Path(sys.executable).parent
-STANDIN = Path(__file__).with_name("standin")
 BRIDGE, BRIDGE_IP = "ffbr0", "10.77.0.1"
 NAMESPACES = (("ffnode0", "ffv0", "10.77.0.2"), ("ffnode1", "ffv1", "10.77.0.3"))
 NS_IFACE = "ffeth"  # the interface name inside each namespace (names are per namespace)
