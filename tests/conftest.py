@@ -66,7 +66,8 @@ SLOW: dict[str, str] = {
     "test_ssh.py": "sshd hosts in network namespaces, mlflow run -b ssh, two-node DDP",
     "test_torchrun.py": "mlflow run -b torchrun: gloo process groups, 60-100 s per run",
     "test_supervised_run.py": "real supervisor and node processes, a node failing (~20 s)",
-    "test_outage.py": "eight clients through a three-minute server outage (~5 min)",
+    "test_outage.py": "eight clients through a server outage (~3 min)",
+    "test_faults.py": "team stack components killed and restarted mid-logging (~3 min)",
     "test_ui.py": "mlflow run through the team stack, then Chromium on the UI",
     # Single tests.
     "test_docs_commands.py::test_make_train_offline_with_shipped_imagenet_weights":
@@ -99,6 +100,10 @@ SLOW: dict[str, str] = {
         "an mlflow server with a dead S3 (~50 s with its setup)",
     "test_users.py::test_runs_record_the_authenticated_user_and_experiments_the_training_kind":
         "mlflow run through the team stack",
+    "test_users.py::test_start_renews_an_older_auth_ini_and_keeps_the_throttle_settings":
+        "the team stack stopped and started again (~45 s)",
+    "test_stack.py::test_stop_then_start_keeps_runs_artifacts_and_ports":
+        "the team stack stopped and started again (~45 s)",
 }
 
 

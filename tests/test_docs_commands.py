@@ -17,9 +17,10 @@ untagged blocks. A test claims what it runs, found by a scan of the sources unde
 The commands run in ``bash -c``, exactly as written, except for these, each visible in the
 test that makes it:
 
-* placeholders get real values, each checked to be in the command: ``/path/to/...`` -> the
-  shared hymenoptera set or a real zip, ``RUN_ID`` -> a run id, ``[--tail N] [--node K]`` ->
-  without the options and with N=2, K=0 (each of ``status|logs|attach|cancel`` runs);
+* placeholders get real values, each checked to be in the command: ``/path/to/...`` -> a
+  copy of the shared hymenoptera set's first photos (16 train, 8 val per class) or a real
+  zip, ``RUN_ID`` -> a run id, ``[--tail N] [--node K]`` -> without the options and with
+  N=2, K=0 (each of ``status|logs|attach|cancel`` runs);
   deployment.md's ``https://mlflow.example.com`` -> ``http://127.0.0.1:5000`` (its comment's
   local value) and ``MLFLOW_TRACKING_PASSWORD=...`` -> the user's password;
 * setup a reader would already have: experiments 1-3, the model ``fowl-classifier`` and user
@@ -47,7 +48,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import zipfile
@@ -58,6 +58,7 @@ import pytest
 
 from tests.conftest import BIN, HYMENOPTERA, ROOT, make_imagefolder
 from tests.docs_commands import Command, bash_blocks, private_network
+from tests.net import free_port, wait_until
 
 # ---------------------------------------------------------------------------------------------
 # Commands that can't run on this machine, and why. Keys are commands as the docs write them
@@ -72,6 +73,12 @@ NOT_RUNNABLE: dict[str, str] = {
         "forms below are run)",
     "make test":
         "is the whole test suite, this test included; CI runs it (.ci/run), a test can't",
+    # docs/benchmarks.md "Test suite (CI budget)"
+    ".venv/bin/python -m pytest --durations=15":
+        "is the whole test suite (make test's pytest line), this test included; CI runs it",
+    '.venv/bin/python -m pytest -m "not slow"':
+        "is the fast part of the suite, this test included; CI runs it as the first part of "
+        "make test",
     # README "Launch on GPUs" and docs/backends.md
     """mlflow run . -b torchrun --env-manager local -c '{"process_count_per_node": "all"}'""":
         INTERNET + "the default data URL and ImageNet weights; on GPUs (the CPU form with "
@@ -90,12 +97,12 @@ NOT_RUNNABLE: dict[str, str] = {
     "mlflow run . --env-manager local -P data=...":
         INTERNET + "the defaults (ResNet18, weights=imagenet, 25 epochs at 224 px) download "
         "ImageNet weights; a tiny training run through the team stack is the `trained` "
-        "fixture of tests/tracking/server/conftest.py",
+        "fixture of tests/server/conftest.py",
     "mlflow run . --env-manager local -P data=s3://datasets/fowl "
     "-P registered_model_name=fowl-classifier":
         INTERNET + "ImageNet weights (default), and a bucket `datasets`; a run on an s3:// "
         "dataset of the stack's S3, registered, is the `trained` fixture of "
-        "tests/tracking/server/conftest.py",
+        "tests/server/conftest.py",
     "mlflow server --backend-store-uri 'postgresql+psycopg://mlflow@db.internal:5432/mlflow"
     "?sslmode=verify-full' --artifacts-destination s3://acme-mlflow/artifacts "
     "--serve-artifacts --app-name basic-auth --host 127.0.0.1 --port 5000 --workers 4 "
@@ -271,12 +278,6 @@ def bash(command: str, cwd: Path, env: dict, timeout: float = 600,
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # The rule itself (fast).
 
@@ -438,13 +439,28 @@ def zip_trained(project, cache_dir, tmp_path_factory):
     return str(archive), proc
 
 
-@pytest.mark.slow
-def test_make_train_offline_with_shipped_imagenet_weights(project, cache_dir):
+@pytest.fixture(scope="module")
+def hymenoptera_data(tmp_path_factory) -> Path:
+    """A copy of the first photos of the shared hymenoptera_data (16 train and 8 val photos of
+    each class, same layout): the same kind of data as the docs' ``/path/to/hymenoptera_data``
+    at a tenth of the training time on 2 cores."""
+    dest = tmp_path_factory.mktemp("data") / "hymenoptera_data"
+    for split, n in (("train", 16), ("val", 8)):
+        for cls in ("ants", "bees"):
+            (dest / split / cls).mkdir(parents=True)
+            photos = sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]
+            assert len(photos) == n, f"{HYMENOPTERA / split / cls}: fewer than {n} photos"
+            for photo in photos:
+                shutil.copy(photo, dest / split / cls / photo.name)
+    return dest
+
+
+def test_make_train_offline_with_shipped_imagenet_weights(project, cache_dir, hymenoptera_data):
     command = substitute(
         documented("make train DATA=/path/to/hymenoptera_data ARCH=efficientnet_lite0"),
-        {"/path/to/hymenoptera_data": str(HYMENOPTERA)})
+        {"/path/to/hymenoptera_data": str(hymenoptera_data)})
     bash(command, project, clean_env(FOWLFLOW_CACHE_DIR=cache_dir, EPOCHS="1"), timeout=600)
-    client, run = make_train_run(project, str(HYMENOPTERA))
+    client, run = make_train_run(project, str(hymenoptera_data))
     params = run.data.params
     assert (params["arch"], params["weights"], params["num_epochs"]) == \
         ("efficientnet_lite0", "imagenet", "1")
@@ -456,7 +472,6 @@ def test_make_train_offline_with_shipped_imagenet_weights(project, cache_dir):
     assert client.get_model_version_by_alias("fowl-classifier-onnx", "candidate")
 
 
-@pytest.mark.slow
 def test_make_train_from_a_zip_from_scratch(project, zip_trained):
     archive, proc = zip_trained
     client, run = make_train_run(project, archive)
@@ -466,7 +481,6 @@ def test_make_train_from_a_zip_from_scratch(project, zip_trained):
     assert (project / "outputs" / "checkpoint.pt").is_file()
 
 
-@pytest.mark.slow
 def test_make_ui_serves_the_runs_of_make_train(project, zip_trained, tmp_path):
     """``make ui`` as written, on its documented http://127.0.0.1:5000 (in a private network
     namespace, so that port can't be taken by anything else), then stopped."""
@@ -503,16 +517,15 @@ def test_make_ui_serves_the_runs_of_make_train(project, zip_trained, tmp_path):
                 raise OSError(f"curl {path}: exit {got.returncode} {got.stderr}")
             return got.stdout
 
+        def page_or_none() -> str | None:
+            try:
+                return get("/")
+            except OSError:
+                return None
+
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    page = get("/")
-                    break
-                except OSError:
-                    assert proc.poll() is None, log.read_text()[-3000:]
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    time.sleep(0.5)
+            page = wait_until(page_or_none, what=f"make ui's page at {base}/", timeout=120,
+                              interval=0.5, proc=proc, log=log)
             assert "<!doctype html>" in page.lower() and "static-files" in page
             # the UI's own API: experiment `fowlflow` of ./mlflow.db has make train's run
             exp = json.loads(get("/ajax-api/2.0/mlflow/experiments/get-by-name"
@@ -571,7 +584,6 @@ def _drop_run_dir(run) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
 def test_torchrun_backend_cpu_smoke_test(project, cache_dir, sqlite_store):
     from mlflow import MlflowClient
 
@@ -591,7 +603,6 @@ def test_torchrun_backend_cpu_smoke_test(project, cache_dir, sqlite_store):
     assert client.get_model_version_by_alias("fowl-classifier-onnx", "candidate")
 
 
-@pytest.mark.slow
 def test_fowlflow_status_logs_attach_cancel(sqlite_store, tmp_path):
     """Every form of the fowlflow commands of README and docs/backends.md, on a real detached
     torchrun run (the backend tests' stand-in entry point: many short logged steps)."""
@@ -608,10 +619,8 @@ def test_fowlflow_status_logs_attach_cancel(sqlite_store, tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     run_id = run.info.run_id
     try:
-        deadline = time.monotonic() + 180
-        while len(client.get_metric_history(run_id, "allreduce_sum")) < 2:
-            assert time.monotonic() < deadline, "the detached run logged nothing in 180 s"
-            time.sleep(0.5)
+        wait_until(lambda: len(client.get_metric_history(run_id, "allreduce_sum")) >= 2,
+                   what="two logged steps of the detached run", timeout=180, interval=0.5)
 
         readme = alternatives(key(documented("fowlflow status|logs|attach|cancel RUN_ID")))
         status, logs, attach, cancel = [substitute(c, {"RUN_ID": run_id}) for c in readme]
@@ -632,18 +641,22 @@ def test_fowlflow_status_logs_attach_cancel(sqlite_store, tmp_path):
         tail = bash(tail_logs, tmp_path, env).stdout.strip().splitlines()
         assert len(tail) == 2 and all(line.startswith("rank 0 step ") for line in tail), tail
 
-        attached = subprocess.Popen(["bash", "-c", attach], cwd=tmp_path, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True)
+        attach_out, attach_err = tmp_path / "attach.out", tmp_path / "attach.err"
+        with open(attach_out, "w") as out_sink, open(attach_err, "w") as err_sink:
+            attached = subprocess.Popen(["bash", "-c", attach], cwd=tmp_path, env=env,
+                                        stdout=out_sink, stderr=err_sink,
+                                        start_new_session=True)
         try:
-            time.sleep(3)
-            assert attached.poll() is None, attached.communicate()
+            # attach streams the run's output (stdout) and keeps following it while it runs
+            wait_until(lambda: "rank 0 step" in attach_out.read_text(),
+                       what="attach streaming the run's output", timeout=120,
+                       proc=attached, log=attach_err)
+            assert attached.poll() is None, attach_err.read_text()[-3000:]
             bash(cancel, tmp_path, env, timeout=120)
-            out, err = attached.communicate(timeout=120)
+            attached.wait(timeout=120)
         finally:
             stop_group(attached)
         assert attached.returncode != 0, "attach must exit non-zero for a cancelled run"
-        assert "rank 0 step" in out
         assert client.get_run(run_id).info.status == "KILLED"
         assert not marked_processes(run_id)
         out = bash(status, tmp_path, env, check=False).stdout
@@ -657,7 +670,6 @@ def test_fowlflow_status_logs_attach_cancel(sqlite_store, tmp_path):
 # docs/benchmarks.md: the forms short enough for the suite.
 
 
-@pytest.mark.slow
 def test_onnx_benchmark_quick_form():
     # run where the docs run it: the repository root (the script reads ../shared/datasets)
     proc = bash(documented(".venv/bin/python bench/onnx_vs_torch.py --quick"), ROOT,
@@ -665,7 +677,6 @@ def test_onnx_benchmark_quick_form():
     assert re.search(r"parity on \d+ photos: top-1 100%", proc.stdout), proc.stdout[-2000:]
 
 
-@pytest.mark.slow
 def test_load_benchmark_one_client(project):
     # in the project copy: the script writes bench/results/ next to itself
     proc = bash(documented(".venv/bin/python bench/load_server.py --clients 1 --steps 200 "
@@ -680,6 +691,32 @@ def test_load_benchmark_one_client(project):
 # README "Team tracking server" and docs/deployment.md: a fresh stack started as written.
 
 
+_RESULT = "\0fowlflow-result "
+# Runs each request {"env", "code"} as `python -c code` would (stdout, stderr, exit status),
+# with mlflow imported once; answers one line starting with _RESULT.
+_PYTHON_WORKER = f"""
+import contextlib, io, json, os, sys, traceback
+import mlflow
+for line in sys.stdin:
+    request = json.loads(line)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    out, err, rc = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            exec(compile(request["code"], "<string>", "exec"),
+                 {{"__name__": "__main__", "mlflow": mlflow, "c": mlflow.MlflowClient()}})
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    sys.__stdout__.write({_RESULT!r} + json.dumps({{"rc": rc, "stdout": out.getvalue(),
+                                                 "stderr": err.getvalue()}}) + "\\n")
+    sys.__stdout__.flush()
+"""
+
+
 class Shell:
     """One user's terminal: each command runs in ``bash -c`` (in ``prefix``, e.g. a network
     namespace), and what it exports or evals (``eval "$(fowlflow server env)"``) stays set for
@@ -687,6 +724,43 @@ class Shell:
 
     def __init__(self, cwd: Path, env: dict, prefix: list, tmp: Path):
         self.cwd, self.env, self.prefix, self.envfile = cwd, dict(env), list(prefix), tmp / "env"
+        self.worker_log = tmp / "python-worker.log"
+        self._worker: subprocess.Popen | None = None
+
+    def python(self, code: str, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+        """``python -c`` of ``code`` with ``mlflow`` imported and ``c = mlflow.MlflowClient()``,
+        in this shell (its environment now, plus ``env``, and its namespace): the checks'
+        client. One Python process serves every call (a fresh interpreter per check spends
+        seconds importing mlflow); each call gets the shell's environment and a new client,
+        which reads the tracking URI and credentials from it."""
+        if self._worker is None or self._worker.poll() is not None:
+            with open(self.worker_log, "a") as log:
+                self._worker = subprocess.Popen(
+                    [*self.prefix, str(BIN / "python"), "-c", _PYTHON_WORKER], cwd=self.cwd,
+                    env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                    text=True)
+        request = {"env": {**self.env, **(env or {})}, "code": code}
+        self._worker.stdin.write(json.dumps(request) + "\n")
+        self._worker.stdin.flush()
+        line = ""
+        while not line.startswith(_RESULT):
+            line = self._worker.stdout.readline()
+            assert line, f"the Python worker exited:\n{self.worker_log.read_text()[-3000:]}"
+        done = json.loads(line[len(_RESULT):])
+        proc = subprocess.CompletedProcess(code, done["rc"], done["stdout"], done["stderr"])
+        if check and proc.returncode != 0:
+            raise AssertionError(f"python -c {code!r} failed:\n{proc.stderr[-6000:]}")
+        return proc
+
+    def close(self) -> None:
+        if self._worker is not None and self._worker.poll() is None:
+            self._worker.stdin.close()
+            try:
+                self._worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._worker.kill()
+                self._worker.wait()
 
     def run(self, command: str, stdin: str = "", check: bool = True,
             timeout: float = 600) -> subprocess.CompletedProcess:
@@ -721,6 +795,7 @@ def team_shell(project, tmp_path):
         try:
             yield shell
         finally:
+            shell.close()
             stop = shell.run("fowlflow server stop", check=False)
             logs = ROOT / "test-output" / "docs-server-logs"
             logs.mkdir(parents=True, exist_ok=True)
@@ -733,15 +808,13 @@ def team_shell(project, tmp_path):
 
 def py(sh: Shell, code: str, check: bool = True) -> subprocess.CompletedProcess:
     """Python with mlflow imported, in the shell (its MLFLOW_TRACKING_* and namespace)."""
-    return sh.run("python -c " + shlex.quote("import mlflow\nc = mlflow.MlflowClient()\n"
-                                             + code), check=check)
+    return sh.python(code, check=check)
 
 
-def as_user(user: str, password: str) -> str:
-    return f"MLFLOW_TRACKING_USERNAME={user} MLFLOW_TRACKING_PASSWORD={password} "
+def as_user(user: str, password: str) -> dict:
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
 
-@pytest.mark.slow
 def test_team_server_commands(team_shell):
     """README "Team tracking server" and docs/deployment.md, in the order a reader goes, on
     one fresh stack; each step's effect is checked through the server."""
@@ -763,8 +836,7 @@ def test_team_server_commands(team_shell):
     assert status.count("127.0.0.1") >= 3, status
     # alice can now log runs into experiment 1
     code = "r = c.create_run('1'); c.log_metric(r.info.run_id, 'm', 1.0); print(r.info.run_id)"
-    run_id = sh.run(as_user("alice", pw["alice"]) + "python -c " + shlex.quote(
-        "import mlflow\nc = mlflow.MlflowClient()\n" + code)).stdout.strip()
+    run_id = sh.python(code, as_user("alice", pw["alice"])).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{32}", run_id), run_id
 
     # docs/deployment.md "One command": start again (idempotent), status, stop keeps the data
@@ -786,8 +858,7 @@ def test_team_server_commands(team_shell):
            "AuthServiceClient(mlflow.get_tracking_uri()).delete_user('alice')")
 
     def can(user: str, code: str) -> bool:
-        proc = sh.run(as_user(user, pw[user]) + "python -c " + shlex.quote(
-            "import mlflow\nc = mlflow.MlflowClient()\n" + code), check=False)
+        proc = sh.python(code, as_user(user, pw[user]), check=False)
         assert proc.returncode == 0 or "PERMISSION_DENIED" in proc.stderr or "403" in \
             proc.stderr, proc.stderr[-3000:]
         return proc.returncode == 0
