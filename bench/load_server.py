@@ -38,7 +38,7 @@ def client(idx: int, env: dict, experiment_id: str, steps: int, n_metrics: int, 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    c = MlflowClient()
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
     run_id = c.create_run(experiment_id, run_name=f"load-{idx}").info.run_id
     lat = []
     barrier.wait()
@@ -91,7 +91,7 @@ def main() -> int:
         os.environ.update(env)
         from mlflow import MlflowClient
 
-        exp_id = MlflowClient().create_experiment(f"load-{int(time.time())}")
+        exp_id = MlflowClient(cfg.tracking_uri).create_experiment(f"load-{int(time.time())}")
         # A user per client, as a team would have; each gets EDIT on the experiment.
         envs = []
         for i in range(args.clients):

@@ -6,7 +6,7 @@ failed test never leaves servers behind). Its logs are copied to ``test-output/s
 
 Fixtures:
     stack          the running :class:`~fowlflow.server.Stack`
-    admin_env      MLFLOW_TRACKING_* of the admin, set for one test (in-process client)
+    admin_client   an ``MlflowClient(tracking_uri)`` acting as the admin for one test
     admin          an :class:`~fowlflow.server.users.AuthAdmin`
     reader         (username, password) of a user created for the session
     trained        a real ``mlflow run`` of the trainer on an ``s3://`` dataset of the stack's
@@ -15,6 +15,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -90,22 +91,17 @@ def stack():
 
 
 @pytest.fixture
-def admin_env(stack, monkeypatch):
-    """The admin's login for in-process MLflow calls in this test."""
-    import mlflow
+def admin_client(stack, monkeypatch):
+    """An explicit ``MlflowClient`` of the stack, logged in as the admin for this test only.
+
+    MLflow clients read the login from ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` only, so those
+    are set with ``monkeypatch`` (undone after the test); no module-level MLflow state is set.
+    """
+    from mlflow import MlflowClient
 
     for k, v in client_env(stack).items():
         monkeypatch.setenv(k, v)
-    mlflow.set_tracking_uri(stack.cfg.tracking_uri)
-    yield stack.client_env()
-    mlflow.set_tracking_uri(None)
-    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID; don't let it reach later tests.
-    _drop_experiment_env()
-
-
-def _drop_experiment_env() -> None:
-    for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        os.environ.pop(k, None)
+    return MlflowClient(stack.cfg.tracking_uri)
 
 
 @pytest.fixture(scope="session")
@@ -144,9 +140,6 @@ def trained(stack, tmp_path_factory):
     same run and the aliases ``champion`` (v1) and ``candidate`` (latest) are set, as a
     promotion would.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
     imgs = make_imagefolder(tmp_path_factory.mktemp("s3data") / "imgs")
     s3 = stack.s3.client()
     s3.create_bucket(Bucket=DATASET_BUCKET)
@@ -156,26 +149,25 @@ def trained(stack, tmp_path_factory):
     env = {**client_env(stack), **_s3_env(stack),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
            "FOWLFLOW_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
-    _drop_experiment_env()  # an in-process set_experiment elsewhere must not pick the experiment
     out = tmp_path_factory.mktemp("train-out")
     params = {**TINY_PARAMS, "num_epochs": "2", "data": f"s3://{DATASET_BUCKET}/imgs",
               "registered_model_name": UI_MODEL, "output_dir": str(out)}
     proc = mlflow_run("--experiment-name", UI_EXPERIMENT, params=params, env=env, timeout=900)
 
-    client = MlflowClient(stack.cfg.tracking_uri)
-    with _login(stack):
+    with admin_login(stack) as client:
         exp = client.get_experiment_by_name(UI_EXPERIMENT)
         run = client.search_runs([exp.experiment_id], order_by=["start_time DESC"],
                                  max_results=1)[0]
         assert run.info.status == "FINISHED"
         # The registry, unchanged, registered version 1 through the server and aliased it.
         assert client.get_model_version_by_alias(UI_MODEL, "candidate").version == "1"
-        # A second version from the same run, then the aliases a promotion would leave.
-        mlflow.set_tracking_uri(stack.cfg.tracking_uri)
-        try:
-            mlflow.register_model(f"runs:/{run.info.run_id}/model", UI_MODEL)
-        finally:
-            mlflow.set_tracking_uri(None)
+        # A second version of the run's logged model "model" (what mlflow.register_model of
+        # runs:/<run>/model sends), then the aliases a promotion would leave.
+        (model_id,) = [m.model_id for m in client.search_logged_models(
+            [exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+            if m.name == "model"]
+        client.create_model_version(UI_MODEL, f"models:/{model_id}", run_id=run.info.run_id,
+                                    model_id=model_id)
         versions = sorted(client.search_model_versions(f"name='{UI_MODEL}'"),
                           key=lambda v: int(v.version))
         client.set_registered_model_alias(UI_MODEL, "champion", versions[0].version)
@@ -185,20 +177,14 @@ def trained(stack, tmp_path_factory):
             "stdout": proc.stdout, "stderr": proc.stderr}
 
 
-class _login:
-    """Temporarily act as the admin in this process (restores the environment after)."""
+@contextlib.contextmanager
+def admin_login(stack):
+    """An ``MlflowClient(tracking_uri)`` acting as the admin inside the block (for fixtures wider
+    than one test). The login goes through the environment (MLflow reads it nowhere else) and is
+    taken back when the block ends."""
+    from mlflow import MlflowClient
 
-    def __init__(self, stack):
-        self.env = stack.client_env()
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in stack.client_env().items():
+            mp.setenv(k, v)
+        yield MlflowClient(stack.cfg.tracking_uri)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import client_env, fowlflow
+from tests.net import wait_until
+from tests.server.conftest import admin_login, client_env, fowlflow
 
 LOGGER = Path(__file__).with_name("metric_logger.py")
 RESILIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -110,7 +111,7 @@ def test_restart_while_logging_loses_no_metric(stack, component, downtime):
         client.wait_for("STEP 15")
         t0 = time.monotonic()
         stack.stop_component(component)
-        time.sleep(downtime)
+        time.sleep(downtime)  # the outage itself: this long with the component down
         stack.start_component(component)
         outage = time.monotonic() - t0
         code, err = client.finish()
@@ -159,18 +160,8 @@ def test_s3_down_during_upload_fails_the_run_then_retry_succeeds(stack, tmp_path
     code, err = retry.finish()
     assert code == 0, err[-3000:]
     assert _run_status(stack, retry.run_id) == "FINISHED"
-    import mlflow
-
-    env = stack.client_env()
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        got = Path(mlflow.artifacts.download_artifacts(
-            run_id=retry.run_id, artifact_path="outputs", dst_path=str(tmp_path / "dl"),
-            tracking_uri=stack.cfg.tracking_uri))
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with admin_login(stack) as client:
+        got = Path(client.download_artifacts(retry.run_id, "outputs", str(tmp_path / "dl")))
     for f in files.iterdir():
         assert (got / f.name).read_bytes() == f.read_bytes()
 
@@ -193,10 +184,8 @@ def _kill_9(stack, component: str) -> set[int]:
     before = {p.pid for p in stack._server(component).owner.processes()}
     assert rec.pid in before and len(before) >= 2, before  # main + children/log pipe
     os.kill(rec.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while rec.alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not rec.alive()
+    wait_until(lambda: not rec.alive(), what=f"{component}'s main process gone after kill -9",
+               timeout=10, interval=0.1)
     return before
 
 

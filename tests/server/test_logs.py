@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.net import wait_until
+
 BANNER = "Starting SeaweedFS Mini"
 
 
 def test_seaweedfs_log_is_quiet_when_idle(stack):
     """No component dials a port that isn't there (the worker used to retry every 5 s)."""
     weed = stack.record("s3").process()
-    time.sleep(max(0.0, 20 - (time.time() - weed.create_time())))  # several retry periods
+    # The test is this quiet time: weed up for 20 s, several of the old 5 s retry periods.
+    time.sleep(max(0.0, 20 - (time.time() - weed.create_time())))
     text = stack.s3.log_path.read_text(errors="replace")
     assert BANNER in text
     current = text.rsplit(BANNER, 1)[1]  # this run of weed only
@@ -53,10 +56,10 @@ def _fill_postgres(stack, n: int = 120) -> str:
 
 
 def _fill_mlflow(stack, n: int = 1500) -> str:
-    for _ in range(n):
-        with urllib.request.urlopen(stack.cfg.tracking_uri + "/health", timeout=10):
+    for i in range(n):  # numbered, so the access log's last line is known
+        with urllib.request.urlopen(f"{stack.cfg.tracking_uri}/health?n={i}", timeout=10):
             pass
-    return '"GET /health HTTP/1.1" 200'
+    return f'"GET /health?n={n - 1} HTTP/1.1" 200'
 
 
 def test_every_log_is_rotated_and_capped(small_logs):
@@ -64,8 +67,10 @@ def test_every_log_is_rotated_and_capped(small_logs):
     cap, backups = stack.cfg.log_max_bytes, stack.cfg.log_backups
     last = {stack.postgres.log_path: _fill_postgres(stack),
             stack.mlflow.log_path: _fill_mlflow(stack)}
-    time.sleep(1)  # the log pipes write asynchronously
     for log, last_line in last.items():
+        # The log pipes write asynchronously: wait until the newest line is in.
+        wait_until(lambda: last_line in log.read_text(errors="replace"),
+                   what=f"{last_line!r} in {log.name}", timeout=30)
         files = sorted(log.parent.glob(log.name + "*"))
         names = [f.name for f in files]
         # Filled far past the cap (more than 3 files' worth), yet only the kept files exist.

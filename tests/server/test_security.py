@@ -9,7 +9,7 @@ import requests
 
 from tests.conftest import BIN
 from tests.local_user import as_user, ensure_local_user
-from tests.server.conftest import fowlflow
+from tests.server.conftest import admin_login, client_env, fowlflow
 
 API = "/api/2.0/mlflow"
 
@@ -17,12 +17,7 @@ API = "/api/2.0/mlflow"
 @pytest.fixture(scope="module")
 def owned(stack, admin, reader):
     """An experiment, a run and a registered model of the admin; ``reader`` gets READ on them."""
-    from mlflow import MlflowClient
-
-    from tests.server.conftest import _login
-
-    with _login(stack):
-        client = MlflowClient(stack.cfg.tracking_uri)
+    with admin_login(stack) as client:
         exp_id = client.create_experiment("security-owned")
         run = client.create_run(exp_id)
         client.log_metric(run.info.run_id, "loss", 1.0, step=0)
@@ -34,16 +29,12 @@ def owned(stack, admin, reader):
 
 @pytest.fixture
 def as_reader(stack, reader, monkeypatch):
-    import mlflow
+    """An ``MlflowClient(tracking_uri)`` logged in as ``reader`` for this test."""
     from mlflow import MlflowClient
-
-    from tests.server.conftest import client_env
 
     for k, v in client_env(stack, *reader).items():
         monkeypatch.setenv(k, v)
-    mlflow.set_tracking_uri(stack.cfg.tracking_uri)
-    yield MlflowClient(stack.cfg.tracking_uri)
-    mlflow.set_tracking_uri(None)
+    return MlflowClient(stack.cfg.tracking_uri)
 
 
 @pytest.mark.parametrize("method,path", [
@@ -222,14 +213,9 @@ def _curl(*args: str, user: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def artifact(stack, tmp_path_factory):
     """An artifact logged through the mlflow server with the stack's keys: its S3 key."""
-    from mlflow import MlflowClient
-
-    from tests.server.conftest import _login
-
     f = tmp_path_factory.mktemp("art") / "secret-weights.txt"
     f.write_text("only for logged-in users")
-    with _login(stack):
-        client = MlflowClient(stack.cfg.tracking_uri)
+    with admin_login(stack) as client:
         run = client.create_run(client.create_experiment("security-artifacts"))
         client.log_artifact(run.info.run_id, str(f))
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == [f.name]

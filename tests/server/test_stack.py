@@ -67,15 +67,14 @@ def test_env_command_points_a_shell_client_at_the_server(stack):
     assert int(proc.stdout.strip().splitlines()[-1]) >= 1
 
 
-def test_stop_then_start_keeps_runs_artifacts_and_ports(stack, admin_env, tmp_path):
-    import mlflow
-
-    mlflow.set_experiment("persistence")
-    with mlflow.start_run() as run:
-        mlflow.log_param("p", "kept")
-        mlflow.log_metrics({"m": 1.5}, step=3)
-        (tmp_path / "note.txt").write_text("still here")
-        mlflow.log_artifact(str(tmp_path / "note.txt"))
+def test_stop_then_start_keeps_runs_artifacts_and_ports(stack, admin_client, tmp_path):
+    client = admin_client
+    run = client.create_run(client.create_experiment("persistence"))
+    client.log_param(run.info.run_id, "p", "kept")
+    client.log_metric(run.info.run_id, "m", 1.5, step=3)
+    (tmp_path / "note.txt").write_text("still here")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    client.set_terminated(run.info.run_id)
     old = [stack.record(name) for name in ("postgres", "s3", "mlflow")]
     ports_before = json.loads((stack.cfg.state_dir / "ports.json").read_text())
 
@@ -86,10 +85,9 @@ def test_stop_then_start_keeps_runs_artifacts_and_ports(stack, admin_env, tmp_pa
 
     fowlflow("server", "start", "--state-dir", str(stack.cfg.state_dir))
     assert json.loads((stack.cfg.state_dir / "ports.json").read_text()) == ports_before
-    got = mlflow.get_run(run.info.run_id)
+    got = client.get_run(run.info.run_id)
     assert got.data.params["p"] == "kept" and got.data.metrics["m"] == 1.5
-    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="note.txt",
-                                               dst_path=str(tmp_path / "dl"))
+    path = client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path / "dl"))
     assert open(path).read() == "still here"
 
 
@@ -111,7 +109,7 @@ def test_stop_never_signals_a_process_it_did_not_start(tmp_path):
         stale = ProcessRecord(pid=other.pid, create_time=real.create_time - 100)
         assert stop(owner, stale, signal.SIGKILL, timeout=5) is True
         assert marked.wait(5) is not None
-        time.sleep(0.2)
+        time.sleep(0.2)  # nothing to wait for: a wrong SIGKILL would have landed by now
         assert other.poll() is None
         assert stop(owner, None) is False  # nothing of ours is left
         # A recorded main process without the mark (started by an older fowlflow) is stopped.

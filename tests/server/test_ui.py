@@ -10,6 +10,7 @@ Playwright's own browser download is never used (``executable_path=/usr/bin/chro
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -45,16 +46,17 @@ def browser():
             b.close()
 
 
-def _open(page, url: str, expect: str):
-    """Go to ``url`` and wait until ``expect`` is shown; close the assistant side panel."""
+def _open(page, url: str, shown: str):
+    """Go to ``url`` and wait until ``shown`` is on the page; close the assistant side panel.
+
+    The SPA polls (auto-refresh), so "network idle" never comes: each step below waits for the
+    very elements it checks (and so screenshots) instead.
+    """
     page.goto(url)
-    page.get_by_text(expect, exact=True).first.wait_for(timeout=TIMEOUT_MS)
+    page.get_by_text(shown, exact=True).first.wait_for(timeout=TIMEOUT_MS)
     close = page.get_by_role("button", name="Close")
     if close.count():
         close.first.click()
-    # The SPA polls (auto-refresh), so "network idle" never comes; give the rest of the page
-    # a moment to render around the element that proved the page is there.
-    page.wait_for_timeout(1500)
 
 
 def _logged_model_id(stack, experiment_id: str, run_id: str) -> str:
@@ -78,6 +80,7 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
     # Without (or with wrong) credentials the browser gets nothing but a 401, which headless
     # Chromium reports as a failed navigation (there is no login dialog to show).
     from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import expect
 
     for creds in (None, {"username": stack.secrets.admin_username, "password": "wrong"}):
         anon = browser.new_context(http_credentials=creds)
@@ -101,12 +104,12 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
         page.goto(f"{base}/#/experiments/{exp}")
         run_name = _run_name(stack, run_id)
         page.get_by_role("link", name=run_name).first.wait_for()
-        page.wait_for_timeout(1500)
-        page.screenshot(path=shots / "0-experiment-default-view.png")
-        assert f"/experiments/{exp}/runs" in page.url, page.url
-        assert "workflowType=machine_learning" in page.url, page.url
+        expect(page).to_have_url(re.compile(rf"/experiments/{exp}/runs\b"), timeout=TIMEOUT_MS)
+        expect(page).to_have_url(re.compile("workflowType=machine_learning"), timeout=TIMEOUT_MS)
         page.get_by_text("Model training", exact=True).first.wait_for()  # the workflow switch
         page.get_by_text("matching run", exact=False).first.wait_for()  # the run table's footer
+        page.screenshot(path=shots / "0-experiment-default-view.png")
+        # The page is complete (its run table is filled in): no assistant panel opened on it.
         assert not page.get_by_placeholder("Ask a question").first.is_visible()  # assistant
         assert not page.get_by_text("Detect Issues").first.is_visible()
 
@@ -126,9 +129,9 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
         page.get_by_text("resnet18", exact=True).first.wait_for()
         page.get_by_text(f"s3://{DATASET_BUCKET}/imgs", exact=True).first.wait_for()
         # "Created by": the logged-in user who ran `mlflow run`, not the OS user (root).
-        about = page.get_by_text("Created by", exact=True).first
-        created_by = about.evaluate("e => e.parentElement.parentElement.innerText")
-        assert f"Created by\n{stack.secrets.admin_username}" in created_by, created_by
+        about = page.get_by_text("Created by", exact=True).first.locator("xpath=../..")
+        expect(about).to_contain_text(f"Created by {stack.secrets.admin_username}",
+                                      use_inner_text=True, timeout=TIMEOUT_MS)
         # ...and, below them, the run's logged models ("model" and the ONNX export).
         page.get_by_text("Logged models (", exact=False).first.wait_for()
         page.get_by_role("link", name="model", exact=True).first.wait_for()
@@ -144,8 +147,8 @@ def test_ui_shows_experiment_run_artifacts_and_registered_model(stack, trained, 
         # The chart card that holds this title, and the line plotted in it.
         card = title.locator("xpath=ancestor::div[.//*[contains(@class, 'js-plotly-plot')]][1]")
         line = card.locator(".js-plotly-plot .scatterlayer path.js-line").first
-        line.wait_for()
-        assert len(line.get_attribute("d") or "") > 20, "the train_loss_step chart has no line"
+        # A drawn line, not a dot.
+        expect(line).to_have_attribute("d", re.compile(r".{21,}"), timeout=TIMEOUT_MS)
         page.screenshot(path=shots / "3-run-metric-chart.png")
 
         # The confusion-matrix artifact, previewed as an image.

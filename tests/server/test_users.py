@@ -1,4 +1,4 @@
-"""Users, roles and permissions through the CLI, enforced by the real server (issue 9, item 3).
+"""Users, roles and permissions through the CLI, enforced by the real server.
 
 DENY and revoke, the read-only role (no creating), the failed-login throttle (429 +
 Retry-After), a duplicate user (a clear message, no password hash) and password changes; plus
@@ -185,16 +185,29 @@ def test_runs_record_the_authenticated_user_and_experiments_the_training_kind(st
         {"key": "mlflow.user", "value": "author"}]
 
 
-def test_throttle_settings_in_auth_ini_survive_a_restart_and_apply(stack):
-    """An admin's ``[fowlflow]`` edit of auth.ini is kept by the next start and enforced."""
+def test_start_renews_an_older_auth_ini_and_keeps_the_throttle_settings(stack):
+    """``fowlflow server start`` rewrites auth.ini, so a server home made before the server
+    package moved (its auth.ini names ``fowlflow.tracking.server.auth_hook``, which no longer
+    exists) starts with the hook's current path; an admin's ``[fowlflow]`` edit is kept and
+    enforced (the 429 comes from the hook, so the hook is loaded)."""
+    import importlib.util
+
+    from fowlflow.server.mlflow_server import AUTH_HOOK
+
+    old_hook = "fowlflow.tracking.server.auth_hook:authenticate"
+    assert importlib.util.find_spec("fowlflow.tracking.server") is None
     ini = stack.mlflow.auth_config
     original = ini.read_text()
+    assert f"authorization_function = {AUTH_HOOK}\n" in original
     user, password = _new_user(stack, "strict-user")
     try:
-        ini.write_text(original.replace("max_failed_logins = 5", "max_failed_logins = 1"))
+        ini.write_text(original.replace(AUTH_HOOK, old_hook)
+                       .replace("max_failed_logins = 5", "max_failed_logins = 1"))
         stack.stop_component("mlflow")
-        stack.start_component("mlflow")
-        assert "max_failed_logins = 1" in ini.read_text()
+        fowlflow("server", "start", *_state(stack))
+        renewed = ini.read_text()
+        assert f"authorization_function = {AUTH_HOOK}\n" in renewed and old_hook not in renewed
+        assert "max_failed_logins = 1" in renewed
         statuses = []
         for _ in range(stack.cfg.workers + 1):  # each worker refuses after its 1st failure
             statuses.append(_get(stack, f"{API}/experiments/search",
