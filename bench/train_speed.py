@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fowlflow.train import DEFAULT_MODEL_NAME, registration  # noqa: E402
 from fowlflow.trainer.config import parse_args  # noqa: E402
 from fowlflow.trainer.train import run  # noqa: E402
 
@@ -31,7 +32,9 @@ def fowlflow_run(data: str, epochs: int, tracking: bool, extra: list[str] = ()) 
     cfg = parse_args(["--data", data, "--num_epochs", str(epochs), "--weights", "none",
                       "--output_dir", out, *extra])
     start = time.perf_counter()
-    summary = run(cfg, tracking=tracking)
+    # With tracking, as `mlflow run .` does: the model is registered too (finish_seconds).
+    summary = run(cfg, tracking=tracking,
+                  after=registration(DEFAULT_MODEL_NAME) if tracking else None)
     summary["wall_seconds"] = time.perf_counter() - start
     return summary
 

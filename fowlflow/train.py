@@ -63,12 +63,13 @@ def _main(argv: list[str] | None) -> int:
 
     cfg, name = parse_args(argv)
     run(cfg, params={"registered_model_name": name},
-        after=_registration(name) if name else None)
+        after=registration(name) if name else None)
     return 0
 
 
-def _registration(name: str):
-    """What runs after training when a model name is given: the registry's registration."""
+def registration(name: str):
+    """What runs after training when a model name is given: the registry's registration of
+    the run's model as ``name`` (and ``<name>-onnx``), on the training data's ``val/``."""
     def register(trained) -> None:
         from fowlflow.registry import register_trained_model
 

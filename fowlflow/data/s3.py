@@ -101,9 +101,10 @@ def _mirror_folder(s3, bucket: str, prefix: str, objects: list[dict], target: Pa
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".s3-", dir=target))
     try:
-        base = PurePosixPath(prefix) if prefix and not prefix.endswith("/") else PurePosixPath(prefix or ".")
+        base = PurePosixPath(prefix or ".")
         for obj in tqdm(objects, desc=f"download {uri}", unit="file"):
-            rel = PurePosixPath(obj["Key"]).relative_to(base) if prefix else PurePosixPath(obj["Key"])
+            key_path = PurePosixPath(obj["Key"])
+            rel = key_path.relative_to(base) if prefix else key_path
             if ".." in rel.parts:
                 raise DataError(f"S3 key {obj['Key']!r} escapes {uri}; refusing it.")
             dest = tmp / rel

@@ -287,7 +287,7 @@ def test_mlflow_run_reads_a_relative_data_path_from_where_it_was_typed(tracking_
     proc = run_mlflow_from(user, {**TINY_PARAMS, "data": "rel/imgs",
                                   "output_dir": tmp_path / "out"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
     assert run.data.tags["data_root"] == str(user / "rel" / "imgs")
     # the model records where its data is, so `register` finds it from any folder

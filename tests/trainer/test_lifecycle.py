@@ -43,8 +43,13 @@ def tiny_args(data: Path, **extra) -> list[str]:
     return args
 
 
+def store() -> MlflowClient:
+    """A client on this test's store, named explicitly (the ``tracking_uri`` fixture's)."""
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
 def only_run(experiment: str):
-    client = MlflowClient()
+    client = store()
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return run
 
@@ -117,7 +122,7 @@ def start_long_run(tmp_path: Path, experiment: str, shell: bool = False) -> subp
            "--experiment-name", experiment]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    MlflowClient().search_experiments()  # create the store's tables now, not in two processes
+    store().search_experiments()  # create the store's tables now, not in two processes
     log = open(tmp_path / "mlflow-run.log", "w")
     # Typed in tmp_path: the experiment it creates keeps its artifacts in tmp_path/mlruns.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=log, stderr=subprocess.STDOUT)
@@ -133,7 +138,7 @@ def start_long_run(tmp_path: Path, experiment: str, shell: bool = False) -> subp
 
 def wait_training(proc: subprocess.Popen, experiment: str, log: Path, timeout: float = 300):
     """Until the run is RUNNING and its trainer has loaded the data (params logged)."""
-    client = MlflowClient()
+    client = store()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the run ended early:\n{log.read_text()[-3000:]}"
@@ -208,7 +213,7 @@ def test_stop_signal_to_the_trainer_ends_the_run_killed(tracking_uri, tmp_path, 
     """The trainer started without `mlflow run` (by hand, torchrun): no one else ends its run."""
     log = tmp_path / "trainer.log"
     args = tiny_args(HYMENOPTERA, num_epochs=500, output_dir=tmp_path / "out")
-    MlflowClient().search_experiments()  # create the store's tables now, not in two processes
+    store().search_experiments()  # create the store's tables now, not in two processes
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fowlflow.train", *args], cwd=tmp_path,
                                 env=env(MLFLOW_EXPERIMENT_NAME="term-trainer"),

@@ -36,7 +36,7 @@ def test_mlflow_run_logs_everything(tracking_uri, messy_folder, tmp_path):
                               "output_dir": tmp_path / "out"}, env=env)
     assert "Skipped 2 unreadable file(s)" in proc.stderr
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("e2e")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
@@ -105,7 +105,7 @@ def test_missing_data_fails_clearly_through_mlflow_run(tracking_uri, tmp_path):
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr and "-P data=" in proc.stderr
     assert "Traceback" not in proc.stderr  # a clear message, not a stack dump
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("bad").experiment_id])
     assert run.info.status == "FAILED"
     assert "does not exist" in run.data.tags["error"]
@@ -167,7 +167,7 @@ def test_ddp_two_processes_log_one_run(tracking_uri, tmp_path):
         env={**os.environ, "MLFLOW_EXPERIMENT_NAME": "ddp",
              "FOWLFLOW_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1
     run = runs[0]
