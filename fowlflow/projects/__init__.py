@@ -12,7 +12,9 @@ starts each node's command under the supervisor (:mod:`.supervise`, the program 
 SSH with shared connections, :mod:`.ssh_connections`), saves the launch record
 (:mod:`.launch_record`) and returns a ``SubmittedRun`` (:mod:`.submitted`, streaming in
 :mod:`.log_stream`). One module per backend (:mod:`.torchrun`, :mod:`.ssh`); the ssh launch on
-known hosts is :mod:`.ssh_launch` (with :mod:`.shipping`, :mod:`.envs`, :mod:`.tunnels`), for
-any backend that brings its own hosts. This package only launches processes: importing it must
-not import torch or boto3, because MLflow loads backends at start-up.
+known hosts is :mod:`.ssh_launch` (with :mod:`.shipping`, :mod:`.envs`, :mod:`.tunnels`,
+:mod:`.node_network`: a rendezvous port and the interface per node), for any backend that
+brings its own hosts; a run that did not finish is reported by :mod:`.failure_summary`. This
+package only launches processes: importing it must not import torch or boto3, because MLflow
+loads backends at start-up.
 """

@@ -98,7 +98,7 @@ class SshConfig:
     tunnel: bool = False
     tunnel_remote_port: int | None = None
     rdzv_host: str | None = None
-    rdzv_port: int = 29400
+    rdzv_port: int | None = None  # None: a free port on the rendezvous host, per run
     max_restarts: int = 0
     ship: str = "auto"
     wait: bool = True
@@ -284,7 +284,7 @@ def parse_ssh_config(user: dict) -> SshConfig:
         ssh_options=tuple(ssh_options), env=_env(user), forward_env=tuple(forward),
         tunnel=_bool(user, "tunnel", False),
         tunnel_remote_port=_int(user, "tunnel_remote_port", None, minimum=1),
-        rdzv_host=rdzv_host, rdzv_port=_int(user, "rdzv_port", 29400, minimum=1),
+        rdzv_host=rdzv_host, rdzv_port=_int(user, "rdzv_port", None, minimum=1),
         max_restarts=_int(user, "max_restarts", 0), ship=ship,
         wait=_bool(user, "wait", True), stream=_bool(user, "stream", True),
         reconnect_timeout=_int(user, "reconnect_timeout", 300, minimum=0))

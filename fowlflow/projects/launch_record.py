@@ -61,6 +61,7 @@ class LaunchRecord:
     backend: str
     nodes: tuple[NodeRecord, ...]
     ssh: SshAccess | None = None
+    rdzv_endpoint: str | None = None  # "host:port" of a multi-node run's rendezvous
 
     def to_dict(self) -> dict:
         out = {"backend": self.backend,
@@ -70,6 +71,8 @@ class LaunchRecord:
         if self.ssh is not None:
             out["ssh"] = {**dataclasses.asdict(self.ssh),
                           "ssh_options": list(self.ssh.ssh_options)}
+        if self.rdzv_endpoint is not None:
+            out["rdzv_endpoint"] = self.rdzv_endpoint
         return out
 
     @classmethod
@@ -79,7 +82,7 @@ class LaunchRecord:
         ssh = data.get("ssh")
         access = SshAccess(**{**ssh, "ssh_options": tuple(ssh.get("ssh_options", ()))}) \
             if ssh is not None else None
-        return cls(data["backend"], nodes, access)
+        return cls(data["backend"], nodes, access, data.get("rdzv_endpoint"))
 
     def nodes_for(self, shared: SharedConnections | None = None) -> list[Node]:
         """The nodes with their runners (ssh ones share ``shared``'s connections)."""

@@ -30,6 +30,7 @@ from fowlflow.projects import envs, run_lifecycle
 from fowlflow.projects.config import CREDENTIAL_VARS, SshConfig
 from fowlflow.projects.launch import Rendezvous, node_argv, resolve_nproc
 from fowlflow.projects.launch_record import LaunchRecord, NodeRecord
+from fowlflow.projects.node_network import peer_of, rendezvous_port, route_interface, socket_env
 from fowlflow.projects.nodes import Node, RunState
 from fowlflow.projects.run_lifecycle import Submission
 from fowlflow.projects.runners import SshRunner
@@ -61,12 +62,16 @@ class SshLaunch:
         self.runners = [SshRunner(h, cfg.access, shared=self.shared) for h in cfg.hosts]
         self.nodes: list[Node] = []  # filled as nodes start, so a failed launch can stop them
         self.tunnels: Tunnels | None = None
+        self.rdzv: tuple[str, int] | None = None  # (host, port) for several nodes
+        self.ifaces: list[str | None] = []  # per node: the interface that reaches the others
 
     def run(self) -> SupervisedRun:
         try:
             addrs = [r.address() for r in self.runners]
             host_uri = remote_tracking_uri(self.sub.tracking_uri, self.cfg, addrs)
             infos = [self._preflight(r) for r in self.runners]  # before any run exists
+            if self.cfg.node_count > 1:
+                self._plan_network(addrs)
             work_dir, command = run_lifecycle.fetch_command(self.sub)
             manager = self.sub.mlflow_keys.env_manager or "local"
             specs = [envs.env_spec(Path(work_dir), manager, i["python_version"])
@@ -84,7 +89,7 @@ class SshLaunch:
                        for rank, (info, spec) in enumerate(zip(infos, specs))]
             for node in self.nodes:
                 node.wait_started()
-            self._record(run_id, details, addrs)
+            self._record(run_id, details)
         except BaseException as exc:
             self._abort(run_id, exc)
             raise
@@ -102,6 +107,15 @@ class SshLaunch:
                               f"mlflow; fix: install it there (pip install 'mlflow==3.17.*') "
                               f"or point \"python\" at a Python that has it")
         return info
+
+    def _plan_network(self, addrs: list[str]) -> None:
+        """This run's rendezvous port (free on the rendezvous host) and, per node, the
+        interface that reaches the other nodes (for gloo/NCCL)."""
+        host = self.cfg.rdzv_host or addrs[0]
+        on_host = next((r for r, a in zip(self.runners, addrs) if host in (a, r.name)), None)
+        self.rdzv = (host, rendezvous_port(self.cfg.rdzv_port, on_host, self.cfg.python))
+        self.ifaces = [route_interface(r, peer_of(rank, addrs))
+                       for rank, r in enumerate(self.runners)]
 
     def _base_env(self, run_id: str, host_uri: str) -> dict:
         """Every node's environment: the run, credentials set here, the config's ``env``."""
@@ -132,8 +146,9 @@ class SshLaunch:
             env_info = envs.prepare(runner, spec, cfg.python, f"{root}/envs", project_dir,
                                     run_dir)
         nproc = resolve_nproc(cfg.process_count_per_node, len(info["gpus"]))
-        rdzv = Rendezvous(cfg.node_count, rank, cfg.rdzv_host or addrs[0], cfg.rdzv_port, run_id,
-                          addrs[rank]) if cfg.node_count > 1 else None
+        rdzv = Rendezvous(cfg.node_count, rank, *self.rdzv, run_id, addrs[rank]) \
+            if self.rdzv else None
+        iface = self.ifaces[rank] if self.ifaces else None
         script = f"fowlflow-node{rank}.sh"
         argv = node_argv(command, env_info["python"], nproc, cfg.max_restarts, rdzv)
         runner.write_file(f"{project_dir}/{script}",
@@ -145,7 +160,7 @@ class SshLaunch:
         else:
             launch = ["/bin/sh", script]
         node = Node(runner, run_dir, f"node{rank}", cfg.python, supervisor)
-        node.write_env(env)
+        node.write_env({**env, **socket_env(iface, cfg.env)})
         pid = node.start(run_id, launch, cwd=project_dir, path_prepend=env_info["bin"],
                          finalize=rank == 0)
         self.nodes.append(node)
@@ -154,13 +169,15 @@ class SshLaunch:
         return {"host": runner.host.__dict__, "address": addrs[rank],
                 "hostname": info["hostname"], "run_dir": run_dir, "log_path": node.log_path,
                 "pid": pid, "nproc": nproc, "gpus": [g["name"] for g in info["gpus"]],
-                "ship": method, "env": env_info["path"], "env_reused": env_info["reused"]}
+                "ship": method, "env": env_info["path"], "env_reused": env_info["reused"],
+                **({"iface": iface} if iface else {})}
 
-    def _record(self, run_id: str, details: list[dict], addrs: list[str]) -> None:
+    def _record(self, run_id: str, details: list[dict]) -> None:
         """The launch record (what ``fowlflow attach`` needs) and the tags people read."""
         record = LaunchRecord(self.backend, tuple(
             NodeRecord(r.host, n.run_dir, n.name, n.python, n.supervisor)
-            for r, n in zip(self.runners, self.nodes)), ssh=self.cfg.access)
+            for r, n in zip(self.runners, self.nodes)), ssh=self.cfg.access,
+            rdzv_endpoint=f"{self.rdzv[0]}:{self.rdzv[1]}" if self.rdzv else None)
         record.save(run_lifecycle.client(self.sub.tracking_uri), run_id, details)
         first = details[0]
         gpus = sorted({g for d in details for g in d["gpus"]})
@@ -171,8 +188,8 @@ class SshLaunch:
                 "log_path": first["log_path"], "run_dir": first["run_dir"],
                 "env": first["env"], "env_reused": str(first["env_reused"]).lower(),
                 "ship": first["ship"]}
-        if len(details) > 1:
-            tags["rdzv_endpoint"] = f"{self.cfg.rdzv_host or addrs[0]}:{self.cfg.rdzv_port}"
+        if record.rdzv_endpoint:
+            tags["rdzv_endpoint"] = record.rdzv_endpoint
         run_lifecycle.set_tags(self.sub.tracking_uri, run_id, tags)
 
     def _abort(self, run_id: str, exc: BaseException) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from mlflow.projects.submitted_run import SubmittedRun
 
 from fowlflow.errors import RemoteError
+from fowlflow.projects.failure_summary import failure_summary
 from fowlflow.projects.log_stream import LogStream
 from fowlflow.projects.nodes import Node, RunState
 from fowlflow.projects.run_lifecycle import client
@@ -210,6 +211,5 @@ def finish_submit(submitted: SupervisedRun, wait: bool, synchronous: bool) -> Su
     if submitted.wait():
         _logger.info("=== run %s finished ===", run_id)
         return submitted
-    state = submitted.get_status()
-    raise RemoteError(f"run {run_id} ended {state}; the end of its output (all of it is in "
-                      f"the artifact fowlflow-logs/):\n{submitted.nodes[0].log_tail(1500)}")
+    raise RemoteError(failure_summary(client(submitted.tracking_uri), run_id, submitted.nodes,
+                                      submitted.get_status()))

@@ -2,7 +2,9 @@
 
 * ``hosts``: a session-wide bridge ``ffbr0`` (10.77.0.1/24) and two network namespaces
   ``ffnode0``/``ffnode1`` (10.77.0.2, 10.77.0.3), each reached through a veth pair and each
-  running its own ``sshd``. Traffic stays between this machine and these namespaces.
+  running its own ``sshd``. Traffic stays between this machine and these namespaces. Each
+  namespace has Debian's ``/etc/hosts`` (``127.0.1.1 <hostname>``): ``ip netns exec`` mounts
+  ``/etc/netns/<ns>/hosts`` over ``/etc/hosts`` for what it starts (the sshd, so every session).
 * ``tracking_server``: ``mlflow server`` (SQLite + served artifacts) on the bridge address, so
   processes in the namespaces and on this machine reach the same server.
 * ``loopback_sshd``: one more sshd on 127.0.0.1 in the root namespace.
@@ -159,11 +161,17 @@ def loopback_sshd(keys, tmp_path_factory):
     stop(sshd.proc)
 
 
+NETNS_ETC = Path("/etc/netns")  # ip netns exec mounts /etc/netns/<ns>/<file> on /etc/<file>
+
+
 def _teardown_network() -> None:
     for ns, veth, _ in NAMESPACES:
         _run("ip", "netns", "del", ns, check=False)
         _run("ip", "link", "del", veth, check=False)
+        shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
     _run("ip", "link", "del", BRIDGE, check=False)
+    if NETNS_ETC.is_dir() and not any(NETNS_ETC.iterdir()):
+        NETNS_ETC.rmdir()
 
 
 @dataclass
@@ -185,6 +193,9 @@ def network():
         _run("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
         for ns, veth, ip in NAMESPACES:
+            (NETNS_ETC / ns).mkdir(parents=True)
+            (NETNS_ETC / ns / "hosts").write_text(  # Debian's: the host name is loopback
+                f"127.0.0.1 localhost\n127.0.1.1 {socket.gethostname()}\n")
             _run("ip", "netns", "add", ns)
             _run("ip", "link", "add", veth, "type", "veth", "peer", "name", NS_IFACE,
                  "netns", ns)

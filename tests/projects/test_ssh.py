@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -101,7 +102,8 @@ def test_two_hosts_train_one_ddp_run(server_store, hosts, keys, tmp_path):
     tags = run.data.tags
     assert run.info.status == "FINISHED"
     assert tags["fowlflow.nodes"] == "2"
-    assert tags["fowlflow.rdzv_endpoint"] == f"{hosts.sshds[0].address}:29400"
+    host, port = tags["fowlflow.rdzv_endpoint"].rsplit(":", 1)
+    assert host == hosts.sshds[0].address and int(port) > 0
     details = json.loads(tags["fowlflow.node_details"])
     assert [d["address"] for d in details] == [s.address for s in hosts.sshds]
     assert "Epoch 1/1" in server_store.artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
@@ -112,6 +114,42 @@ def test_two_hosts_train_one_ddp_run(server_store, hosts, keys, tmp_path):
         assert any(k.startswith(f"system/{node}/") for k in run.data.metrics), sorted(
             run.data.metrics)
     assert not marked_processes(run.info.run_id)
+
+
+def test_two_concurrent_two_node_runs_on_loopback_named_hosts_both_finish(server_store, hosts,
+                                                                          keys, tmp_path):
+    """Two 2-node runs at once on the same two hosts, without any user ``env``. Each host's
+    name resolves to 127.0.1.1 (Debian's /etc/hosts, see conftest), so gloo left to itself
+    connects to 127.0.0.1 (``Gloo connectFullMesh failed``); and with one fixed rendezvous
+    port the second run dies with EADDRINUSE. Each run gets its own free port, probed on the
+    first host, and each node the interface that reaches the other (``ffeth``)."""
+    name = socket.gethostname()
+    resolved = subprocess.run(["ip", "netns", "exec", "ffnode0", "getent", "hosts", name],
+                              capture_output=True, text=True, check=True).stdout
+    assert resolved.split()[0] == "127.0.1.1", resolved  # the condition under test
+    cfg = {"hosts": [{"host": s.address} for s in hosts.sshds], "user": "root",
+           "identity_file": str(keys.identity), "known_hosts_file": str(keys.known_hosts),
+           "python": sys.executable, "process_count_per_node": 1, "connect_timeout": 5}
+    procs = [mlflow_cli(STANDIN, "ssh", {**cfg, "remote_dir": str(tmp_path / f"remote{k}")},
+                        {"steps": 8, "sleep": 0.5}) for k in range(2)]
+    wait_until(lambda: len([r for r in server_store.runs()
+                            if "fowlflow.rdzv_endpoint" in r.data.tags]) == 2,
+               what="both runs launched", timeout=300, interval=1)
+    results = [finish(p, timeout=400) for p in procs]
+    for code, out, err in results:
+        assert code == 0, out[-2000:] + err[-4000:]
+    runs = server_store.runs()
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    endpoints = {r.data.tags["fowlflow.rdzv_endpoint"] for r in runs}
+    assert len(endpoints) == 2 and all(e.startswith(f"{hosts.sshds[0].address}:")
+                                       for e in endpoints)
+    for run in runs:
+        record = json.loads(run.data.tags["fowlflow.launch"])
+        assert record["rdzv_endpoint"] == run.data.tags["fowlflow.rdzv_endpoint"]
+        details = json.loads(run.data.tags["fowlflow.node_details"])
+        assert [d["iface"] for d in details] == [NS_IFACE, NS_IFACE]
+        assert run.data.params["world_size"] == "2"
+        assert not marked_processes(run.info.run_id)
 
 
 def test_dropped_connection_reattaches_and_the_run_finishes(server_store, loopback_sshd, keys,

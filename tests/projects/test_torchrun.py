@@ -92,6 +92,31 @@ def test_failed_run_exits_nonzero_keeps_output_and_ends_failed(local_store, tmp_
     assert "failing on purpose at step 1" in log and "exited with code" in log
 
 
+def test_failure_summary_shows_the_cause_first_then_whole_lines(local_store, tmp_path):
+    """``-P data=/nonexistent`` with 2 processes: torchrun's ChildFailedError page ends the
+    output; the message starts with the trainer's recorded error, and the output tail that
+    follows starts at a line boundary."""
+    params = {**TINY_PARAMS, "data": str(tmp_path / "nonexistent"),
+              "output_dir": str(tmp_path / "out")}
+    code, out, err = finish(mlflow_cli(ROOT, "torchrun", _cfg(tmp_path,
+                                                              process_count_per_node=2),
+                                       params), timeout=400)
+    assert code == 1
+    run = local_store.only_run()
+    assert run.info.status == "FAILED"
+    cause = run.data.tags["error"]
+    assert "nonexistent" in cause
+    message = err[err.index(f"run {run.info.run_id} ended FAILED"):]
+    head, _, tail = message.partition("'s output (all of it is in the artifact "
+                                      "fowlflow-logs/):\n")
+    assert f"cause: {cause.splitlines()[0]}" in head, message[:3000]
+    assert "(node0) " in head and "fowlflow: error: " in head, message[:3000]
+    assert tail, message[:3000]
+    log = local_store.artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    first_line = tail.splitlines()[0]
+    assert f"\n{first_line}\n" in log, first_line  # a whole line of the log, not a piece
+
+
 def test_ctrl_c_cancels_every_process_and_ends_killed(local_store, tmp_path):
     proc = mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=2),
                       {"steps": 400, "sleep": 0.3})
