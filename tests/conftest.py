@@ -66,7 +66,8 @@ SLOW: dict[str, str] = {
     "test_ssh.py": "sshd hosts in network namespaces, mlflow run -b ssh, two-node DDP",
     "test_torchrun.py": "mlflow run -b torchrun: gloo process groups, 60-100 s per run",
     "test_supervised_run.py": "real supervisor and node processes, a node failing (~20 s)",
-    "test_outage.py": "eight clients through a server outage (~3 min)",
+    "test_outage.py::test_eight_clients_ride_out_an_outage":
+        "eight clients logging through a 90 s server outage",
     "test_faults.py": "team stack components killed and restarted mid-logging (~3 min)",
     "test_ui.py": "mlflow run through the team stack, then Chromium on the UI",
     # Single tests.

@@ -3,9 +3,11 @@
 The commands are read from the docs' ```bash blocks (tests/docs_commands.py); only the
 placeholders ``<run_id>`` and ``<version>`` are filled in. They run in a project directory
 holding the MLproject and the files the docs name (``turkey.jpg``, ``photos/``, ``a.jpg``,
-``b.jpg``, ``data/val``), against a real SQLite registry, in a private network namespace so
-that the documented ``-p 5000`` is free. ``mlflow models serve`` is started in the background
-and the following commands run once it answers, as a reader would in a second terminal.
+``b.jpg``, ``data/val``: real hymenoptera photos, 8 per class), against a real SQLite
+registry, in a private network namespace so that the documented ``-p 5000`` is free.
+``mlflow models serve`` is started in the background and the following commands run once it
+answers, as a reader would in a second terminal. The test's own checks name the store:
+``MlflowClient(project.uri)``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +25,9 @@ import pytest
 
 from tests.conftest import BIN, HYMENOPTERA, ROOT, TURKEY
 from tests.docs_commands import Command, bash_blocks, block_under, fill, private_network
+from tests.net import wait_until
 from tests.registry.conftest import hymenoptera_images, log_contract_model
 
-pytestmark = pytest.mark.slow
 NAME = "fowl-classifier"  # the docs' (and the MLproject's default) model name
 
 
@@ -35,6 +36,7 @@ class DocsProject:
     dir: Path
     env: dict
     prefix: list  # runs a command in the private network namespace
+    uri: str  # the project's tracking and registry store (MLFLOW_TRACKING_URI of its commands)
     outputs: dict = field(default_factory=dict)  # command line number -> stdout
 
     def run(self, cmd: Command, **placeholders) -> str:
@@ -55,12 +57,11 @@ class DocsProject:
         self.server = subprocess.Popen([*self.prefix, "bash", "-c", text], cwd=self.dir,
                                        env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
-        deadline = time.monotonic() + 120
-        while subprocess.run([*self.prefix, "curl", "-sf", f"localhost:{port}/ping"],
-                             capture_output=True).returncode != 0:
-            assert self.server.poll() is None, (self.dir / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (self.dir / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
+        # curl in the namespace, where the server listens
+        wait_until(lambda: subprocess.run([*self.prefix, "curl", "-sf", f"localhost:{port}/ping"],
+                                          capture_output=True).returncode == 0,
+                   what=f"mlflow models serve answering /ping on port {port}", timeout=120,
+                   interval=0.5, proc=self.server, log=self.dir / "serve.log")
 
     def stop(self) -> None:
         server = getattr(self, "server", None)
@@ -73,13 +74,44 @@ class DocsProject:
                 server.wait()
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A project directory with the docs' files and a registry holding ``fowl-classifier``."""
-    import mlflow
+def _store_env(monkeypatch, uri: str) -> None:
+    """Name ``uri`` as the tracking and registry store of this process and its children, with
+    no run, experiment or module-level MLflow URI left over (monkeypatch restores them)."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow's module-level URI would win over the variable: none, whatever an earlier test set
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.setenv(name, "x")  # recorded, so the original state comes back afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+
+
+@pytest.fixture(scope="module")
+def registry_with_version_1(tmp_path_factory) -> Path:
+    """A SQLite registry holding ``fowl-classifier`` version 1 (val acc 0.95), registered once
+    for both tests (an ONNX export and parity check): each test's project starts from a copy of
+    this database; the artifacts stay where they were logged, and are only read."""
+    root = tmp_path_factory.mktemp("registry-v1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the store's artifact root (./mlruns) is created here
+        _store_env(mp, f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("FOWLFLOW_CACHE_DIR", str(root / "cache"))
+        assert _register(val_acc=0.95, seed=0) == "1"
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, registry_with_version_1):
+    """A project directory with the docs' files and its own SQLite registry (a copy of
+    ``registry_with_version_1``), named by ``MLFLOW_TRACKING_URI`` (for the commands and for
+    this test's in-process logging and registering); the test's checks use
+    ``MlflowClient(project.uri)``."""
     d = tmp_path / "project"
     d.mkdir()
+    shutil.copy(registry_with_version_1, d / "mlflow.db")
     for name in ("MLproject", "conda.yaml"):
         shutil.copy(ROOT / name, d / name)
     (d / "turkey.jpg").symlink_to(TURKEY)
@@ -89,23 +121,23 @@ def project(tmp_path, monkeypatch):
     a, b = hymenoptera_images(1)
     (d / "a.jpg").symlink_to(a)
     (d / "b.jpg").symlink_to(b)
-    (d / "data").mkdir()
-    (d / "data" / "val").symlink_to(HYMENOPTERA / "val")
+    for cls in ("ants", "bees"):  # data/val: the first 8 hymenoptera val photos of each class
+        (d / "data" / "val" / cls).mkdir(parents=True)
+        for photo in sorted((HYMENOPTERA / "val" / cls).glob("*.jpg"))[:8]:
+            shutil.copy(photo, d / "data" / "val" / cls / photo.name)
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    monkeypatch.chdir(d)  # the store's artifact root (./mlruns) is created here
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(d)
+    _store_env(monkeypatch, uri)
     monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    mlflow.set_tracking_uri(uri)
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     with private_network() as prefix:
-        p = DocsProject(d, env, prefix)
+        p = DocsProject(d, env, prefix, uri)
         try:
             yield p
         finally:
             p.stop()
-            mlflow.set_tracking_uri(None)
 
 
 def _register(val_acc: float, seed: int) -> str:
@@ -116,17 +148,12 @@ def _register(val_acc: float, seed: int) -> str:
                                   max_images=8).version
 
 
-def _aliases(name: str = NAME) -> dict:
-    import mlflow
-
-    return {a: str(v) for a, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
+def _aliases(client, name: str = NAME) -> dict:
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
 
 
-def _no_empty_quotes_in_params() -> dict:
+def _no_empty_quotes_in_params(client) -> dict:
     """Every run's params; none may be the two characters '' (issue 8.9)."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     bad = {(r.info.run_id, k): v for r in runs for k, v in r.data.params.items() if v == "''"}
     assert not bad, f"params logged as '': {bad}"
@@ -142,21 +169,24 @@ def _prediction(stdout: str) -> list:
 def test_readme_model_registry_block_runs_as_written(project):
     """Issue 8.9 (register without val_dir failed on val_dir '') and 8.10 (curl's argument
     list too long for the README's own 1.7 MB photo)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(project.uri)
     block = block_under(ROOT / "README.md", "Model registry")
     assert [c.placeholders for c in block.commands if c.placeholders] == [{"run_id"}]
-    assert _register(val_acc=0.8, seed=0) == "1"
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
     later = log_contract_model(val_acc=0.7, seed=1)  # trained with registered_model_name=none
     for cmd in block.commands:
         project.run(cmd, run_id=later)
     out = project.outputs
-    assert _aliases()["champion"] == "1"
+    assert _aliases(client)["champion"] == "1"
     assert "turkey.jpg" in (project.dir / "preds.csv").read_text()
     register_out = next(v for k, v in out.items() if "registered fowl-classifier version" in v)
     assert "registered fowl-classifier version 2 and fowl-classifier-onnx version 2" in register_out
     curl_line = next(c.line for c in block.commands if "curl" in c.text)
     assert len(_prediction(out[curl_line])) == 1
     assert (project.dir / "model" / "model.onnx").is_file()
-    runs = _no_empty_quotes_in_params()
+    runs = _no_empty_quotes_in_params(client)
     register_run = next(r for r in runs.values() if r.data.params.get("model_uri")
                         == f"runs:/{later}/model")
     assert register_run.data.params["val_dir"] == "none"
@@ -167,16 +197,17 @@ def test_registry_md_commands_run_as_written(project):
     trailing slash, register twice, download, serve, both request forms)."""
     import mlflow
 
+    client = mlflow.MlflowClient(project.uri)
     commands = [c for b in bash_blocks(ROOT / "docs" / "registry.md") for c in b.commands]
-    assert _register(val_acc=0.95, seed=0) == "1"
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
     assert _register(val_acc=0.90, seed=1) == "2"  # @candidate
     later = log_contract_model(val_acc=0.7, seed=2)
     # The promote block: candidate (2) -> champion; version 1 (better); min_accuracy 0.9 takes
     # the candidate again; then the manual roll back to version 1. Evaluate also uses 1.
     for cmd in commands:
         project.run(cmd, run_id=later, version="1")
-    assert _aliases() == {"champion": "1", "previous_champion": "2", "candidate": "3"}
-    assert _aliases(NAME + "-onnx")["champion"] == "1"
+    assert _aliases(client) == {"champion": "1", "previous_champion": "2", "candidate": "3"}
+    assert _aliases(client, NAME + "-onnx")["champion"] == "1"
     out = project.outputs
     registers = [out[c.line] for c in commands if "-e register" in c.text]
     assert "registered fowl-classifier version 3 and fowl-classifier-onnx version 3" in registers[0]
@@ -184,9 +215,9 @@ def test_registry_md_commands_run_as_written(project):
             "fowl-classifier-onnx version 3; nothing new registered") in registers[1]
     curls = [out[c.line] for c in commands if "curl" in c.text]
     assert [len(_prediction(o)) for o in curls] == [1, 2]
-    runs = _no_empty_quotes_in_params()
+    runs = _no_empty_quotes_in_params(client)
     evaluated = sorted(r.data.params["data_dir"] for r in runs.values()
                        if "data_dir" in r.data.params)
     assert evaluated == ["data/val", "data/val/"]  # logged as given, no conflict
-    assert mlflow.MlflowClient().get_model_version(NAME, "1").tags["promotion"].startswith(
+    assert client.get_model_version(NAME, "1").tags["promotion"].startswith(
         "manual")
