@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fowlflow.errors import DataError
-from fowlflow.trainer.data_sources import resolve_data
+from fowlflow.data.sources import resolve_data
 from tests.conftest import make_imagefolder
 
 
@@ -50,16 +50,16 @@ def s3_env(s3, monkeypatch, tmp_path):
 
 
 def test_s3_prefix_is_mirrored_and_reused(s3_env):
-    root = resolve_data("s3://data/fowl")
+    root = resolve_data("s3://data/fowl").root
     assert sorted(p.name for p in (root / "train").iterdir()) == ["ants", "bees"]
     assert len(list(root.rglob("*.jpg"))) == 20
     marker = next(root.rglob("*.jpg")).stat().st_mtime_ns
-    assert resolve_data("s3://data/fowl") == root  # unchanged ETags: nothing downloaded again
+    assert resolve_data("s3://data/fowl").root == root  # unchanged ETags: nothing downloaded again
     assert next(root.rglob("*.jpg")).stat().st_mtime_ns == marker
 
 
 def test_s3_zip_object_is_downloaded_and_unpacked(s3_env):
-    root = resolve_data("s3://data/zipped/fowl_data.zip")
+    root = resolve_data("s3://data/zipped/fowl_data.zip").root
     assert root.name == "fowl_data" and (root / "val" / "bees").is_dir()
 
 
