@@ -150,11 +150,24 @@ class SupervisedRun(SubmittedRun):
         """End the MLflow run with ``final`` if nobody did, keeping what output we can get."""
         if not final.is_terminal():
             return
+        self._stop_lost_nodes()
         mlflow_client = client(self.tracking_uri)
         if mlflow_client.get_run(self.run_id).info.status in TERMINAL:
             return
         self._upload_logs(mlflow_client)
         end_run_if_running(mlflow_client, self.run_id, final.mlflow_status)
+
+    def _stop_lost_nodes(self) -> None:
+        """A node whose supervisor died unrecorded may still have processes (a trainer that
+        would end the run FINISHED later): kill them before the run is declared FAILED."""
+        for node in self.nodes:
+            try:
+                if node.state() is RunState.LOST:
+                    _logger.warning("%s on %s: its supervisor is gone; killing what is left of "
+                                    "it", node.name, node.runner.name)
+                    node.cancel(self.run_id, RunState.FAILED)
+            except RemoteError as exc:
+                _logger.warning("%s", exc)
 
     def _upload_logs(self, mlflow_client) -> None:
         with tempfile.TemporaryDirectory() as tmp:

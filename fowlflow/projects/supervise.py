@@ -16,8 +16,15 @@ left the group (torchrun starts each worker in a new session). When the command 
 writes ``<name>.status.json`` and, with ``--finalize``, ends the MLflow run if it is still
 RUNNING and uploads ``<name>.log`` as the artifact ``fowlflow-logs/<name>.log``.
 
+A supervisor killed outright (``kill -9``, the OOM killer) must not leave its command running
+on its own: ``run`` also starts a ``reap`` process (no marker) that the kernel signals when
+the supervisor dies (``PR_SET_PDEATHSIG``). If no status was recorded by then, it kills every
+marked process, records FAILED and, with ``--finalize``, ends the MLflow run FAILED, so the
+run has one state everywhere, and no trainer goes on to end it FINISHED later.
+
 Files in the run dir, per node name: ``.pid``, ``.log``, ``.status.json``, ``.env.json`` (0600,
-the environment including credentials; removed once the command has started).
+the environment including credentials; removed once the command has started). ``status``
+says LOST only when both the supervisor and its reaper died without recording an end.
 Only the standard library is imported at module level: MLflow is imported lazily when
 finalizing, from whatever Python runs this file.
 """
@@ -71,9 +78,11 @@ def marked_pids(marker_value: str) -> list[int]:
     return found
 
 
-def kill_tree(marker_value: str, pgid: int | None, grace: float = GRACE_S) -> None:
-    """SIGTERM the command's process group and every marked process, then SIGKILL survivors."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def kill_tree(marker_value: str, pgid: int | None, grace: float = GRACE_S,
+              signals: tuple = (signal.SIGTERM, signal.SIGKILL)) -> None:
+    """SIGTERM the command's process group and every marked process, then SIGKILL survivors
+    (``signals=(SIGKILL,)``: at once, nothing gets to record an end of its own)."""
+    for sig in signals:
         if pgid:
             try:
                 os.killpg(pgid, sig)
@@ -105,6 +114,18 @@ def _reap() -> None:
             pass
     except ChildProcessError:
         pass
+
+
+def _on_parent_death(sig: int):
+    """A ``preexec_fn``: the kernel sends ``sig`` to the child when its parent dies (Linux)."""
+    def preexec():
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    return preexec
 
 
 def end_run_if_running(client, run_id: str, status: str) -> bool:
@@ -156,6 +177,7 @@ def cmd_run(args) -> int:
     log = open(p["log"], "ab", buffering=0)
     child = None
     code = None
+    reaper = _start_reaper(args, os.environ)
     try:
         child = subprocess.Popen(args.argv, cwd=args.cwd or None, env=env, stdin=subprocess.DEVNULL,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -189,7 +211,51 @@ def cmd_run(args) -> int:
         _finalize(args.run_id, status, p["log"], set_status=args.finalize)
     _write_atomic(p["status"], json.dumps({"state": status, "exit_code": code,
                                            "ended": time.time()}))
+    if reaper is not None:
+        reaper.kill()
+        reaper.wait()
     return 0 if status == "FINISHED" else 1
+
+
+def _start_reaper(args, env: dict):
+    """Start ``reap`` for this node (not marked, so ``kill_tree`` leaves it alone)."""
+    argv = [sys.executable, os.path.abspath(__file__), "reap", "--run-dir", args.run_dir,
+            "--name", args.name, "--run-id", args.run_id, "--parent", str(os.getpid())]
+    argv += ["--finalize"] * args.finalize + ["--upload-log"] * args.upload_log
+    try:
+        return subprocess.Popen(argv, env={k: v for k, v in env.items() if k != MARKER},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                                preexec_fn=_on_parent_death(signal.SIGTERM))
+    except OSError as exc:
+        _log(_paths(args.run_dir, args.name)["log"], f"could not start the reaper: {exc}")
+        return None
+
+
+def cmd_reap(args) -> int:
+    """Wait for the supervisor ``--parent`` to die; if it recorded no end, end the node."""
+    died = {"yes": False}
+
+    def on_signal(_signum, _frame):
+        died["yes"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while not died["yes"] and os.getppid() == args.parent:  # the parent may already be gone
+        time.sleep(1)
+    time.sleep(0.5)  # a supervisor ending normally writes its status, then kills this process
+    p = _paths(args.run_dir, args.name)
+    if os.path.exists(p["status"]):
+        return 0
+    _log(p["log"], f"the supervisor (pid {args.parent}) was killed: stopping every process of "
+                   "this node; the run ends FAILED")
+    kill_tree(f"{args.run_id}/{args.name}", None, signals=(signal.SIGKILL,))
+    if args.finalize or args.upload_log:
+        _finalize(args.run_id, "FAILED", p["log"], set_status=args.finalize)
+    _write_atomic(p["status"], json.dumps({"state": "FAILED", "exit_code": None,
+                                           "ended": time.time(),
+                                           "reason": "supervisor killed"}))
+    return 0
 
 
 def cmd_start(args) -> int:
@@ -267,7 +333,9 @@ def cmd_cancel(args) -> int:
         while time.monotonic() < deadline and read_status(args.run_dir, args.name)["state"] \
                 == "RUNNING":
             time.sleep(0.2)
-    kill_tree(f"{args.run_id}/{args.name}", None, grace=2.0)
+    lost = status["state"] == "LOST"  # no supervisor (nor reaper) to record an end: kill only
+    kill_tree(f"{args.run_id}/{args.name}", None, grace=2.0,
+              signals=(signal.SIGKILL,) if lost else (signal.SIGTERM, signal.SIGKILL))
     print(json.dumps(read_status(args.run_dir, args.name)), flush=True)
     return 0
 
@@ -275,12 +343,16 @@ def cmd_cancel(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="supervise")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("start", "run", "status", "follow", "cancel"):
+    for name in ("start", "run", "status", "follow", "cancel", "reap"):
         sp = sub.add_parser(name)
         sp.add_argument("--run-dir", required=True)
         sp.add_argument("--name", required=True)
-        if name in ("start", "run", "cancel"):
+        if name in ("start", "run", "cancel", "reap"):
             sp.add_argument("--run-id", required=True)
+        if name == "reap":
+            sp.add_argument("--parent", type=int, required=True)
+            sp.add_argument("--finalize", action="store_true")
+            sp.add_argument("--upload-log", action="store_true")
         if name in ("start", "run"):
             sp.add_argument("--cwd", default="")
             sp.add_argument("--path-prepend", default="")
@@ -298,7 +370,7 @@ def main(argv=None) -> int:
     if getattr(args, "argv", None) and args.argv[0] == "--":
         args.argv = args.argv[1:]
     return {"start": cmd_start, "run": cmd_run, "status": cmd_status, "follow": cmd_follow,
-            "cancel": cmd_cancel}[args.cmd](args)
+            "cancel": cmd_cancel, "reap": cmd_reap}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -156,18 +156,57 @@ def test_detached_run_status_attach_and_logs(local_store, tmp_path):
 
 
 
-def test_run_whose_processes_died_does_not_stay_running(local_store, tmp_path):
+def _reaper(run_id: str) -> psutil.Process:
+    """The supervisor's ``reap`` process for node0 of ``run_id``."""
+    found = [p for p in psutil.process_iter(["cmdline"])
+             if "reap" in (p.info["cmdline"] or [])[2:3] and run_id in (p.info["cmdline"] or [])]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_killed_supervisor_takes_its_processes_and_the_run_ends_failed_everywhere(
+        local_store, tmp_path):
+    """``kill -9`` of the supervisor alone: its reaper kills torchrun and the workers (which
+    would otherwise train on and end the run FINISHED later) and records FAILED; status,
+    the node and MLflow say the same, and stay so."""
+    finish(mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=2,
+                                                wait=False), {"steps": 400, "sleep": 0.3}))
+    run = local_store.only_run()
+    run_id = run.info.run_id
+    local_store.wait_for_metric(run_id, "allreduce_sum", 1)
+    assert len(marked_processes(run_id)) >= 3  # torchrun + 2 workers
+    psutil.Process(int(run.data.tags["fowlflow.pid"])).kill()
+    wait_until(lambda: not marked_processes(run_id), what="no process of the run left",
+               timeout=60)
+    wait_until(lambda: local_store.only_run().info.status != "RUNNING",
+               what="the run to end", timeout=60)
+    status = fowlflow("status", run_id)
+    assert "node0: FAILED" in status.stdout, status.stdout + status.stderr
+    assert f"run {run_id}: FAILED; MLflow status FAILED" in status.stdout, status.stdout
+    logged = len(local_store.client.get_metric_history(run_id, "allreduce_sum"))
+    time.sleep(3)  # nothing is left to log a step or end the run otherwise
+    assert local_store.only_run().info.status == "FAILED"
+    assert len(local_store.client.get_metric_history(run_id, "allreduce_sum")) == logged
+    assert "was killed" in local_store.artifact_text(run_id, "fowlflow-logs/node0.log")
+
+
+def test_run_whose_supervisor_died_unrecorded_is_ended_by_status(local_store, tmp_path):
+    """Supervisor and reaper both killed (nothing records an end): ``fowlflow status`` kills
+    the processes still marked with the run before it ends the run FAILED."""
     finish(mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path, process_count_per_node=1,
                                                 wait=False), {"steps": 400, "sleep": 0.3}))
     run = local_store.only_run()
-    local_store.wait_for_metric(run.info.run_id, "allreduce_sum", 1)
-    victims = [psutil.Process(int(run.data.tags["fowlflow.pid"])),
-               *marked_processes(run.info.run_id)]
+    run_id = run.info.run_id
+    local_store.wait_for_metric(run_id, "allreduce_sum", 1)
+    victims = [psutil.Process(int(run.data.tags["fowlflow.pid"])), _reaper(run_id)]
     for p in victims:  # a crash: nothing gets to record how the run ended
         p.kill()
     psutil.wait_procs(victims, timeout=30)
-    status = fowlflow("status", run.info.run_id)
+    assert marked_processes(run_id)  # the trainer trains on, on its own
+    status = fowlflow("status", run_id)
     assert "node0: LOST" in status.stdout, status.stdout + status.stderr
+    assert "MLflow status FAILED" in status.stdout
+    assert not marked_processes(run_id)
     assert local_store.only_run().info.status == "FAILED"
     record = json.loads(local_store.only_run().data.tags["fowlflow.launch"])
     assert record["backend"] == "torchrun"
