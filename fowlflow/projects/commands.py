@@ -1,4 +1,4 @@
-"""``fowlflow logs|attach|status|cancel RUN_ID``: runs launched by a fowlflow backend.
+"""``fowlflow ls`` and ``fowlflow logs|attach|status|cancel RUN_ID``: launched runs.
 
 Everything comes from the run's launch record (:mod:`fowlflow.projects.launch_record`: hosts,
 run dirs, supervisor), so any terminal with the same tracking URI and SSH access can do it::
@@ -7,6 +7,7 @@ run dirs, supervisor), so any terminal with the same tracking URI and SSH access
     fowlflow logs 6a51... [--tail 50]   # the output so far
     fowlflow attach 6a51...          # stream until the run ends; exit 0 iff FINISHED
     fowlflow cancel 6a51...          # kill every process on every node; run ends KILLED
+    fowlflow ls [--experiment NAME] [--state RUNNING]   # launched runs (:mod:`.job_list`)
 
 Each command shares one SSH connection per host and closes it when it is done.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import sys
 
 from fowlflow.errors import RemoteError
+from fowlflow.projects import job_list
 from fowlflow.projects.launch_record import LaunchRecord
 from fowlflow.projects.nodes import RunState
 from fowlflow.projects.run_lifecycle import client
@@ -70,6 +72,14 @@ def _cancel(args, shared: SharedConnections) -> int:
     return 0
 
 
+def _ls(args) -> int:
+    rows = job_list.launched_runs(client(None), args.experiment, args.state, args.limit)
+    print(job_list.table(rows) if rows else "no runs launched by fowlflow's backends"
+          + (f" in {args.experiment!r}" if args.experiment else "")
+          + (f" with state {args.state}" if args.state else ""))
+    return 0
+
+
 def _with_connections(func):
     def handler(args) -> int:
         with SharedConnections() as shared:
@@ -78,7 +88,13 @@ def _with_connections(func):
 
 
 def register(subparsers) -> None:
-    """Add ``status``, ``logs``, ``attach`` and ``cancel`` to the ``fowlflow`` CLI."""
+    """Add ``ls``, ``status``, ``logs``, ``attach`` and ``cancel`` to the ``fowlflow`` CLI."""
+    text = "list the runs fowlflow's backends launched (from the tracking store), newest first"
+    sp = subparsers.add_parser("ls", help=text, description=text)
+    sp.add_argument("--experiment", metavar="NAME", help="only this experiment's runs")
+    sp.add_argument("--state", choices=job_list.STATES, help="only runs in this MLflow state")
+    sp.add_argument("--limit", type=int, default=50, metavar="N", help="at most N runs")
+    sp.set_defaults(func=_ls)
     helps = {"status": "where a launched run stands, per node (ends a run whose processes died)",
              "logs": "print a launched run's output so far",
              "attach": "stream a launched run's output until it ends (Ctrl-C cancels it)",

@@ -146,6 +146,8 @@ def test_detached_run_status_attach_and_logs(local_store, tmp_path):
     assert f"fowlflow attach {run_id}" in err
     status = fowlflow("status", run_id)
     assert status.returncode == 0 and "node0: RUNNING" in status.stdout
+    listed = [line.split() for line in fowlflow("ls", "--state", "RUNNING").stdout.splitlines()]
+    assert [run_id, "Default", "torchrun"] == listed[1][:3] and listed[1][-1] == run_id
     attach = fowlflow("attach", run_id, timeout=180)  # streams to the end
     assert attach.returncode == 0, attach.stderr
     assert "rank 0 done" in attach.stdout
