@@ -96,6 +96,7 @@ class SshConfig:
     env: dict = field(default_factory=dict)
     forward_env: tuple[str, ...] = ()
     tunnel: bool = False
+    shared_artifact_root: bool = False  # a local artifact root that every host mounts
     tunnel_remote_port: int | None = None
     rdzv_host: str | None = None
     rdzv_port: int | None = None  # None: a free port on the rendezvous host, per run
@@ -283,6 +284,7 @@ def parse_ssh_config(user: dict) -> SshConfig:
         connect_timeout=_int(user, "connect_timeout", 10, minimum=1),
         ssh_options=tuple(ssh_options), env=_env(user), forward_env=tuple(forward),
         tunnel=_bool(user, "tunnel", False),
+        shared_artifact_root=_bool(user, "shared_artifact_root", False),
         tunnel_remote_port=_int(user, "tunnel_remote_port", None, minimum=1),
         rdzv_host=rdzv_host, rdzv_port=_int(user, "rdzv_port", None, minimum=1),
         max_restarts=_int(user, "max_restarts", 0), ship=ship,

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from fowlflow.errors import ConfigError, RemoteError
 from fowlflow.projects import envs, run_lifecycle
+from fowlflow.projects.artifact_root import check_artifact_root
 from fowlflow.projects.config import CREDENTIAL_VARS, SshConfig
 from fowlflow.projects.launch import Rendezvous, node_argv, resolve_nproc
 from fowlflow.projects.launch_record import LaunchRecord, NodeRecord
@@ -69,6 +70,8 @@ class SshLaunch:
         try:
             addrs = [r.address() for r in self.runners]
             host_uri = remote_tracking_uri(self.sub.tracking_uri, self.cfg, addrs)
+            check_artifact_root(run_lifecycle.client(self.sub.tracking_uri),
+                                self.sub.experiment_id, addrs, self.cfg.shared_artifact_root)
             infos = [self._preflight(r) for r in self.runners]  # before any run exists
             if self.cfg.node_count > 1:
                 self._plan_network(addrs)

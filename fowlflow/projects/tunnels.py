@@ -22,7 +22,7 @@ LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 TUNNEL_SETTLE_S = 1.0  # a forward that fails (port taken) makes ssh exit within this
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
     try:
@@ -50,12 +50,12 @@ def remote_tracking_uri(tracking_uri: str, cfg: SshConfig, host_addrs: list[str]
             f"--port 5000`, and set MLFLOW_TRACKING_URI=http://<this machine's address>:5000; "
             f"or keep it on 127.0.0.1 and add \"tunnel\": true to reach it through SSH")
     if cfg.tunnel:
-        if not _is_loopback(parsed.hostname or ""):
+        if not is_loopback(parsed.hostname or ""):
             raise ConfigError(f"\"tunnel\": true forwards a tracking server on this machine, "
                               f"but {tracking_uri!r} is not on localhost; remove \"tunnel\"")
         port = cfg.tunnel_remote_port or _port(parsed)
         return parsed._replace(netloc=f"127.0.0.1:{port}").geturl()
-    if _is_loopback(parsed.hostname or "") and not all(_is_loopback(a) for a in host_addrs):
+    if is_loopback(parsed.hostname or "") and not all(is_loopback(a) for a in host_addrs):
         raise ConfigError(f"the tracking server {tracking_uri!r} is on this machine's loopback "
                           f"address, which the hosts can't reach. Fix: add \"tunnel\": true, or "
                           f"serve on an address they can reach (mlflow server --host 0.0.0.0)")

@@ -237,6 +237,29 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
     assert not server_store.runs()
 
 
+def test_a_local_artifact_root_is_refused_unless_shared(server_store, hosts, keys, tmp_path):
+    """An experiment whose artifact root is a plain path (a server with
+    --no-serve-artifacts, or an explicit artifact_location): each host would keep its
+    artifacts on its own disk. Refused before a run exists, with the fix; a shared file
+    system (the namespaces share this machine's) is declared with "shared_artifact_root"."""
+    client = server_store.client
+    cfg = ssh_config(keys, hosts.sshds[0], remote_dir=str(tmp_path / "remote"),
+                     process_count_per_node=1)
+    for location in (str(tmp_path / "art"), f"file://{tmp_path / 'art'}"):
+        experiment = client.create_experiment(f"local-root-{uuid.uuid4().hex[:8]}",
+                                              artifact_location=location)
+        with pytest.raises(ConfigError, match="artifact root.*--artifacts-destination"):
+            SshBackend().run(str(STANDIN), "main", {}, None, cfg, server_store.uri, experiment)
+        assert not client.search_runs([experiment])
+    submitted = SshBackend().run(str(STANDIN), "main", {"steps": "1", "sleep": "0"}, None,
+                                 {**cfg, "shared_artifact_root": True}, server_store.uri,
+                                 experiment)
+    run = client.get_run(submitted.run_id)
+    assert run.info.status == "FINISHED"
+    assert (tmp_path / "art" / run.info.run_id / "artifacts" / "fowlflow-logs" /
+            "node0.log").exists()
+
+
 def test_environment_is_prepared_once_and_reused(server_store, loopback_sshd, keys, tmp_path):
     project = tmp_path / "proj"
     project.mkdir()
