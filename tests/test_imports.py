@@ -36,6 +36,7 @@ LAYERS = {
     "fowlflow.registry": "registry",
     "fowlflow.projects": "projects",
     "fowlflow.server": "server",
+    "fowlflow.tune": "tune",
     "fowlflow.tracking.server": "server",  # until it moves to fowlflow.server
     "fowlflow.cli": "entry",
     "fowlflow.train": "entry",
@@ -49,6 +50,7 @@ ALLOWED = {
     "tracking": {"tracking", "data", "bottom", "errors"},
     "trainer": {"trainer", "tracking", "data", "bottom", "errors"},
     "registry": {"registry", "tracking", "data", "bottom", "errors"},
+    "tune": {"tune", "trainer", "registry", "tracking", "data", "bottom", "errors"},
     "projects": {"projects", "bottom", "errors"},
     "server": {"server", "errors"},
     "entry": set(LAYERS.values()),

@@ -2,6 +2,7 @@
 
     summary = run(parse_args([...]), tracking=False)               # from Python (benchmarks)
     run(cfg, after=register)     # register(TrainedRun) on rank 0, while the MLflow run is open
+    run(cfg, on_epoch=report)    # report(epoch, metrics) after each epoch; may raise StopTraining
 
 ``python -m fowlflow.train`` (what ``mlflow run .`` calls) wraps this with the stop handling
 and, after training, the registry. Works as one process or under ``torchrun`` (DDP; rank 0
@@ -23,7 +24,7 @@ import torch
 
 from fowlflow.data.imagefolder import Split, check_nonempty, scan_imagefolder
 from fowlflow.data.sources import DataSource, data_location, resolve_data
-from fowlflow.errors import DataError
+from fowlflow.errors import ConfigError, DataError
 from fowlflow.stopping import Terminated
 from fowlflow.tracking import RunTracker, start_node_system_metrics
 from fowlflow.tracking import figures
@@ -50,6 +51,13 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` callback to end training after this epoch (e.g. a tuning
+    trial pruned): the best weights so far are evaluated and logged as after the last epoch,
+    the run ends FINISHED, the summary's ``stopped_at_epoch`` says when and the run's tag
+    ``fowlflow.stopped_early`` why."""
 
 
 @dataclass(frozen=True)
@@ -129,18 +137,25 @@ def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, data_u
 
 
 def run(cfg: TrainConfig, tracking: bool = True, *, params: dict[str, Any] | None = None,
-        after: Callable[[TrainedRun], None] | None = None) -> dict:
+        after: Callable[[TrainedRun], None] | None = None,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict:
     """Train as configured; returns a summary (best_val_acc, throughput, run_id).
 
     Args:
         params: more MLflow params to log with the config (the entry point's own flags).
         after: called on global rank 0 once the model is logged, before the MLflow run ends
             (the entry point registers the model there); what it raises fails the run.
+        on_epoch: called after each epoch (logged and checkpointed) with the epoch and its
+            metrics (``val_acc``, ``best_val_acc``, ...); it may raise :class:`StopTraining` to
+            end training early. Single-process runs only.
 
     Raises:
         FowlflowError: bad data, model or config (the run, if any, is marked FAILED).
     """
     ctx = DistContext.from_env()
+    if on_epoch is not None and ctx.distributed:
+        raise ConfigError("on_epoch (early stopping) works in single-process runs only; "
+                          "run without torchrun.")
     ctx.init()
     tracker = RunTracker(enabled=tracking and ctx.is_main)
     node_monitor = None
@@ -148,7 +163,7 @@ def run(cfg: TrainConfig, tracking: bool = True, *, params: dict[str, Any] | Non
         tracker.start(node_id=f"node{ctx.node_rank}" if ctx.distributed else None)
         if tracking and not ctx.is_main and ctx.local_rank == 0 and os.environ.get("MLFLOW_RUN_ID"):
             node_monitor = start_node_system_metrics(os.environ["MLFLOW_RUN_ID"], f"node{ctx.node_rank}")
-        summary = _train(cfg, ctx, tracker, params or {}, after)
+        summary = _train(cfg, ctx, tracker, params or {}, after, on_epoch)
         tracker.flush()  # raises if MLflow refused a metric batch
         tracker.finish("FINISHED")
         return summary
@@ -164,7 +179,8 @@ def run(cfg: TrainConfig, tracking: bool = True, *, params: dict[str, Any] | Non
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict[str, Any],
-           after: Callable[[TrainedRun], None] | None) -> dict:
+           after: Callable[[TrainedRun], None] | None,
+           on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict:
     if ctx.is_main:
         check_output_dir(cfg.output_dir)
     state = load_checkpoint(cfg.resume, _ckpt_config(cfg)) if cfg.resume else None
@@ -182,8 +198,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
     setup = LoopSetup(device, ctx, cfg.batch_size, cfg.image_size, len(layout.classes),
                       cfg.seed, bf16, progress=ctx.is_main)
     loop_start = time.perf_counter()
-    speeds = _epochs(t, cfg, ctx, tracker, setup, train_cache, val_cache, layout)
-    summary = {"best_val_acc": t.best_acc,
+    speeds = _epochs(t, cfg, ctx, tracker, setup, train_cache, val_cache, layout, on_epoch)
+    summary = {"best_val_acc": t.best_acc, "stopped_at_epoch": t.stopped_at,
                "train_images_per_sec": float(np.median(speeds)) if speeds else 0.0,
                "loop_seconds": time.perf_counter() - loop_start, "run_id": tracker.run_id,
                "classes": layout.classes}
@@ -210,6 +226,7 @@ class _Training:
     start_epoch: int = 1
     best_acc: float = -1.0
     best_state: dict | None = None
+    stopped_at: int | None = None  # the epoch an on_epoch callback stopped training after
 
     @classmethod
     def build(cls, cfg: TrainConfig, ctx: DistContext, device: torch.device, num_classes: int,
@@ -239,7 +256,8 @@ class _Training:
 
 
 def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracker,
-            setup: LoopSetup, train_cache, val_cache, layout) -> list[float]:
+            setup: LoopSetup, train_cache, val_cache, layout,
+            on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[float]:
     """Train the remaining epochs, logging and checkpointing each; returns images/s per epoch."""
     ckpt_path = Path(cfg.output_dir) / "checkpoint.pt"
     speeds = []
@@ -252,10 +270,11 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
             t.best_acc, t.best_state = val.acc, copy.deepcopy(t.model.state_dict())
         speeds.append(stats.images_per_sec)
         tracker.log_step_losses(step_losses, first_step=(epoch - 1) * len(step_losses))
-        tracker.log_epoch({"train_loss": stats.loss, "train_acc": stats.acc, "val_loss": val.loss,
-                           "val_acc": val.acc, "lr": lr, "momentum": cfg.momentum,
-                           "best_val_acc": t.best_acc, "train_images_per_sec": stats.images_per_sec,
-                           "epoch_seconds": stats.seconds}, epoch)
+        metrics = {"train_loss": stats.loss, "train_acc": stats.acc, "val_loss": val.loss,
+                   "val_acc": val.acc, "lr": lr, "momentum": cfg.momentum,
+                   "best_val_acc": t.best_acc, "train_images_per_sec": stats.images_per_sec,
+                   "epoch_seconds": stats.seconds}
+        tracker.log_epoch(metrics, epoch)
         if ctx.is_main:
             print(f"Epoch {epoch}/{cfg.num_epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}"
                   f"  val loss {val.loss:.4f} acc {val.acc:.4f}  best {t.best_acc:.4f}"
@@ -265,6 +284,14 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
                 "scheduler": t.scheduler.state_dict(), "best_acc": t.best_acc,
                 "best_state": t.best_state, "config": _ckpt_config(cfg), "classes": layout.classes,
                 "data_digest": layout.digest})
+        if on_epoch is not None:
+            try:
+                on_epoch(epoch, dict(metrics))
+            except StopTraining as stop:
+                t.stopped_at = epoch
+                tracker.set_tags({"fowlflow.stopped_early": f"after epoch {epoch}: {stop}"[:5000]})
+                print(f"Stopped after epoch {epoch}/{cfg.num_epochs}: {stop}", flush=True)
+                break
     return speeds
 
 

@@ -1,0 +1,95 @@
+"""The Optuna side of a sweep: the storage, the sampler and the study.
+
+    storage = open_storage("none")             # sqlite:///<folder mlflow run was typed in>/optuna.db
+    study = open_study(storage, "my-sweep", make_sampler("random", space), make_pruner(spec))
+
+The study lives in an Optuna RDB storage, so a trial process (and a sweep resumed later)
+opens the same study by name. Passwords in a storage URL never reach a log, a param or a tag:
+:func:`masked` is what is shown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import optuna
+
+from fowlflow.errors import ConfigError
+
+SAMPLERS = ("random", "tpe", "grid")
+DEFAULT_DB = "optuna.db"
+# Trials whose sweep died stop counting as running once their heartbeat is this old.
+HEARTBEAT_S, GRACE_S = 10, 60
+
+
+def default_storage() -> str:
+    """``sqlite:///<folder>/optuna.db``, the folder being where ``mlflow run`` was typed (as
+    for ``mlflow.db``, the embedded tracking store), else this process's folder."""
+    from fowlflow.local_paths import caller_dir
+
+    return f"sqlite:///{(caller_dir() or Path.cwd()).resolve() / DEFAULT_DB}"
+
+
+def masked(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.RDBStorage:
+    """The RDB storage at ``url`` (``none``/``""``: :func:`default_storage`), reached now.
+
+    Raises:
+        ConfigError: a URL Optuna can't use, or a database that can't be reached.
+    """
+    url = url.strip() if url and url.strip().lower() != "none" else default_storage()
+    kwargs = {}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 60}}  # trial processes write at the same time
+        path = url.split(":///", 1)[-1]
+        if path and not Path(path).parent.is_dir():
+            raise ConfigError(f"-P storage={url}: the folder {Path(path).parent} does not exist; "
+                              "create it or choose another file.")
+    extra = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
+    except Exception as exc:  # SQLAlchemy's URL, driver and connection errors alike
+        message = str(exc).replace(url, masked(url)).splitlines()[0]
+        password = re.search(r"//[^/@:]*:([^/@]*)@", url)
+        if password and password.group(1):
+            message = message.replace(password.group(1), "***")
+        raise ConfigError(f"-P storage={masked(url)} can't be used as the Optuna study storage: "
+                          f"{type(exc).__name__}: {message}. Give a reachable database URL "
+                          "(sqlite:///path/optuna.db, postgresql://user@host/db with the "
+                          "password in PGPASSWORD) or none for the default.") from None
+
+
+def make_sampler(name: str, grid: dict[str, list] | None = None) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler ``name``; ``grid`` (a list of values per parameter) for ``grid``.
+
+    Raises:
+        ConfigError: an unknown sampler name.
+    """
+    if name == "random":
+        return optuna.samplers.RandomSampler()
+    if name == "tpe":
+        return optuna.samplers.TPESampler()
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid or {})
+    raise ConfigError(f"-P sampler={name} is unknown; use one of {', '.join(SAMPLERS)}.")
+
+
+def default_study_name(space: dict, config: dict) -> str:
+    """``fowlflow-<hash>`` of the search space and the fixed trainer settings: the same sweep
+    typed again resumes its study; a different one starts its own."""
+    fixed = {k: v for k, v in config.items() if k not in space and k != "output_dir"}
+    blob = json.dumps({"space": space, "config": fixed}, sort_keys=True, default=str)
+    return "fowlflow-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def open_study(storage, name: str, sampler=None, pruner=None) -> optuna.Study:
+    """The study ``name`` in ``storage`` (created if new), maximizing."""
+    return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)

@@ -1,0 +1,183 @@
+"""The sweep process: Optuna asks, each trial runs as its own process under a child MLflow run.
+
+    result = Sweep(study, space, config, storage_url, pruner, parent_run_id, client,
+                   workdir).run(n_trials=8, parallel=4)
+
+For each trial: the sampler's values (:func:`fowlflow.tune.space.suggest`), a child run of the
+parent (``mlflow.parentRunId``, name ``trial-<number>``), then ``python -m fowlflow.tune.trial``
+with ``MLFLOW_RUN_ID`` set to that child run; its output goes to the child run's artifact
+``trial.log``. ``parallel`` trials run at once (Optuna's threads, each waiting on its
+process); with GPUs, slot *k* gets GPU *k* mod the GPU count (unless ``CUDA_VISIBLE_DEVICES``
+is set). A trial ends with the child run tagged ``fowlflow.trial_state`` ``COMPLETE``,
+``PRUNED`` (run status KILLED: it was stopped before its last epoch) or ``FAIL``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import optuna
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from fowlflow.trainer.config import TrainConfig
+from fowlflow.tune.pruners import PrunerSpec
+from fowlflow.tune.space import Dimension, suggest
+
+STATE_TAG = "fowlflow.trial_state"
+RUN_ID_ATTR = "mlflow_run_id"
+
+
+class TrialFailed(Exception):
+    """A trial's process failed; the sweep goes on (Optuna records the trial as FAIL)."""
+
+
+@dataclass
+class Sweep:
+    study: optuna.Study
+    space: list[Dimension]
+    config: TrainConfig  # every trial's settings before its own values
+    storage_url: str
+    pruner: PrunerSpec
+    parent_run_id: str
+    client: MlflowClient
+    workdir: Path  # trial specs, results and logs
+
+    def run(self, n_trials: int, parallel: int) -> None:
+        """Run trials until the study holds ``n_trials`` complete or pruned ones, ``parallel``
+        at a time; on a stop (SIGTERM, Ctrl-C) the running trials are stopped first."""
+        done = finished_trials(self.study)
+        remaining = n_trials - done
+        if remaining <= 0:
+            print(f"fowlflow: study {self.study.study_name} already has {done} finished trials "
+                  f"(n_trials={n_trials}); none to run.", flush=True)
+            return
+        if done:
+            print(f"fowlflow: resuming study {self.study.study_name}: {done} finished trials, "
+                  f"{remaining} to run.", flush=True)
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._slots: queue.Queue[int] = queue.Queue()
+        for slot in range(parallel):
+            self._slots.put(slot)
+        self._gpus = _gpu_count()
+        errors: list[BaseException] = []
+
+        def optimize():
+            try:
+                self.study.optimize(self.objective, n_trials=remaining,
+                                    n_jobs=min(parallel, remaining), catch=(TrialFailed,),
+                                    gc_after_trial=False)
+            except BaseException as exc:  # noqa: BLE001 (re-raised in the main thread)
+                errors.append(exc)
+
+        worker = threading.Thread(target=optimize, name="fowlflow-sweep")
+        worker.start()
+        try:
+            while worker.is_alive():  # the main thread stays free to receive a stop signal
+                worker.join(0.5)
+        except BaseException:
+            self.stopping = True
+            with self._lock:
+                for proc in self._procs:
+                    proc.terminate()
+            worker.join()
+            raise
+        if errors:
+            raise errors[0]
+
+    stopping: bool = False
+
+    def objective(self, trial: optuna.Trial) -> float:
+        if self.stopping:
+            raise TrialFailed("the sweep is stopping")
+        values = suggest(self.space, trial)
+        number = trial.number
+        parent = self.client.get_run(self.parent_run_id)
+        child = self.client.create_run(parent.info.experiment_id, run_name=f"trial-{number}", tags={
+            MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: f"trial-{number}",
+            "fowlflow.study": self.study.study_name, "fowlflow.trial_number": str(number),
+            STATE_TAG: "RUNNING"})
+        run_id = child.info.run_id
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        config = replace(self.config, **values,
+                         output_dir=str(Path(self.config.output_dir) / self.study.study_name
+                                        / f"trial-{number}"))
+        folder = self.workdir / f"trial-{number}"
+        folder.mkdir()
+        spec, result, log_path = (folder / name for name in ("spec.json", "result.json", "trial.log"))
+        spec.write_text(json.dumps({
+            "storage": self.storage_url, "study_name": self.study.study_name,
+            "trial_id": trial._trial_id, "trial_number": number, "pruner": self.pruner.as_dict(),
+            "config": asdict(config), "result": str(result)}))
+        spec.chmod(0o600)  # the storage URL may hold a password
+        shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in values.items())
+        print(f"fowlflow: trial {number} started (run {run_id}): {shown}", flush=True)
+        rc = self._run_process(spec, log_path, run_id)
+        try:
+            self.client.log_artifact(run_id, str(log_path))
+        except Exception as exc:  # noqa: BLE001 (the trial's outcome matters more)
+            print(f"fowlflow: trial {number}: its log was not uploaded: {exc}", file=sys.stderr)
+        if rc != 0 or not result.is_file():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "FAILED")
+            self.client.set_tag(run_id, STATE_TAG, "FAIL")
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            print(f"fowlflow: trial {number} failed (exit {rc}); the end of its log:\n{tail}",
+                  file=sys.stderr, flush=True)
+            trial.set_user_attr("error", tail[-500:])
+            raise TrialFailed(f"trial {number} exited with {rc}")
+        outcome = json.loads(result.read_text())
+        if outcome["pruned"]:
+            self.client.set_tag(run_id, STATE_TAG, "PRUNED")
+            self.client.set_terminated(run_id, "KILLED")
+            print(f"fowlflow: trial {number} pruned after epoch {outcome['epochs']} "
+                  f"(best_val_acc {outcome['value']:.4f})", flush=True)
+            raise optuna.TrialPruned()
+        self.client.set_tag(run_id, STATE_TAG, "COMPLETE")
+        print(f"fowlflow: trial {number} complete: best_val_acc {outcome['value']:.4f}", flush=True)
+        return float(outcome["value"])
+
+    def _run_process(self, spec: Path, log_path: Path, run_id: str) -> int:
+        slot = self._slots.get()
+        try:
+            env = {**os.environ, "MLFLOW_RUN_ID": run_id}
+            if self._gpus and "CUDA_VISIBLE_DEVICES" not in os.environ:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % self._gpus)
+            with open(log_path, "wb") as log:
+                with self._lock:
+                    if self.stopping:
+                        return 143
+                    proc = subprocess.Popen([sys.executable, "-m", "fowlflow.tune.trial", str(spec)],
+                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                    self._procs.add(proc)
+                try:
+                    return proc.wait()
+                finally:
+                    with self._lock:
+                        self._procs.discard(proc)
+        finally:
+            self._slots.put(slot)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """How many of the study's trials are complete or pruned (what ``n_trials`` counts)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 (no CUDA: trials run on the CPU)
+        return 0
