@@ -50,18 +50,19 @@ TINY_PARAMS = {
 #
 # An entry is a test file's name, or the name with the folders above it when the name alone is
 # ambiguous ("registry/test_docs_commands.py"), optionally "::test_name" (every
-# parametrization of it, in whichever of the files so named defines it). Entries match by name, wherever the file lives under tests/, so a
-# file moved to another folder stays slow; a file renamed or removed, a test renamed, or a name
-# that matches two files fails the collection until this list is updated (check_slow_list).
+# parametrization of it, in whichever of the files so named defines it). Entries match by
+# name, wherever the file lives under tests/, so a file moved to another folder stays slow; a
+# file renamed or removed, a test renamed, or a name that matches two files fails the
+# collection until this list is updated (check_slow_list).
 # The `slow` markers written in test files (pytestmark / @pytest.mark.slow) also count; this
 # list is the one that makes the order.
 
 SLOW: dict[str, str] = {
     # Whole files.
     "registry/test_docs_commands.py":
-        "the registry docs' 13 mlflow run commands, mlflow models serve twice (~6 min)",
+        "the registry docs' 13 mlflow run commands, mlflow models serve twice (~3-7 min)",
     "test_docs_python.py": "the registry docs' Python snippets, each a fresh interpreter",
-    "test_e2e.py": "train -> register -> promote -> predict -> evaluate through mlflow run (~2 min)",
+    "test_e2e.py": "train, register, promote, predict, evaluate through mlflow run (~2 min)",
     "test_mlflow_run.py": "training runs through the real mlflow run CLI and the trainer's CLI",
     "test_ssh.py": "sshd hosts in network namespaces, mlflow run -b ssh, two-node DDP",
     "test_torchrun.py": "mlflow run -b torchrun: gloo process groups, 60-100 s per run",
@@ -290,7 +291,14 @@ def mlflow_run(*args: str, params: dict | None = None, env: dict | None = None,
     for k, v in (params or {}).items():
         cmd += ["-P", f"{k}={v}"]
     # `mlflow run --env-manager local` runs the entry point with whatever `python` is on PATH.
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if "--experiment-name" in args or "--experiment-id" in args:
+        # The command names its experiment: an ambient one (MLFLOW_EXPERIMENT_ID/NAME, e.g. left
+        # in os.environ by a package fixture's mlflow.set_experiment) would make mlflow run
+        # refuse ("Specify only one of 'experiment-name' or 'experiment-id'").
+        for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            full_env.pop(name, None)
+    full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -3,11 +3,10 @@
 The commands are read from the docs' ```bash blocks (tests/docs_commands.py); only the
 placeholders ``<run_id>`` and ``<version>`` are filled in. They run in a project directory
 holding the MLproject and the files the docs name (``turkey.jpg``, ``photos/``, ``a.jpg``,
-``b.jpg``, ``data/val``: real hymenoptera photos, 8 per class), against a real SQLite
-registry, in a private network namespace so that the documented ``-p 5000`` is free.
-``mlflow models serve`` is started in the background and the following commands run once it
-answers, as a reader would in a second terminal. The test's own checks name the store:
-``MlflowClient(project.uri)``.
+``b.jpg``, ``data/val``), against a real SQLite registry, in a private network namespace so
+that the documented ``-p 5000`` is free. ``mlflow models serve`` is started in the background
+and the following commands run once it answers, as a reader would in a second terminal. The
+test's own checks name the store: ``MlflowClient(project.uri)``.
 """
 
 from __future__ import annotations
@@ -74,44 +73,15 @@ class DocsProject:
                 server.wait()
 
 
-def _store_env(monkeypatch, uri: str) -> None:
-    """Name ``uri`` as the tracking and registry store of this process and its children, with
-    no run, experiment or module-level MLflow URI left over (monkeypatch restores them)."""
-    from mlflow.tracking import fluent
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project directory with the docs' files and its own SQLite registry, named by
+    ``MLFLOW_TRACKING_URI`` (for the commands and for this test's in-process logging and
+    registering); the test's checks use ``MlflowClient(project.uri)``."""
     from mlflow.tracking._tracking_service import utils
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # MLflow's module-level URI would win over the variable: none, whatever an earlier test set
-    monkeypatch.setattr(utils, "_tracking_uri", None)
-    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        monkeypatch.setenv(name, "x")  # recorded, so the original state comes back afterwards
-        monkeypatch.delenv(name)
-    monkeypatch.setattr(fluent, "_active_experiment_id", None)
-
-
-@pytest.fixture(scope="module")
-def registry_with_version_1(tmp_path_factory) -> Path:
-    """A SQLite registry holding ``fowl-classifier`` version 1 (val acc 0.95), registered once
-    for both tests (an ONNX export and parity check): each test's project starts from a copy of
-    this database; the artifacts stay where they were logged, and are only read."""
-    root = tmp_path_factory.mktemp("registry-v1")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # the store's artifact root (./mlruns) is created here
-        _store_env(mp, f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("FOWLFLOW_CACHE_DIR", str(root / "cache"))
-        assert _register(val_acc=0.95, seed=0) == "1"
-    return root / "mlflow.db"
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch, registry_with_version_1):
-    """A project directory with the docs' files and its own SQLite registry (a copy of
-    ``registry_with_version_1``), named by ``MLFLOW_TRACKING_URI`` (for the commands and for
-    this test's in-process logging and registering); the test's checks use
-    ``MlflowClient(project.uri)``."""
     d = tmp_path / "project"
     d.mkdir()
-    shutil.copy(registry_with_version_1, d / "mlflow.db")
     for name in ("MLproject", "conda.yaml"):
         shutil.copy(ROOT / name, d / name)
     (d / "turkey.jpg").symlink_to(TURKEY)
@@ -121,13 +91,13 @@ def project(tmp_path, monkeypatch, registry_with_version_1):
     a, b = hymenoptera_images(1)
     (d / "a.jpg").symlink_to(a)
     (d / "b.jpg").symlink_to(b)
-    for cls in ("ants", "bees"):  # data/val: the first 8 hymenoptera val photos of each class
-        (d / "data" / "val" / cls).mkdir(parents=True)
-        for photo in sorted((HYMENOPTERA / "val" / cls).glob("*.jpg"))[:8]:
-            shutil.copy(photo, d / "data" / "val" / cls / photo.name)
+    (d / "data").mkdir()
+    (d / "data" / "val").symlink_to(HYMENOPTERA / "val")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    monkeypatch.chdir(d)
-    _store_env(monkeypatch, uri)
+    monkeypatch.chdir(d)  # the store's artifact root (./mlruns) is created here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow's module-level URI would win over the variable: none, whatever an earlier test set
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(tmp_path / "cache"))
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
@@ -174,7 +144,7 @@ def test_readme_model_registry_block_runs_as_written(project):
     client = mlflow.MlflowClient(project.uri)
     block = block_under(ROOT / "README.md", "Model registry")
     assert [c.placeholders for c in block.commands if c.placeholders] == [{"run_id"}]
-    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
+    assert _register(val_acc=0.8, seed=0) == "1"
     later = log_contract_model(val_acc=0.7, seed=1)  # trained with registered_model_name=none
     for cmd in block.commands:
         project.run(cmd, run_id=later)
@@ -199,7 +169,7 @@ def test_registry_md_commands_run_as_written(project):
 
     client = mlflow.MlflowClient(project.uri)
     commands = [c for b in bash_blocks(ROOT / "docs" / "registry.md") for c in b.commands]
-    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
+    assert _register(val_acc=0.95, seed=0) == "1"
     assert _register(val_acc=0.90, seed=1) == "2"  # @candidate
     later = log_contract_model(val_acc=0.7, seed=2)
     # The promote block: candidate (2) -> champion; version 1 (better); min_accuracy 0.9 takes
