@@ -106,6 +106,10 @@ SLOW: dict[str, str] = {
         "the team stack stopped and started again (~45 s)",
     "test_stack.py::test_stop_then_start_keeps_runs_artifacts_and_ports":
         "the team stack stopped and started again (~45 s)",
+    "test_sweep.py::test_a_bad_learning_rate_is_pruned_and_its_run_says_so":
+        "a real sweep: trials train through python -m fowlflow.tune (~55 s)",
+    "test_trainer_hook.py::test_on_epoch_sees_each_epoch_and_can_stop_training":
+        "real training epochs (~35 s)",
 }
 
 
