@@ -1,7 +1,7 @@
 """Fixtures shared by every test: an isolated MLflow store, tiny image sets, the real CLI.
 
-Tests mirror the package: tests/trainer, tests/tracking, tests/registry, tests/projects,
-tests/server. Area fixtures that start real servers (SeaweedFS, PostgreSQL, sshd, mlflow
+Tests mirror the package: tests/data, tests/trainer, tests/tracking, tests/registry,
+tests/projects, tests/server, tests/tune. Area fixtures that start real servers (SeaweedFS, PostgreSQL, sshd, mlflow
 server) live in the area's own conftest.py.
 
 The CI budget (issue 10): the slow end-to-end tests are listed in one place, :data:`SLOW`
