@@ -47,8 +47,12 @@ def log_contract_model(val_acc: float = 0.75, classes=("ants", "bees"), image_si
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "arch": "resnet18",
         "data_uri": "synthetic", "data_digest": "d1g3st", "best_val_acc": val_acc,
     }
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run() as run:
+    # By id, not mlflow.set_experiment: that leaves MLFLOW_EXPERIMENT_ID in os.environ for every
+    # later test of the session (a later `mlflow run --experiment-name` then refuses both).
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_params({"data": "synthetic", "data_digest": "d1g3st"})
         mlflow.log_metric("best_val_acc", val_acc)
         mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
