@@ -96,6 +96,12 @@ class Node:
         raise RemoteError(f"the supervisor on {self.runner.name} did not start within "
                           f"{timeout} s; see {self.log_path}")
 
+    def mark_cancel(self, run_id: str, state: RunState = RunState.KILLED) -> None:
+        """Tell the supervisor a cancel with ``state`` is coming (before any node is stopped,
+        so a node whose command dies because a peer was stopped records ``state``)."""
+        self.runner.run(self.sup("cancel", "--run-id", run_id, "--state", state.value,
+                                 "--mark-only"), timeout=60)
+
     def cancel(self, run_id: str, state: RunState = RunState.KILLED) -> None:
         """Stop this node; its supervisor records ``state`` (KILLED, or FAILED for a peer)."""
         self.runner.run(self.sup("cancel", "--run-id", run_id, "--state", state.value),

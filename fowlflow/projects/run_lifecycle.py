@@ -19,11 +19,13 @@ import logging
 import os
 from dataclasses import dataclass
 
+from fowlflow.errors import RemoteError
 from fowlflow.projects.config import MlflowKeys
 from fowlflow.projects.supervise import end_run_if_running
 
 _logger = logging.getLogger(__name__)
 TAG_PREFIX = "fowlflow."
+PROBE_TIMEOUT_S = 5.0  # how long a tracking server may take to accept a connection
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,28 @@ def fetch_command(sub: Submission) -> tuple[str, str]:
     command = get_entry_point_command(project, sub.entry_point, sub.params or {},
                                       sub.mlflow_keys.storage_dir)[0]
     return work_dir, command
+
+
+def check_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail at once when an http(s) tracking server does not accept connections (MLflow's own
+    client would retry for minutes before saying anything).
+
+    Raises:
+        RemoteError: nothing answers at the URI's host and port within ``timeout`` s.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise RemoteError(f"the tracking server {uri} does not answer ({exc}); fix: start it "
+                          f"(e.g. `mlflow server --port {port}`), or point MLFLOW_TRACKING_URI "
+                          "at the running one") from exc
 
 
 def create_run(sub: Submission, work_dir: str) -> str:

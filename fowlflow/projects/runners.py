@@ -173,6 +173,14 @@ class SshRunner(Runner):
         if "permission denied" in low:
             hint = ("the key was rejected: check user/identity_file, that the public key is in "
                     "the host's ~/.ssh/authorized_keys, and ssh-agent")
+        elif "has changed" in low or "identification has changed" in low:
+            port = f"-p {self.host.port} " if self.host.port else ""
+            known = f" -f {self.access.known_hosts_file}" if self.access.known_hosts_file else ""
+            hint = (f"the host key of {self.host.host} CHANGED since it was saved in known_hosts "
+                    "(the host was reinstalled, or something is in between): check the new key "
+                    f"with the host's admin (`ssh-keyscan {port}{self.host.host}` prints it), "
+                    f"then remove the old one with `ssh-keygen -R {self._known_name()}{known}` "
+                    f"and connect once with `ssh {self.host.destination}` to add the new one")
         elif "host key verification failed" in low or "no matching host key" in low:
             hint = ("the host key is not in known_hosts: connect once with `ssh "
                     f"{self.host.destination}` to verify and add it, or set known_hosts_file; "
@@ -181,6 +189,11 @@ class SshRunner(Runner):
             hint = ("no answer within connect_timeout: the host is down or unreachable from "
                     "here")
         return f"ssh to {self.name} failed: {stderr or 'exit 255'}\n  fix: {hint}"
+
+    def _known_name(self) -> str:
+        """The host as known_hosts names it (``[host]:port`` for a port other than 22)."""
+        port = self.host.port
+        return self.host.host if port in (None, 22) else f"'[{self.host.host}]:{port}'"
 
     def probe(self, python: str = "python3") -> dict:
         proc = self.run([python, "-c", PROBE_SOURCE], timeout=60, check=False)

@@ -70,6 +70,7 @@ class SshLaunch:
         try:
             addrs = [r.address() for r in self.runners]
             host_uri = remote_tracking_uri(self.sub.tracking_uri, self.cfg, addrs)
+            run_lifecycle.check_tracking_server(self.sub.tracking_uri)
             check_artifact_root(run_lifecycle.client(self.sub.tracking_uri),
                                 self.sub.experiment_id, addrs, self.cfg.shared_artifact_root)
             infos = [self._preflight(r) for r in self.runners]  # before any run exists

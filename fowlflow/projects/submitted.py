@@ -184,6 +184,11 @@ class SupervisedRun(SubmittedRun):
     def cancel_nodes(self, nodes: list[Node], state: RunState = RunState.KILLED) -> list[str]:
         """Stop ``nodes``; the errors of those that could not be reached (also logged)."""
         errors = []
+        for node in nodes:  # first tell every node, then stop them
+            try:
+                node.mark_cancel(self.run_id, state)
+            except RemoteError as exc:
+                _logger.warning("%s", exc)
         for node in nodes:
             try:
                 node.cancel(self.run_id, state)

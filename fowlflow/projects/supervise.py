@@ -205,6 +205,9 @@ def cmd_run(args) -> int:
         status = "FINISHED" if code == 0 else "FAILED"
         if code != 0:
             _log(p["log"], f"command exited with code {code}")
+        if code != 0 and os.path.exists(p["reason"]):  # the run is being cancelled: the
+            with open(p["reason"]) as fh:              # command ended because a peer stopped
+                status = fh.read().strip() or status
     if os.path.exists(p["env"]):
         os.unlink(p["env"])
     if args.finalize or args.upload_log:
@@ -325,9 +328,11 @@ def cmd_follow(args) -> int:
 def cmd_cancel(args) -> int:
     """SIGTERM the supervisor (it kills the tree and records KILLED); clean up if it is gone."""
     status = read_status(args.run_dir, args.name)
+    if status["state"] in ("RUNNING", "STARTING"):
+        _write_atomic(_paths(args.run_dir, args.name)["reason"], args.state)
+    if args.mark_only:  # every node is told first, then stopped: a node whose command ends
+        return 0        # because a peer was stopped records the cancel, not FAILED
     if status["state"] == "RUNNING":
-        if args.state != "KILLED":
-            _write_atomic(_paths(args.run_dir, args.name)["reason"], args.state)
         os.kill(status["pid"], signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S + 15
         while time.monotonic() < deadline and read_status(args.run_dir, args.name)["state"] \
@@ -363,6 +368,8 @@ def main(argv=None) -> int:
         if name == "cancel":
             sp.add_argument("--state", choices=("KILLED", "FAILED"), default="KILLED",
                             help="how the run ends (FAILED when another node failed)")
+            sp.add_argument("--mark-only", action="store_true",
+                            help="only record that a cancel with --state is coming")
         if name == "follow":
             sp.add_argument("--offset", type=int, default=0)
             sp.add_argument("--poll", type=float, default=0.3)

@@ -54,6 +54,7 @@ class TorchrunBackend(AbstractBackend):
                               "environments on hosts)")
         sub = Submission(project_uri, entry_point, params or {}, version, experiment_id,
                          tracking_uri, mlflow_keys)
+        run_lifecycle.check_tracking_server(tracking_uri)
         runner = LocalRunner()
         info = runner.probe(sys.executable)
         gpu_ids, nproc = pick_gpus(info["gpus"], cfg.gpus, cfg.free_gpus,

@@ -223,8 +223,13 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
     other_key = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)],
                    check=True)
+    changed = tmp_path / "changed_known_hosts"  # the host's name with another host's key
+    changed.write_text(f"[{loopback_sshd.address}]:{loopback_sshd.port} "
+                       + " ".join(other_key.with_suffix(".pub").read_text().split()[:2]) + "\n")
     cases = [({"identity_file": str(other_key)}, "key was rejected"),
-             ({"known_hosts_file": str(tmp_path / "empty_known_hosts")}, "host key")]
+             ({"known_hosts_file": str(tmp_path / "empty_known_hosts")}, "not in known_hosts"),
+             ({"known_hosts_file": str(changed)},
+              r"CHANGED.*ssh-keyscan -p \d+ 127\.0\.0\.1.*ssh-keygen -R '\[127\.0\.0\.1\]:\d+' -f ")]
     for override, fragment in cases:
         cfg = {**ssh_config(keys, loopback_sshd), **override}
         started = time.monotonic()

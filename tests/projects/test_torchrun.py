@@ -18,7 +18,7 @@ import pytest
 from fowlflow.errors import ConfigError
 from fowlflow.projects.torchrun import TorchrunBackend
 from tests.conftest import ROOT, TINY_PARAMS
-from tests.net import wait_until
+from tests.net import free_port, wait_until
 from tests.projects.helpers import STANDIN, finish, fowlflow, marked_processes, mlflow_cli
 
 pytestmark = pytest.mark.slow
@@ -38,6 +38,19 @@ def test_bad_config_is_rejected_before_a_run_exists(local_store, tmp_path):
         TorchrunBackend().run(str(STANDIN), "main", {}, None, {"ENV_MANAGER": "conda"},
                               local_store.uri, "0")
     assert not local_store.runs()
+
+
+def test_a_tracking_server_that_is_down_fails_at_once(tmp_path):
+    """Nothing listens at the tracking URI: a clear message within seconds, not MLflow's
+    minutes of retries before the first word."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    code, _, err = finish(mlflow_cli(STANDIN, "torchrun", _cfg(tmp_path),
+                                     env={"MLFLOW_TRACKING_URI": uri}), timeout=120)
+    assert code == 1 and f"the tracking server {uri} does not answer" in err, err[-3000:]
+    assert "fix: start it" in err and "Traceback" not in err
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_trainer_runs_ddp_on_cpu_with_gloo(local_store, tmp_path):
