@@ -114,8 +114,13 @@ def _main(argv: list[str] | None) -> int:
         mlflow.set_tags({"fowlflow.kind": "tune", "fowlflow.study": study_name})
         print(f"fowlflow: study {study_name} in {masked(storage_url)}; parent run {run_id}",
               flush=True)
-        Sweep(study, space, config, storage_url, pruner_spec, run_id, client,
-              Path(work)).run(opts.n_trials, opts.parallel)
+        try:
+            Sweep(study, space, config, storage_url, pruner_spec, run_id, client,
+                  Path(work)).run(opts.n_trials, opts.parallel)
+        except (KeyboardInterrupt, stopping.Terminated) as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}")
+            mlflow.end_run("KILLED")
+            raise
         log_summary(study, client, run_id)
         best = best_trial(study)
         print(f"fowlflow: best trial {best.number}: best_val_acc {best.value:.4f} "

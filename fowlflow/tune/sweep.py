@@ -8,7 +8,8 @@ parent (``mlflow.parentRunId``, name ``trial-<number>``), then ``python -m fowlf
 with ``MLFLOW_RUN_ID`` set to that child run; its output goes to the child run's artifact
 ``trial.log``. ``parallel`` trials run at once (Optuna's threads, each waiting on its
 process); with GPUs, slot *k* gets GPU *k* mod the GPU count (unless ``CUDA_VISIBLE_DEVICES``
-is set). A trial ends with the child run tagged ``fowlflow.trial_state`` ``COMPLETE``,
+is set). A stop (SIGTERM, Ctrl-C) stops the running trial processes (their runs end KILLED,
+their trials FAIL) and starts no new trial. A trial ends with the child run tagged ``fowlflow.trial_state`` ``COMPLETE``,
 ``PRUNED`` (run status KILLED: it was stopped before its last epoch) or ``FAIL``.
 """
 
@@ -20,6 +21,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -74,7 +76,7 @@ class Sweep:
             try:
                 self.study.optimize(self.objective, n_trials=remaining,
                                     n_jobs=min(parallel, remaining), catch=(TrialFailed,),
-                                    gc_after_trial=False)
+                                    callbacks=[self._stop_when_stopping], gc_after_trial=False)
             except BaseException as exc:  # noqa: BLE001 (re-raised in the main thread)
                 errors.append(exc)
 
@@ -82,7 +84,7 @@ class Sweep:
         worker.start()
         try:
             while worker.is_alive():  # the main thread stays free to receive a stop signal
-                worker.join(0.5)
+                time.sleep(0.2)  # (not in threading's join, where fowlflow.stopping defers it)
         except BaseException:
             self.stopping = True
             with self._lock:
@@ -94,6 +96,10 @@ class Sweep:
             raise errors[0]
 
     stopping: bool = False
+
+    def _stop_when_stopping(self, study: optuna.Study, trial) -> None:
+        if self.stopping:
+            study.stop()  # no new trials; the stopped ones are recorded as failed
 
     def objective(self, trial: optuna.Trial) -> float:
         if self.stopping:
@@ -128,7 +134,7 @@ class Sweep:
             print(f"fowlflow: trial {number}: its log was not uploaded: {exc}", file=sys.stderr)
         if rc != 0 or not result.is_file():
             if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, "FAILED")
+                self.client.set_terminated(run_id, "KILLED" if self.stopping else "FAILED")
             self.client.set_tag(run_id, STATE_TAG, "FAIL")
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             print(f"fowlflow: trial {number} failed (exit {rc}); the end of its log:\n{tail}",

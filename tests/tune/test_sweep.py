@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,39 @@ def test_a_bad_learning_rate_is_pruned_and_its_run_says_so(tracking_uri, client,
                                                      str(tmp_path))).read_text())
     assert [(r["number"], r["state"], r["epochs"]) for r in rows] == [(0, "COMPLETE", 3),
                                                                     (1, "PRUNED", 1)]
+
+
+def test_a_stopped_sweep_resumes_without_repeating_finished_trials(tracking_uri, client, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = [*TINY, "--num_epochs", "1", "--n_trials", "3", "--pruner", "none",
+            "--storage", storage, "--study_name", "resume", "--registered_model_name", "none",
+            "--output_dir", str(tmp_path / "out")]
+    first = subprocess.Popen([sys.executable, "-m", "fowlflow.tune", *args, "--parallel", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in first.stdout:  # stop it while its second trial runs
+        lines.append(line)
+        if "trial 1 started" in line:
+            first.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + first.communicate(timeout=120)[0]
+    assert first.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "trial 0 complete" in out
+    study = optuna.load_study(study_name="resume", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    (stopped_parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
+    assert stopped_parent.info.status == "KILLED"
+    stopped_trial = client.get_run(study.trials[1].user_attrs["mlflow_run_id"])
+    assert stopped_trial.info.status == "KILLED"  # stopped, not failed
+    assert stopped_trial.data.tags["fowlflow.trial_state"] == "FAIL"
+
+    proc = tune(*args[len(TINY):], "--parallel", "2")
+    assert "resuming study resume: 1 finished trials, 2 to run" in proc.stdout
+    trials = optuna.load_study(study_name="resume", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    first_run = client.get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert first_run.data.tags["mlflow.parentRunId"] == stopped_parent.info.run_id  # not rerun
+    parent = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune' and "
+                                       "attributes.status = 'FINISHED'")[0]
+    assert parent.data.metrics["trials_complete"] == 3  # the whole study's table
+    assert len(client.search_runs(["0"], "attributes.run_name LIKE 'trial-%'")) == 4
