@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import optuna
@@ -54,7 +55,9 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.RDBSto
                               "create it or choose another file.")
     extra = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if heartbeat else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
     except Exception as exc:  # SQLAlchemy's URL, driver and connection errors alike
         message = str(exc).replace(url, masked(url)).splitlines()[0]
         password = re.search(r"//[^/@:]*:([^/@]*)@", url)
