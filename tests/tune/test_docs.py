@@ -8,6 +8,7 @@ typed) and the experiment's artifacts land in tmp_path, not in the repository.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import optuna
@@ -29,6 +30,10 @@ def test_offline_sweep_nests_trials_summarizes_and_registers_the_best(tracking_u
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
     (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
+    # the trials' checkpoints: under the project's outputs/ (mlflow run's folder), as for `main`
+    checkpoints = ROOT / "outputs" / parent.data.params["optuna_study"]
+    assert (checkpoints / "trial-0" / "checkpoint.pt").is_file()
+    shutil.rmtree(checkpoints)
     children = client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["trial-0", "trial-1"]
     assert {c.info.status for c in children} == {"FINISHED"}
