@@ -5,6 +5,7 @@ MLflow finds them through the ``mlflow.project_backend`` entry points in pyproje
     mlflow run . -b torchrun -c '{"process_count_per_node": "all"}'
     mlflow run . -b ssh -c '{"hosts": ["gpu-box"]}'
     fowlflow attach RUN_ID | fowlflow cancel RUN_ID
+    fowlflow ls | fowlflow gc --yes     # launched runs; ended runs' folders removed
 
 A backend parses its config (:mod:`.config`), creates the MLflow run (:mod:`.run_lifecycle`),
 starts each node's command under the supervisor (:mod:`.supervise`, the program on the host;

@@ -8,6 +8,7 @@ run dirs, supervisor), so any terminal with the same tracking URI and SSH access
     fowlflow attach 6a51...          # stream until the run ends; exit 0 iff FINISHED
     fowlflow cancel 6a51...          # kill every process on every node; run ends KILLED
     fowlflow ls [--experiment NAME] [--state RUNNING]   # launched runs (:mod:`.job_list`)
+    fowlflow gc [--older-than DAYS] [--keep-last N] [--yes]   # ended runs' folders on hosts
 
 Each command shares one SSH connection per host and closes it when it is done.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from fowlflow.errors import RemoteError
-from fowlflow.projects import job_list
+from fowlflow.projects import job_list, run_folders
 from fowlflow.projects.launch_record import LaunchRecord
 from fowlflow.projects.nodes import RunState
 from fowlflow.projects.run_lifecycle import client
@@ -80,6 +81,17 @@ def _ls(args) -> int:
     return 0
 
 
+def _gc(args) -> int:
+    ids = list(job_list.experiments(client(None), args.experiment))
+    errors = run_folders.collect(client(None), ids, args.older_than, args.keep_last,
+                                 args.yes, sys.stdout) if ids else 0
+    if not args.yes:
+        print("(dry run: add --yes to remove these folders)")
+    if errors:
+        raise RemoteError(f"{errors} folder(s) could not be removed (see above)")
+    return 0
+
+
 def _with_connections(func):
     def handler(args) -> int:
         with SharedConnections() as shared:
@@ -95,6 +107,16 @@ def register(subparsers) -> None:
     sp.add_argument("--state", choices=job_list.STATES, help="only runs in this MLflow state")
     sp.add_argument("--limit", type=int, default=50, metavar="N", help="at most N runs")
     sp.set_defaults(func=_ls)
+    text = ("remove the run folders that ended runs left on their hosts (a dry run unless "
+            "--yes); environments stay")
+    sp = subparsers.add_parser("gc", help=text, description=text)
+    sp.add_argument("--experiment", metavar="NAME", help="only this experiment's runs")
+    sp.add_argument("--older-than", type=float, default=7, metavar="DAYS",
+                    help="only runs that ended more than DAYS days ago (default 7)")
+    sp.add_argument("--keep-last", type=int, default=0, metavar="N",
+                    help="keep the folders of the newest N ended runs")
+    sp.add_argument("--yes", action="store_true", help="remove (default: only list)")
+    sp.set_defaults(func=_gc)
     helps = {"status": "where a launched run stands, per node (ends a run whose processes died)",
              "logs": "print a launched run's output so far",
              "attach": "stream a launched run's output until it ends (Ctrl-C cancels it)",

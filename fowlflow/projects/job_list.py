@@ -42,6 +42,21 @@ def _hosts(tags: dict) -> str:
         return tags.get("fowlflow.hosts", "-")
 
 
+def experiments(client, name: str | None) -> dict[str, str]:
+    """``{id: name}`` of the experiment called ``name``, or of every active one.
+
+    Raises:
+        ConfigError: no experiment has that name.
+    """
+    if name is None:
+        return {e.experiment_id: e.name for e in client.search_experiments()}
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        raise ConfigError(f"no experiment named {name!r} in the tracking store; "
+                          "`mlflow experiments search` lists them")
+    return {found.experiment_id: found.name}
+
+
 def launched_runs(client, experiment: str | None = None, state: str | None = None,
                   limit: int = 50) -> list[dict]:
     """The launched runs (newest first), one dict per run with the :data:`COLUMNS`.
@@ -51,15 +66,7 @@ def launched_runs(client, experiment: str | None = None, state: str | None = Non
     """
     if state is not None and state not in STATES:
         raise ConfigError(f"--state must be one of {', '.join(STATES)}, got {state!r}")
-    if experiment is not None:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise ConfigError(f"no experiment named {experiment!r} in the tracking store; "
-                              "`mlflow experiments search` lists them")
-        experiments = [found]
-    else:
-        experiments = client.search_experiments()
-    names = {e.experiment_id: e.name for e in experiments}
+    names = experiments(client, experiment)
     if not names:
         return []
     where = LAUNCHED + (f" and attributes.status = '{state}'" if state else "")
