@@ -51,6 +51,7 @@ class Sweep:
     parent_run_id: str
     client: MlflowClient
     workdir: Path  # trial specs, results and logs
+    stopping: bool = False  # set on a stop: no new trial process starts
 
     def run(self, n_trials: int, parallel: int) -> None:
         """Run trials until the study holds ``n_trials`` complete or pruned ones, ``parallel``
@@ -94,8 +95,6 @@ class Sweep:
             raise
         if errors:
             raise errors[0]
-
-    stopping: bool = False
 
     def _stop_when_stopping(self, study: optuna.Study, trial) -> None:
         if self.stopping:
