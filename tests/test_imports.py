@@ -37,7 +37,6 @@ LAYERS = {
     "fowlflow.projects": "projects",
     "fowlflow.server": "server",
     "fowlflow.tune": "tune",
-    "fowlflow.tracking.server": "server",  # until it moves to fowlflow.server
     "fowlflow.cli": "entry",
     "fowlflow.train": "entry",
 }
