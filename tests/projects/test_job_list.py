@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fowlflow.projects.job_list import age
 from tests.projects.helpers import fowlflow
 from tests.test_docs_commands import bash, clean_env, documented, optional_forms, substitute
@@ -21,6 +23,7 @@ def _launched(client, experiment_id: str, backend: str, hosts: list[str]) -> str
     return run_id
 
 
+@pytest.mark.slow  # ~10-20 s: eight fowlflow CLI start-ups
 def test_ls_lists_launched_runs_filtered_by_experiment_and_state(local_store, tmp_path):
     client = local_store.client
     birds = client.create_experiment("birds")
