@@ -216,12 +216,14 @@ def _no_mlflow_files_in_the_repository():
 
 
 def repository_mlflow_files() -> set[str]:
-    """``mlflow.db`` (with its modification time) and the experiments, runs and models under
-    ``mlruns/`` in the repository."""
+    """``mlflow.db`` and ``optuna.db`` (the sweeps' default study store), each with its
+    modification time, and the experiments, runs and models under ``mlruns/`` in the
+    repository."""
     found = set()
-    db = ROOT / "mlflow.db"
-    if db.exists():
-        found.add(f"mlflow.db modified {db.stat().st_mtime_ns}")
+    for name in ("mlflow.db", "optuna.db"):
+        db = ROOT / name
+        if db.exists():
+            found.add(f"{name} modified {db.stat().st_mtime_ns}")
     mlruns = ROOT / "mlruns"
     if mlruns.is_dir():
         found.add("mlruns")
