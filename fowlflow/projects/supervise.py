@@ -157,14 +157,7 @@ def _finalize(run_id: str, state: str, log_path: str, set_status: bool) -> None:
 def cmd_run(args) -> int:
     p = _paths(args.run_dir, args.name)
     _write_atomic(p["pid"], str(os.getpid()))
-    if os.path.exists(p["env"]):
-        with open(p["env"]) as fh:  # tracking URI, run id, credentials: for us and the child
-            os.environ.update(json.load(fh))
-    if args.path_prepend:  # the environment's bin dir before the host's own PATH
-        os.environ["PATH"] = os.pathsep.join([args.path_prepend, os.environ.get("PATH", "")])
-    env = dict(os.environ)
-    marker = f"{args.run_id}/{args.name}"
-    env[MARKER] = marker
+    env, marker = _command_env(args, p)
     state = {"cancelled": False}
 
     def on_signal(_signum, _frame):
@@ -191,7 +184,37 @@ def cmd_run(args) -> int:
         code = 127
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if state["cancelled"]:
+    status = _end_status(p, state["cancelled"], child, code, marker)
+    if os.path.exists(p["env"]):
+        os.unlink(p["env"])
+    if args.finalize or args.upload_log:
+        _finalize(args.run_id, status, p["log"], set_status=args.finalize)
+    _write_atomic(p["status"], json.dumps({"state": status, "exit_code": code,
+                                           "ended": time.time()}))
+    if reaper is not None:
+        reaper.kill()
+        reaper.wait()
+    return 0 if status == "FINISHED" else 1
+
+
+def _command_env(args, p: dict) -> tuple[dict, str]:
+    """The command's environment (this process's, which gets the node's env file and
+    ``--path-prepend`` too) and the marker that ``kill_tree`` finds its processes by."""
+    if os.path.exists(p["env"]):
+        with open(p["env"]) as fh:  # tracking URI, run id, credentials: for us and the child
+            os.environ.update(json.load(fh))
+    if args.path_prepend:  # the environment's bin dir before the host's own PATH
+        os.environ["PATH"] = os.pathsep.join([args.path_prepend, os.environ.get("PATH", "")])
+    env = dict(os.environ)
+    marker = f"{args.run_id}/{args.name}"
+    env[MARKER] = marker
+    return env, marker
+
+
+def _end_status(p: dict, cancelled: bool, child, code, marker: str) -> str:
+    """Stop what is left of the command; the node's status (KILLED, FINISHED, FAILED, or the
+    reason file's status when the run is being cancelled because another node failed)."""
+    if cancelled:
         _log(p["log"], "cancelled: stopping every process of this run")
         kill_tree(marker, child.pid if child else None)
         if child is not None:
@@ -208,16 +231,7 @@ def cmd_run(args) -> int:
         if code != 0 and os.path.exists(p["reason"]):  # the run is being cancelled: the
             with open(p["reason"]) as fh:              # command ended because a peer stopped
                 status = fh.read().strip() or status
-    if os.path.exists(p["env"]):
-        os.unlink(p["env"])
-    if args.finalize or args.upload_log:
-        _finalize(args.run_id, status, p["log"], set_status=args.finalize)
-    _write_atomic(p["status"], json.dumps({"state": status, "exit_code": code,
-                                           "ended": time.time()}))
-    if reaper is not None:
-        reaper.kill()
-        reaper.wait()
-    return 0 if status == "FINISHED" else 1
+    return status
 
 
 def _start_reaper(args, env: dict):
