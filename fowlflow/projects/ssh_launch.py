@@ -122,9 +122,14 @@ class SshLaunch:
                        for rank, r in enumerate(self.runners)]
 
     def _base_env(self, run_id: str, host_uri: str) -> dict:
-        """Every node's environment: the run, credentials set here, the config's ``env``."""
+        """Every node's environment: the run, credentials set here, the config's ``env``.
+
+        ``FOWLFLOW_LAUNCHED_BY`` tells the trainer that it runs in a folder on a host that
+        ``fowlflow gc`` empties: with ``-P checkpoint_artifact=auto`` it then keeps its
+        checkpoint in the run's artifacts as well."""
         env = {**run_lifecycle.run_env(run_id, self.sub.experiment_id, host_uri),
-               "SHELL": "/bin/sh"}  # MLflow runs a .sh entry point with $SHELL
+               "SHELL": "/bin/sh",  # MLflow runs a .sh entry point with $SHELL
+               "FOWLFLOW_LAUNCHED_BY": self.backend}
         for name in (*CREDENTIAL_VARS, *self.cfg.forward_env):
             if name in os.environ:
                 env[name] = os.environ[name]

@@ -9,8 +9,10 @@
 
 Per-step values are queued with MLflow's async logging and flushed at epoch end; epoch
 metrics are one ``log_batch`` each. System metrics (CPU, memory; GPU through nvidia-ml-py)
-come from MLflow's own monitor; on a multi-node run every node's local rank 0 adds its own
-with a node id (:func:`start_node_system_metrics`).
+come from MLflow's own monitor: node 0's (global rank 0's) under MLflow's own names
+(``system/cpu_utilization_percentage``) whatever the backend, so one machine's metrics have one
+name; on a multi-node run the local rank 0 of node k >= 1 adds its own under
+``system/node<k>/...`` (:func:`start_node_system_metrics`).
 
 The rest of fowlflow calls MLflow itself where the call is its job: the registry registers,
 tags and aliases model versions and logs the ONNX model (``fowlflow.registry``), the launch

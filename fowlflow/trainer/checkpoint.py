@@ -1,4 +1,6 @@
-"""Per-epoch checkpoints that a later run resumes from (``-P resume=outputs/checkpoint.pt``).
+"""Per-epoch checkpoints that a later run resumes from (``-P resume=outputs/checkpoint.pt``,
+or ``-P resume=runs:/<run_id>/checkpoints/checkpoint.pt`` when the run kept it in its artifacts
+with ``-P checkpoint_artifact``, see :mod:`fowlflow.tracking.checkpoints`).
 
     check_output_dir(cfg.output_dir)        # before training: can checkpoints be written there?
     save_checkpoint(path, state)            # atomic: written to a temporary file, then renamed
@@ -60,16 +62,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str, config: dict[str, Any]) -> dict[str, Any]:
+def load_checkpoint(path: str, config: dict[str, Any], label: str | None = None) -> dict[str, Any]:
     """Load a checkpoint (tensors and plain values only) and check it fits this model.
+
+    ``label``: what the user gave as ``-P resume`` when ``path`` is a download of it.
 
     Raises:
         ConfigError: the file is missing, corrupt, not a fowlflow checkpoint, would run code
             when loaded, or was made for another architecture or image size.
     """
+    shown = label or path
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"-P resume={path!r}: no such checkpoint file (checkpoints are "
+        raise ConfigError(f"-P resume={shown!r}: no such checkpoint file (checkpoints are "
                           "written to <output_dir>/checkpoint.pt).")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -77,24 +82,24 @@ def load_checkpoint(path: str, config: dict[str, Any]) -> dict[str, Any]:
         text = str(exc)
         hostile = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if hostile:
-            raise ConfigError(f"-P resume={path!r} was not loaded: besides tensors and plain "
+            raise ConfigError(f"-P resume={shown!r} was not loaded: besides tensors and plain "
                               f"values it holds {hostile[1]}, and loading that could run code; "
                               f"{FIX}.") from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         reason = detail[1] if detail else text.split(". ")[0]
-        raise ConfigError(f"-P resume={path!r} is not a readable PyTorch file (corrupt, or "
+        raise ConfigError(f"-P resume={shown!r} is not a readable PyTorch file (corrupt, or "
                           f"another format: {reason.strip()[:300]}); {FIX}.") from None
     if isinstance(state, dict):
         wrong = [key for key, kind in FIELDS.items() if not isinstance(state.get(key), kind)]
     else:
         wrong = list(FIELDS)
     if wrong:
-        raise ConfigError(f"-P resume={path!r} is a PyTorch file but not a fowlflow checkpoint "
+        raise ConfigError(f"-P resume={shown!r} is a PyTorch file but not a fowlflow checkpoint "
                           f"(missing or wrong: {', '.join(wrong)}); {FIX}.")
     old = state["config"]
     for key in MUST_MATCH:
         if old.get(key) != config.get(key):
-            raise ConfigError(f"-P resume={path!r} was made with {key}={old.get(key)!r}, this "
+            raise ConfigError(f"-P resume={shown!r} was made with {key}={old.get(key)!r}, this "
                               f"run has {key}={config.get(key)!r}; use the same value to resume.")
     return state
 

@@ -9,12 +9,18 @@ The resolved config is logged once as MLflow params (see ``fowlflow.tracking``).
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import asdict, dataclass
 
 from fowlflow.errors import ConfigError
 
 SAMPLE_DATA_URL = "https://azuremlexamples.blob.core.windows.net/datasets/fowl_data.zip"
 AMP_CHOICES = ("auto", "bf16", "off")
+CHECKPOINT_ARTIFACT_CHOICES = ("auto", "true", "false")
+# Set (to the backend's name) by the ssh backend, and backends built on it, in the environment
+# of the command it starts on a host: there the run's folder is removed by `fowlflow gc`, so
+# checkpoint_artifact=auto keeps the checkpoint in the run's artifacts.
+LAUNCHED_BY_VAR = "FOWLFLOW_LAUNCHED_BY"
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,16 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = "outputs"
     resume: str = ""
+    checkpoint_artifact: str = "auto"
+
+    @property
+    def checkpoint_to_artifacts(self) -> bool:
+        """Whether each epoch's checkpoint is also kept as the run artifact
+        ``checkpoints/checkpoint.pt``: ``true``, or ``auto`` in a run the ssh backend launched
+        on a host."""
+        if self.checkpoint_artifact == "auto":
+            return bool(os.environ.get(LAUNCHED_BY_VAR))
+        return self.checkpoint_artifact == "true"
 
     def as_params(self) -> dict[str, str]:
         """The config as MLflow params (strings)."""
@@ -86,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints and local outputs")
     p.add_argument("--resume", default=d.resume, type=optional,
-                   help="a checkpoint file to continue from (e.g. outputs/checkpoint.pt); none: don't")
+                   help="a checkpoint to continue from: a file (e.g. outputs/checkpoint.pt) or "
+                        "runs:/<run_id>/checkpoints/checkpoint.pt; none: don't")
+    p.add_argument("--checkpoint_artifact", default=d.checkpoint_artifact,
+                   type=lambda text: text.strip().lower(), choices=CHECKPOINT_ARTIFACT_CHOICES,
+                   help="also keep each epoch's checkpoint in the run's artifacts "
+                        "(checkpoints/checkpoint.pt): auto (in runs the ssh backend "
+                        "launched), true, false")
     return p
 
 

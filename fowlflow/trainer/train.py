@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from fowlflow.errors import ConfigError, DataError
 from fowlflow.stopping import Terminated
 from fowlflow.tracking import RunTracker, start_node_system_metrics
 from fowlflow.tracking import figures
+from fowlflow.tracking.checkpoints import CheckpointUploader, download_checkpoint, is_artifact_uri
 from fowlflow.tracking.lineage import lineage_tags
 from fowlflow.tracking.run_tracker import metric_names
 from fowlflow.trainer.augment import IMAGENET_MEAN, IMAGENET_STD, eval_batch
@@ -160,7 +162,9 @@ def run(cfg: TrainConfig, tracking: bool = True, *, params: dict[str, Any] | Non
     tracker = RunTracker(enabled=tracking and ctx.is_main)
     node_monitor = None
     try:
-        tracker.start(node_id=f"node{ctx.node_rank}" if ctx.distributed else None)
+        # System metrics: node 0 (global rank 0's) under MLflow's own names, system/<name>,
+        # whatever the backend; nodes 1, 2, ... under system/node<k>/<name>.
+        tracker.start()
         if tracking and not ctx.is_main and ctx.local_rank == 0 and os.environ.get("MLFLOW_RUN_ID"):
             node_monitor = start_node_system_metrics(os.environ["MLFLOW_RUN_ID"], f"node{ctx.node_rank}")
         summary = _train(cfg, ctx, tracker, params or {}, after, on_epoch)
@@ -183,7 +187,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
            on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict:
     if ctx.is_main:
         check_output_dir(cfg.output_dir)
-    state = load_checkpoint(cfg.resume, _ckpt_config(cfg)) if cfg.resume else None
+    state = _load_resume(cfg)
     device = ctx.device()
     bf16 = use_bf16(cfg.amp, device)
     layout, train_cache, val_cache, source = _load_data(cfg, ctx)
@@ -198,7 +202,20 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
     setup = LoopSetup(device, ctx, cfg.batch_size, cfg.image_size, len(layout.classes),
                       cfg.seed, bf16, progress=ctx.is_main)
     loop_start = time.perf_counter()
-    speeds = _epochs(t, cfg, ctx, tracker, setup, train_cache, val_cache, layout, on_epoch)
+    uploader = None
+    if ctx.is_main and tracker.run_id and cfg.checkpoint_to_artifacts:
+        uploader = CheckpointUploader(tracker.run_id)
+        log.info("Each epoch's checkpoint is also kept as runs:/%s/checkpoints/checkpoint.pt",
+                 tracker.run_id)
+    try:
+        speeds = _epochs(t, cfg, ctx, tracker, setup, train_cache, val_cache, layout, on_epoch,
+                         uploader)
+    except BaseException:
+        if uploader is not None:
+            uploader.close(raise_errors=False)  # the last finished epoch's, for a resume
+        raise
+    if uploader is not None:
+        uploader.close()
     summary = {"best_val_acc": t.best_acc, "stopped_at_epoch": t.stopped_at,
                "train_images_per_sec": float(np.median(speeds)) if speeds else 0.0,
                "loop_seconds": time.perf_counter() - loop_start, "run_id": tracker.run_id,
@@ -249,7 +266,8 @@ class _Training:
             scheduler.load_state_dict(state["scheduler"])
             t.start_epoch, t.best_acc = state["epoch"] + 1, state["best_acc"]
             t.best_state = state["best_state"]
-            tracker.set_tags({"resumed_from": os.path.abspath(cfg.resume)})
+            tracker.set_tags({"resumed_from": cfg.resume if is_artifact_uri(cfg.resume)
+                              else os.path.abspath(cfg.resume)})
             if ctx.is_main:
                 log.info("Resuming from %s at epoch %d", cfg.resume, t.start_epoch)
         return t
@@ -257,7 +275,8 @@ class _Training:
 
 def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracker,
             setup: LoopSetup, train_cache, val_cache, layout,
-            on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[float]:
+            on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+            uploader: CheckpointUploader | None = None) -> list[float]:
     """Train the remaining epochs, logging and checkpointing each; returns images/s per epoch."""
     ckpt_path = Path(cfg.output_dir) / "checkpoint.pt"
     speeds = []
@@ -284,6 +303,8 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
                 "scheduler": t.scheduler.state_dict(), "best_acc": t.best_acc,
                 "best_state": t.best_state, "config": _ckpt_config(cfg), "classes": layout.classes,
                 "data_digest": layout.digest})
+            if uploader is not None:
+                uploader.submit(ckpt_path)
         if on_epoch is not None:
             try:
                 on_epoch(epoch, dict(metrics))
@@ -293,6 +314,17 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
                 print(f"Stopped after epoch {epoch}/{cfg.num_epochs}: {stop}", flush=True)
                 break
     return speeds
+
+
+def _load_resume(cfg: TrainConfig) -> dict | None:
+    """The checkpoint ``-P resume`` names (a file, or a run artifact downloaded through MLflow)."""
+    if not cfg.resume:
+        return None
+    if not is_artifact_uri(cfg.resume):
+        return load_checkpoint(cfg.resume, _ckpt_config(cfg))
+    with tempfile.TemporaryDirectory(prefix="fowlflow-resume-") as tmp:
+        local = download_checkpoint(cfg.resume, Path(tmp))
+        return load_checkpoint(str(local), _ckpt_config(cfg), label=cfg.resume)
 
 
 def _ckpt_config(cfg: TrainConfig) -> dict:

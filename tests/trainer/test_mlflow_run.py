@@ -156,7 +156,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_ddp_two_processes_log_one_run(tracking_uri, tmp_path):
-    """torchrun with 2 CPU processes (gloo): rank 0 alone logs, into a single run."""
+    """torchrun with 2 CPU processes (gloo): rank 0 alone logs, into a single run; node 0's
+    system metrics have the names a one-process run gives them (no node id)."""
     mlflow.set_experiment("ddp")
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fowlflow.train",
@@ -165,7 +166,8 @@ def test_ddp_two_processes_log_one_run(tracking_uri, tmp_path):
          "--registered_model_name", ""],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "MLFLOW_EXPERIMENT_NAME": "ddp",
-             "FOWLFLOW_CACHE_DIR": str(tmp_path / "cache")})
+             "FOWLFLOW_CACHE_DIR": str(tmp_path / "cache"),
+             "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
@@ -175,3 +177,6 @@ def test_ddp_two_processes_log_one_run(tracking_uri, tmp_path):
     # 96 synthetic training images split over 2 ranks, batch 8 each: 6 steps per epoch.
     assert len(client.get_metric_history(run.info.run_id, "train_loss_step")) == 6
     assert np.isfinite(run.data.metrics["val_acc"])
+    system = sorted(k for k in run.data.metrics if k.startswith("system/"))
+    assert "system/cpu_utilization_percentage" in system, system
+    assert not any(k.startswith("system/node") for k in system), system
