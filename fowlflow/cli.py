@@ -20,6 +20,7 @@ from fowlflow.errors import exit_code
 COMMAND_MODULES = (
     "fowlflow.server.commands",
     "fowlflow.projects.commands",
+    "fowlflow.tune.commands",
 )
 
 

@@ -70,20 +70,54 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import mlflow
-    import optuna
 
-    from fowlflow.data.sources import data_location, resolve_data
     from fowlflow.tracking.run_tracker import log_new_params
-    from fowlflow.trainer.config import TrainConfig, checked
     from fowlflow.tune import space as spaces
-    from fowlflow.tune.pruners import PrunerSpec, make_pruner
-    from fowlflow.tune.study import (default_study_name, make_sampler, masked, open_storage,
-                                     open_study)
-    from fowlflow.tune.summary import best_trial, log_summary
+    from fowlflow.tune.study import SWEEP_ATTR, masked
+    from fowlflow.tune.summary import log_summary
     from fowlflow.tune.sweep import Sweep
 
     values = vars(build_parser().parse_args(argv))
     opts = argparse.Namespace(**{k: values.pop(k) for k in TUNE_FLAGS})
+    plan = _prepare(opts, values)
+    study, url = plan.study, plan.storage.url
+    client = mlflow.MlflowClient()
+    with mlflow.start_run() as parent, tempfile.TemporaryDirectory(prefix="fowlflow-tune-") as work:
+        run_id = parent.info.run_id
+        log_new_params(run_id, {"optuna_study": study.study_name, "optuna_storage": masked(url),
+                                "data": plan.config.data})
+        client.log_dict(run_id, spaces.as_json(plan.space), "tune/search_space.json")
+        mlflow.set_tags({"fowlflow.kind": "tune", "fowlflow.study": study.study_name})
+        study.set_user_attr(SWEEP_ATTR, {  # what `fowlflow tune worker` runs its trials with
+            "space": spaces.as_json(plan.space), "config": asdict(plan.config),
+            "pruner": plan.pruner.as_dict(), "sampler": opts.sampler, "n_trials": opts.n_trials,
+            "parent_run_id": run_id, "tracking_uri": masked(mlflow.get_tracking_uri())})
+        print(f"fowlflow: study {study.study_name} in {masked(url)}; parent run {run_id}",
+              flush=True)
+        sweep = Sweep(study, plan.space, plan.config, url, plan.pruner, run_id, client, Path(work))
+        try:
+            sweep.run(opts.n_trials, opts.parallel)
+            sweep.wait_for_others()
+        except (KeyboardInterrupt, stopping.Terminated) as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}")
+            mlflow.end_run("KILLED")
+            raise
+        log_summary(study, client, run_id)
+        _register_best(study, opts.registered_model_name, plan.source)
+    return 0
+
+
+def _prepare(opts: argparse.Namespace, values: dict) -> argparse.Namespace:
+    """Everything checked before the parent run starts: counts, search space, trainer settings,
+    pruner, sampler, storage, data; then the study (opened or created)."""
+    import optuna
+
+    from fowlflow.data.sources import data_location, resolve_data
+    from fowlflow.trainer.config import TrainConfig, checked
+    from fowlflow.tune import space as spaces
+    from fowlflow.tune.pruners import PrunerSpec, make_pruner
+    from fowlflow.tune.study import default_study_name, make_sampler, open_storage, open_study
+
     if opts.n_trials < 1:
         raise ConfigError(f"-P n_trials={opts.n_trials} is invalid: it must be at least 1.")
     if not 1 <= opts.parallel <= opts.n_trials:
@@ -91,48 +125,35 @@ def _main(argv: list[str] | None) -> int:
                           f"n_trials ({opts.n_trials}).")
     space = spaces.parse_space(opts.search_space)
     config = checked(TrainConfig(**values))
-    pruner_spec = PrunerSpec(opts.pruner, opts.slack_factor, opts.evaluation_interval,
-                             opts.delay_evaluation)
-    pruner = make_pruner(pruner_spec)
+    pruner = PrunerSpec(opts.pruner, opts.slack_factor, opts.evaluation_interval,
+                        opts.delay_evaluation)
     sampler = make_sampler(opts.sampler, {d.name: d.grid() for d in space}
                            if opts.sampler == "grid" else None)
-    storage_url = opts.storage if opts.storage.strip().lower() not in ("", "none") else None
     storage = open_storage(opts.storage, heartbeat=True)
-    storage_url = storage_url or storage.url
     config = replace(config, data=data_location(config.data))
     source = resolve_data(config.data)  # once here, not in every trial at the same time
     study_name = opts.study_name or default_study_name(spaces.as_json(space), asdict(config))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # fowlflow prints each trial's outcome
-    study = open_study(storage, study_name, sampler, pruner)
+    study = open_study(storage, study_name, sampler, make_pruner(pruner))
+    return argparse.Namespace(space=space, config=config, pruner=pruner, storage=storage,
+                              source=source, study=study)
 
-    client = mlflow.MlflowClient()
-    with mlflow.start_run() as parent, tempfile.TemporaryDirectory(prefix="fowlflow-tune-") as work:
-        run_id = parent.info.run_id
-        log_new_params(run_id, {"optuna_study": study_name, "optuna_storage": masked(storage_url),
-                                "data": config.data})
-        client.log_dict(run_id, spaces.as_json(space), "tune/search_space.json")
-        mlflow.set_tags({"fowlflow.kind": "tune", "fowlflow.study": study_name})
-        print(f"fowlflow: study {study_name} in {masked(storage_url)}; parent run {run_id}",
-              flush=True)
-        try:
-            Sweep(study, space, config, storage_url, pruner_spec, run_id, client,
-                  Path(work)).run(opts.n_trials, opts.parallel)
-        except (KeyboardInterrupt, stopping.Terminated) as exc:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}")
-            mlflow.end_run("KILLED")
-            raise
-        log_summary(study, client, run_id)
-        best = best_trial(study)
-        print(f"fowlflow: best trial {best.number}: best_val_acc {best.value:.4f} "
-              f"{best.params}", flush=True)
-        if opts.registered_model_name:
-            from fowlflow.registry import register_trained_model
 
-            reg = register_trained_model(run_id=best.user_attrs["mlflow_run_id"],
-                                         name=opts.registered_model_name,
-                                         val_dir=source.root / "val")
-            mlflow.set_tags({"registered_model": f"{reg.name} version {reg.version}"})
-    return 0
+def _register_best(study, model_name: str | None, source) -> None:
+    """Print the best trial; register its model under ``model_name`` (None: don't)."""
+    import mlflow
+
+    from fowlflow.tune.summary import best_trial
+
+    best = best_trial(study)
+    print(f"fowlflow: best trial {best.number}: best_val_acc {best.value:.4f} "
+          f"{best.params}", flush=True)
+    if model_name:
+        from fowlflow.registry import register_trained_model
+
+        reg = register_trained_model(run_id=best.user_attrs["mlflow_run_id"], name=model_name,
+                                     val_dir=source.root / "val")
+        mlflow.set_tags({"registered_model": f"{reg.name} version {reg.version}"})
 
 
 if __name__ == "__main__":

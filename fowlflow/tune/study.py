@@ -24,6 +24,9 @@ SAMPLERS = ("random", "tpe", "grid")
 DEFAULT_DB = "optuna.db"
 # Trials whose sweep died stop counting as running once their heartbeat is this old.
 HEARTBEAT_S, GRACE_S = 10, 60
+# The study's user attribute holding what a worker needs to run its trials (set by the sweep):
+# space, config, pruner, sampler, n_trials, parent_run_id, tracking_uri (masked).
+SWEEP_ATTR = "fowlflow_sweep"
 
 
 def default_storage() -> str:
@@ -46,6 +49,7 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.RDBSto
         ConfigError: a URL Optuna can't use, or a database that can't be reached.
     """
     url = url.strip() if url and url.strip().lower() != "none" else default_storage()
+    url = driver_url(url)
     kwargs = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}  # trial processes write at the same time
@@ -67,6 +71,39 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.RDBSto
                           f"{type(exc).__name__}: {message}. Give a reachable database URL "
                           "(sqlite:///path/optuna.db, postgresql://user@host/db with the "
                           "password in PGPASSWORD) or none for the default.") from None
+
+
+def driver_url(url: str) -> str:
+    """``postgresql://...`` (libpq's form, what users write) as SQLAlchemy's
+    ``postgresql+psycopg://...``: fowlflow installs psycopg 3, not SQLAlchemy's default psycopg2."""
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
+
+
+def has_password(url: str) -> bool:
+    """Whether ``url`` holds a password (``scheme://user:password@host``)."""
+    return bool(re.search(r"//[^/@:]*:[^/@]+@", url))
+
+
+def load_study(storage, name: str) -> optuna.Study:
+    """The existing study ``name`` in ``storage``, made by ``fowlflow tune`` (its settings in
+    the user attribute :data:`SWEEP_ATTR`).
+
+    Raises:
+        ConfigError: no such study (the message lists the storage's studies), or a study that
+            no ``fowlflow tune`` sweep made.
+    """
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in storage.get_all_studies())
+        raise ConfigError(f"There is no study {name!r} in {masked(storage.url)}; its studies: "
+                          f"{', '.join(names) or 'none'}. Start the sweep first "
+                          "(mlflow run . -e tune -P storage=... -P study_name=...).") from None
+    if SWEEP_ATTR not in study.user_attrs:
+        raise ConfigError(f"Study {name!r} in {masked(storage.url)} was not made by "
+                          "`mlflow run . -e tune` (it has no fowlflow settings to run trials "
+                          "with).")
+    return study
 
 
 def make_sampler(name: str, grid: dict[str, list] | None = None) -> optuna.samplers.BaseSampler:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -52,10 +53,12 @@ class Sweep:
     client: MlflowClient
     workdir: Path  # trial specs, results and logs
     stopping: bool = False  # set on a stop: no new trial process starts
+    n_trials: int = 0  # the study's total of finished trials, in all its processes
 
     def run(self, n_trials: int, parallel: int) -> None:
         """Run trials until the study holds ``n_trials`` complete or pruned ones, ``parallel``
         at a time; on a stop (SIGTERM, Ctrl-C) the running trials are stopped first."""
+        self.n_trials = n_trials
         done = finished_trials(self.study)
         remaining = n_trials - done
         if remaining <= 0:
@@ -97,12 +100,35 @@ class Sweep:
             raise errors[0]
 
     def _stop_when_stopping(self, study: optuna.Study, trial) -> None:
-        if self.stopping:
+        if self.stopping or self._taken() >= self.n_trials:
             study.stop()  # no new trials; the stopped ones are recorded as failed
+
+    def _taken(self, before: int | None = None) -> int:
+        """The study's finished trials plus its running ones (numbered below ``before``), in
+        every process that works on it (this sweep, ``fowlflow tune worker``s)."""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return finished_trials(self.study) + sum(before is None or t.number < before
+                                                 for t in running)
+
+    def wait_for_others(self, poll_s: float = 2.0) -> None:
+        """Wait until no trial of the study runs (a worker's), failing those whose worker died
+        (Optuna's heartbeat), so that the summary sees every trial."""
+        shown = False
+        while running := self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not shown:
+                print(f"fowlflow: waiting for {len(running)} trial(s) of other workers: "
+                      f"{', '.join(str(t.number) for t in running)}", flush=True)
+                shown = True
+            optuna.storages.fail_stale_trials(self.study)
+            time.sleep(poll_s)
 
     def objective(self, trial: optuna.Trial) -> float:
         if self.stopping:
             raise TrialFailed("the sweep is stopping")
+        if self._taken(before=trial.number) >= self.n_trials:  # another worker was quicker
+            trial.set_user_attr("error", f"not run: the study had its {self.n_trials} trials")
+            self.study.stop()
+            raise TrialFailed(f"trial {trial.number} not needed")
         values = suggest(self.space, trial)
         number = trial.number
         parent = self.client.get_run(self.parent_run_id)
@@ -175,7 +201,7 @@ class Sweep:
 
 def finished_trials(study: optuna.Study) -> int:
     """How many of the study's trials are complete or pruned (what ``n_trials`` counts)."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
 
 

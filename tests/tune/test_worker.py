@@ -1,0 +1,126 @@
+"""``fowlflow tune worker`` on a real PostgreSQL: a sweep and a worker share one study.
+
+A throwaway PostgreSQL cluster (:class:`fowlflow.server.postgres.PostgresServer`, the team
+stack's own, alone) holds the Optuna study; its password reaches the processes only through
+the 0600 ``PGPASSFILE`` libpq reads, never a command line. Tracking: this test's SQLite store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import BIN
+from tests.net import free_port
+from tests.test_docs_commands import documented
+from tests.tune.test_sweep import TINY
+
+DOC_STUDY, DOC_STORAGE = "fowlflow-1a2b3c4d5e", "postgresql://mlflow@db.example.com:5432/optuna"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    from fowlflow.server.config import Secrets, StackConfig
+    from fowlflow.server.postgres import PostgresServer
+
+    state = Path(tempfile.mkdtemp(prefix="fftune-pg-", dir="/tmp"))  # the postgres user reaches it
+    os.chmod(state, 0o711)
+    cfg = StackConfig.load(state, pick_free=True)
+    pg = PostgresServer(cfg, Secrets.load_or_create(cfg.secrets_dir))
+    record = None
+    try:
+        record = pg.start()
+        with pg.connect("postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE optuna")
+        yield pg
+    finally:
+        pg.stop(record)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def storage(postgres, monkeypatch) -> str:
+    """The study storage as users write it (no password), libpq reading the password file."""
+    monkeypatch.setenv("PGPASSFILE", str(postgres.pgpass))
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    return f"postgresql://mlflow@{postgres.cfg.host}:{postgres.port}/optuna"
+
+
+def _collect(proc: subprocess.Popen, lines: list[str]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_sweep_and_a_worker_share_the_study_without_duplicates(postgres, storage, client,
+                                                                 tmp_path):
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "fowlflow.tune", *TINY, "--num_epochs", "1", "--n_trials", "4",
+         "--parallel", "1", "--pruner", "none", "--storage", storage, "--study_name", "shared",
+         "--registered_model_name", "none", "--output_dir", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep_out: list[str] = []
+    for line in sweep.stdout:  # the study exists, with the sweep's settings, once this is shown
+        sweep_out.append(line)
+        if "parent run" in line:
+            break
+    assert "parent run" in "".join(sweep_out), "".join(sweep_out)[-3000:]
+    sweep_reader = _collect(sweep, sweep_out)
+    command = documented("fowlflow tune worker --study fowlflow-1a2b3c4d5e "
+                         "--storage postgresql://mlflow@db.example.com:5432/optuna")
+    assert DOC_STUDY in command and DOC_STORAGE in command
+    command = command.replace(DOC_STUDY, "shared").replace(DOC_STORAGE, storage)
+    worker = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
+    assert sweep.wait(timeout=600) == 0, "".join(sweep_out)[-4000:]
+    sweep_reader.join(timeout=10)
+    sweep_text, worker_text = "".join(sweep_out), worker.stdout + worker.stderr
+    assert worker.returncode == 0, worker_text[-4000:]
+
+    trials = optuna.load_study(study_name="shared",
+                               storage=storage.replace("postgresql://", "postgresql+psycopg://"))
+    complete = [t for t in trials.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.number for t in complete) == sorted({t.number for t in complete})
+    assert len(complete) == 4, [(t.number, t.state.name) for t in trials.trials]
+    (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
+    children = client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_number = {}
+    for child in children:
+        by_number.setdefault(int(child.data.tags["fowlflow.trial_number"]), []).append(child)
+    assert {n: len(runs) for n, runs in by_number.items()} == {t.number: 1 for t in complete}
+    for t in complete:
+        assert by_number[t.number][0].info.run_id == t.user_attrs["mlflow_run_id"]
+    ran_here = {t.number for t in complete if f"trial {t.number} started" in worker_text}
+    ran_there = {t.number for t in complete if f"trial {t.number} started" in sweep_text}
+    assert ran_here and ran_there and not ran_here & ran_there, (sweep_text, worker_text)
+    assert parent.data.metrics["trials_complete"] == 4  # the sweep waited for the worker
+    assert "finished trials (n_trials=4)" in worker_text
+    assert postgres.secrets.db_password not in sweep_text + worker_text
+
+
+def test_a_worker_refuses_an_unknown_study_an_unreachable_storage_and_a_password(storage,
+                                                                              tracking_uri):
+    def worker(study: str, url: str) -> str:
+        proc = subprocess.run([str(BIN / "fowlflow"), "tune", "worker", "--study", study,
+                               "--storage", url], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        return proc.stderr
+
+    optuna.create_study(study_name="plain",
+                        storage=storage.replace("postgresql://", "postgresql+psycopg://"),
+                        load_if_exists=True)
+    message = worker("nope", storage)
+    assert "There is no study 'nope'" in message and "plain" in message
+    assert "was not made by `mlflow run . -e tune`" in worker("plain", storage)
+    down = f"postgresql://mlflow@127.0.0.1:{free_port()}/optuna"
+    message = worker("nope", down)
+    assert "can't be used as the Optuna study storage" in message and "OperationalError" in message
+    message = worker("nope", storage.replace("mlflow@", "mlflow:s3cret@"))
+    assert "don't put the password on the command line" in message and "s3cret" not in message
