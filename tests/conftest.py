@@ -109,7 +109,9 @@ SLOW: dict[str, str] = {
     "test_sweep.py::test_a_bad_learning_rate_is_pruned_and_its_run_says_so":
         "a real sweep: trials train through python -m fowlflow.tune (~55 s)",
     "test_trainer_hook.py::test_on_epoch_sees_each_epoch_and_can_stop_training":
-        "real training epochs (~35 s)",    "tune/test_docs.py": "docs/tune.md's sweep through mlflow run: 2 trials, ONNX registration",
+        "real training epochs (~35 s)",    "test_checkpoint_artifact.py::test_checkpoint_artifact_is_kept_and_resumed_from_exactly":
+        "three in-process training runs, each logging a model (~45-80 s)",
+    "tune/test_docs.py": "docs/tune.md's sweep through mlflow run: 2 trials, ONNX registration",
     "test_sweep.py::test_a_stopped_sweep_resumes_without_repeating_finished_trials":
         "a real sweep stopped by SIGTERM mid-trial, then resumed (~60-100 s)",
 }
