@@ -10,3 +10,7 @@ process per trial), :mod:`.trial` (the trial process: the trainer with a reporti
 """
 
 METRIC = "best_val_acc"  # the sample's primary metric, maximized; logged by the trainer each epoch
+DIRECTIONS = ("maximize", "minimize")
+# What the trainer logs each epoch and passes its per-epoch hook: the metrics a sweep can optimize.
+EPOCH_METRICS = ("best_val_acc", "val_acc", "val_loss", "train_acc", "train_loss", "lr", "momentum",
+                 "train_images_per_sec", "epoch_seconds")

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from fowlflow import stopping
 from fowlflow.errors import ConfigError, exit_code
+from fowlflow.tune import DIRECTIONS, METRIC
 
 DEFAULT_MODEL_NAME = "fowl-classifier"
 TUNE_FLAGS = ("n_trials", "parallel", "search_space", "sampler", "pruner", "slack_factor",
               "evaluation_interval", "delay_evaluation", "storage", "study_name",
-              "registered_model_name")
+              "registered_model_name", "metric", "direction")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="none", help="Optuna storage URL; none: ./optuna.db")
     p.add_argument("--study_name", default="", type=optional,
                    help="none: fowlflow-<hash of the space and the fixed settings>")
+    p.add_argument("--metric", default=METRIC, help="the per-epoch metric trials optimize")
+    p.add_argument("--direction", default="maximize", choices=DIRECTIONS)
     p.add_argument("--registered_model_name", default=DEFAULT_MODEL_NAME, type=optional,
                    help="register the best trial's model under this name (none: don't)")
     return p
@@ -91,10 +94,12 @@ def _main(argv: list[str] | None) -> int:
         study.set_user_attr(SWEEP_ATTR, {  # what `fowlflow tune worker` runs its trials with
             "space": spaces.as_json(plan.space), "config": asdict(plan.config),
             "pruner": plan.pruner.as_dict(), "sampler": opts.sampler, "n_trials": opts.n_trials,
+            "metric": opts.metric, "direction": opts.direction,
             "parent_run_id": run_id, "tracking_uri": masked(mlflow.get_tracking_uri())})
         print(f"fowlflow: study {study.study_name} in {masked(url)}; parent run {run_id}",
               flush=True)
-        sweep = Sweep(study, plan.space, plan.config, url, plan.pruner, run_id, client, Path(work))
+        sweep = Sweep(study, plan.space, plan.config, url, plan.pruner, run_id, client, Path(work),
+                      metric=opts.metric)
         try:
             sweep.run(opts.n_trials, opts.parallel)
             sweep.wait_for_others()
@@ -102,8 +107,8 @@ def _main(argv: list[str] | None) -> int:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}")
             mlflow.end_run("KILLED")
             raise
-        log_summary(study, client, run_id)
-        _register_best(study, opts.registered_model_name, plan.source)
+        log_summary(study, client, run_id, opts.metric)
+        _register_best(study, opts.metric, opts.registered_model_name, plan.source)
     return 0
 
 
@@ -116,13 +121,15 @@ def _prepare(opts: argparse.Namespace, values: dict) -> argparse.Namespace:
     from fowlflow.trainer.config import TrainConfig, checked
     from fowlflow.tune import space as spaces
     from fowlflow.tune.pruners import PrunerSpec, make_pruner
-    from fowlflow.tune.study import default_study_name, make_sampler, open_storage, open_study
+    from fowlflow.tune.study import (check_objective, default_study_name, make_sampler,
+                                     open_storage, open_study)
 
     if opts.n_trials < 1:
         raise ConfigError(f"-P n_trials={opts.n_trials} is invalid: it must be at least 1.")
     if not 1 <= opts.parallel <= opts.n_trials:
         raise ConfigError(f"-P parallel={opts.parallel} is invalid: it must be between 1 and "
                           f"n_trials ({opts.n_trials}).")
+    check_objective(opts.metric, opts.direction)
     space = spaces.parse_space(opts.search_space)
     config = checked(TrainConfig(**values))
     pruner = PrunerSpec(opts.pruner, opts.slack_factor, opts.evaluation_interval,
@@ -134,19 +141,20 @@ def _prepare(opts: argparse.Namespace, values: dict) -> argparse.Namespace:
     source = resolve_data(config.data)  # once here, not in every trial at the same time
     study_name = opts.study_name or default_study_name(spaces.as_json(space), asdict(config))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # fowlflow prints each trial's outcome
-    study = open_study(storage, study_name, sampler, make_pruner(pruner))
+    study = open_study(storage, study_name, sampler, make_pruner(pruner), opts.metric,
+                       opts.direction)
     return argparse.Namespace(space=space, config=config, pruner=pruner, storage=storage,
                               source=source, study=study)
 
 
-def _register_best(study, model_name: str | None, source) -> None:
+def _register_best(study, metric: str, model_name: str | None, source) -> None:
     """Print the best trial; register its model under ``model_name`` (None: don't)."""
     import mlflow
 
     from fowlflow.tune.summary import best_trial
 
     best = best_trial(study)
-    print(f"fowlflow: best trial {best.number}: best_val_acc {best.value:.4f} "
+    print(f"fowlflow: best trial {best.number}: {metric} {best.value:.4g} "
           f"{best.params}", flush=True)
     if model_name:
         from fowlflow.registry import register_trained_model

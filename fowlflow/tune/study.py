@@ -129,7 +129,34 @@ def default_study_name(space: dict, config: dict) -> str:
     return "fowlflow-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def open_study(storage, name: str, sampler=None, pruner=None) -> optuna.Study:
-    """The study ``name`` in ``storage`` (created if new), maximizing."""
-    return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
-                               direction="maximize", load_if_exists=True)
+def check_objective(metric: str, direction: str) -> None:
+    """Refuse a metric the trainer does not log each epoch, or an unknown direction.
+
+    Raises:
+        ConfigError: naming the metrics it logs, or the directions.
+    """
+    from fowlflow.tune import DIRECTIONS, EPOCH_METRICS
+
+    if metric not in EPOCH_METRICS:
+        raise ConfigError(f"-P metric={metric}: the trainer does not log that metric each epoch; "
+                          f"choose one it logs: {', '.join(EPOCH_METRICS)}.")
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"-P direction={direction} is unknown; use {' or '.join(DIRECTIONS)}.")
+
+
+def open_study(storage, name: str, sampler=None, pruner=None, metric: str = "best_val_acc",
+               direction: str = "maximize") -> optuna.Study:
+    """The study ``name`` in ``storage`` (created if new), optimizing ``metric`` in ``direction``.
+
+    Raises:
+        ConfigError: an existing study that optimizes another metric or direction.
+    """
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                direction=direction, load_if_exists=True)
+    attrs = study.user_attrs.get(SWEEP_ATTR)  # none yet: a new study (or an older sweep's)
+    had_metric = (attrs or {}).get("metric", "best_val_acc" if attrs or study.trials else metric)
+    had = (had_metric, study.direction.name.lower())
+    if had != (metric, direction):
+        raise ConfigError(f"Study {name} optimizes {had[0]} ({had[1]}), not {metric} "
+                          f"({direction}); give those, or another -P study_name.")
+    return study

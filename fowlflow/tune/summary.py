@@ -54,7 +54,8 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return study.best_trial
 
 
-def log_summary(study: optuna.Study, client: MlflowClient, parent_run_id: str) -> None:
+def log_summary(study: optuna.Study, client: MlflowClient, parent_run_id: str,
+                metric: str = METRIC) -> None:
     """Log the summary above to the parent run."""
     rows = trial_rows(study)
     counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
@@ -64,7 +65,7 @@ def log_summary(study: optuna.Study, client: MlflowClient, parent_run_id: str) -
                "trials_failed": counts["FAIL"]}
     best = best_trial(study) if counts["COMPLETE"] else None
     if best is not None:
-        metrics[METRIC] = best.value
+        metrics[metric] = best.value
         log_new_params(parent_run_id, {f"best_{k}": v for k, v in best.params.items()})
         client.set_tag(parent_run_id, "best_trial_number", str(best.number))
         client.set_tag(parent_run_id, "best_trial_run_id", best.user_attrs.get(RUN_ID_ATTR, ""))

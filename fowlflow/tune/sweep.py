@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from fowlflow.trainer.config import TrainConfig
+from fowlflow.tune import METRIC
 from fowlflow.tune.pruners import PrunerSpec
 from fowlflow.tune.space import Dimension, suggest
 
@@ -54,6 +55,7 @@ class Sweep:
     workdir: Path  # trial specs, results and logs
     stopping: bool = False  # set on a stop: no new trial process starts
     n_trials: int = 0  # the study's total of finished trials, in all its processes
+    metric: str = METRIC  # what each trial reports after each epoch, and its value
 
     def run(self, n_trials: int, parallel: int) -> None:
         """Run trials until the study holds ``n_trials`` complete or pruned ones, ``parallel``
@@ -147,6 +149,7 @@ class Sweep:
         spec.write_text(json.dumps({
             "storage": self.storage_url, "study_name": self.study.study_name,
             "trial_id": trial._trial_id, "trial_number": number, "pruner": self.pruner.as_dict(),
+            "metric": self.metric,
             "config": asdict(config), "result": str(result)}))
         spec.chmod(0o600)  # the storage URL may hold a password
         shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -171,10 +174,11 @@ class Sweep:
             self.client.set_tag(run_id, STATE_TAG, "PRUNED")
             self.client.set_terminated(run_id, "KILLED")
             print(f"fowlflow: trial {number} pruned after epoch {outcome['epochs']} "
-                  f"(best_val_acc {outcome['value']:.4f})", flush=True)
+                  f"({self.metric} {outcome['value']:.4g})", flush=True)
             raise optuna.TrialPruned()
         self.client.set_tag(run_id, STATE_TAG, "COMPLETE")
-        print(f"fowlflow: trial {number} complete: best_val_acc {outcome['value']:.4f}", flush=True)
+        print(f"fowlflow: trial {number} complete: {self.metric} {outcome['value']:.4g}",
+              flush=True)
         return float(outcome["value"])
 
     def _run_process(self, spec: Path, log_path: Path, run_id: str) -> int:

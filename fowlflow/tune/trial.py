@@ -3,7 +3,7 @@
 The sweep (:mod:`fowlflow.tune.sweep`) writes ``SPEC.json`` (the study's storage and name, the
 trial's id, the pruner, the trainer config with this trial's values) and sets
 ``MLFLOW_RUN_ID`` to the child run it created. This process trains with the trainer, reporting
-``best_val_acc`` to the Optuna trial after each epoch; when the pruner says so it stops the
+the spec's ``metric`` (default ``best_val_acc``) to the Optuna trial after each epoch; when the pruner says so it stops the
 trainer (:class:`fowlflow.trainer.train.StopTraining`). It writes what happened to
 ``SPEC.json``'s ``result`` file: ``{"value": ..., "pruned": ..., "epochs": ...}``.
 
@@ -62,18 +62,20 @@ def _main(argv: list[str]) -> int:
     study = optuna.load_study(study_name=spec["study_name"], storage=open_storage(spec["storage"]),
                               pruner=make_pruner(pruner))
     trial = optuna.trial.Trial(study, spec["trial_id"])
+    metric, last = spec.get("metric", METRIC), {}
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
-        trial.report(metrics[METRIC], epoch)
+        last["value"] = metrics[metric]
+        trial.report(metrics[metric], epoch)
         if trial.should_prune():
-            raise StopTraining(f"pruned by the {pruner.name} pruner ({METRIC} "
-                               f"{metrics[METRIC]:.4f} at epoch {epoch})")
+            raise StopTraining(f"pruned by the {pruner.name} pruner ({metric} "
+                               f"{metrics[metric]:.4g} at epoch {epoch})")
 
     summary = run(cfg, params={"study_name": spec["study_name"],
                                "trial_number": spec["trial_number"]}, on_epoch=report)
     stopped = summary["stopped_at_epoch"]
     Path(spec["result"]).write_text(json.dumps({
-        "value": summary[METRIC], "pruned": stopped is not None,
+        "value": last.get("value", summary.get(metric)), "pruned": stopped is not None,
         "epochs": stopped or cfg.num_epochs, "run_id": summary["run_id"]}))
     return 0
 

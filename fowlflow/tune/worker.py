@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{attrs['parent_run_id']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fowlflow-tune-worker-") as work:
         Sweep(study, space, config, storage.url, pruner, attrs["parent_run_id"], client,
-              Path(work)).run(attrs["n_trials"], min(args.parallel, attrs["n_trials"]))
+              Path(work), metric=attrs.get("metric", "best_val_acc")).run(attrs["n_trials"], min(args.parallel, attrs["n_trials"]))
     print(f"fowlflow: worker done: study {study.study_name} has {finished_trials(study)} "
           f"finished trials (n_trials={attrs['n_trials']})", flush=True)
     return 0
