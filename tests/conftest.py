@@ -111,6 +111,11 @@ SLOW: dict[str, str] = {
     "test_trainer_hook.py::test_on_epoch_sees_each_epoch_and_can_stop_training":
         "real training epochs (~35 s)",    "test_checkpoint_artifact.py::test_checkpoint_artifact_is_kept_and_resumed_from_exactly":
         "three in-process training runs, each logging a model (~45-80 s)",
+    "test_worker.py::test_a_sweep_and_a_worker_share_the_study_without_duplicates":
+        "a sweep and a tune worker on a real PostgreSQL cluster (~50-110 s)",
+    "test_objective.py::test_a_sweep_minimizes_the_validation_loss": "a real sweep (~45 s)",
+    "test_objective.py::test_the_metrics_a_sweep_can_optimize_are_those_the_trainer_reports":
+        "real training epochs (~15 s)",
     "tune/test_docs.py": "docs/tune.md's sweep through mlflow run: 2 trials, ONNX registration",
     "test_sweep.py::test_a_stopped_sweep_resumes_without_repeating_finished_trials":
         "a real sweep stopped by SIGTERM mid-trial, then resumed (~60-100 s)",
