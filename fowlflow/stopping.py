@@ -71,6 +71,20 @@ class Terminated(BaseException):
         return 128 + self.signum
 
 
+def run_until_stopped(main, *args, what: str = "stopped") -> int:
+    """A command line's ``main`` with the stop handling installed first: the exit code by
+    :func:`fowlflow.errors.exit_code`'s rules, and a stop request gives
+    ``fowlflow: <what> (<reason>)`` on stderr and 128 + the signal number."""
+    from fowlflow.errors import exit_code
+
+    install()
+    try:
+        return exit_code(main, *args)
+    except Terminated as exc:
+        print(f"fowlflow: {what} ({exc})", file=sys.stderr)
+        return exc.exit_code
+
+
 def install() -> psutil.Process | None:
     """Handle SIGTERM/SIGHUP/SIGINT and watch the ``mlflow run`` that started us (returned)."""
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):

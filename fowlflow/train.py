@@ -20,18 +20,12 @@ import logging
 import sys
 
 from fowlflow import stopping
-from fowlflow.errors import exit_code
 
 DEFAULT_MODEL_NAME = "fowl-classifier"
 
 
 def main(argv: list[str] | None = None) -> int:
-    stopping.install()
-    try:
-        return exit_code(_main, argv)
-    except stopping.Terminated as exc:
-        print(f"fowlflow: stopped ({exc})", file=sys.stderr)
-        return exc.exit_code
+    return stopping.run_until_stopped(_main, argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

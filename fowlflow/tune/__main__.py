@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from fowlflow import stopping
-from fowlflow.errors import ConfigError, exit_code
+from fowlflow.errors import ConfigError
 from fowlflow.tune import DIRECTIONS, METRIC
 
 DEFAULT_MODEL_NAME = "fowl-classifier"
@@ -29,12 +29,7 @@ TUNE_FLAGS = ("n_trials", "parallel", "search_space", "sampler", "pruner", "slac
 
 
 def main(argv: list[str] | None = None) -> int:
-    stopping.install()
-    try:
-        return exit_code(_main, argv)
-    except stopping.Terminated as exc:
-        print(f"fowlflow: sweep stopped ({exc})", file=sys.stderr)
-        return exc.exit_code
+    return stopping.run_until_stopped(_main, argv, what="sweep stopped")
 
 
 def build_parser() -> argparse.ArgumentParser:

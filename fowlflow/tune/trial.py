@@ -23,18 +23,12 @@ import time
 from pathlib import Path
 
 from fowlflow import stopping
-from fowlflow.errors import exit_code
 from fowlflow.tune import METRIC
 
 
 def main(argv: list[str] | None = None) -> int:
-    stopping.install()
-    _stop_when_orphaned()
-    try:
-        return exit_code(_main, sys.argv[1:] if argv is None else argv)
-    except stopping.Terminated as exc:
-        print(f"fowlflow: trial stopped ({exc})", file=sys.stderr)
-        return exc.exit_code
+    return stopping.run_until_stopped(_main, sys.argv[1:] if argv is None else argv,
+                                      what="trial stopped")
 
 
 def _stop_when_orphaned() -> None:
@@ -48,6 +42,7 @@ def _stop_when_orphaned() -> None:
 
 
 def _main(argv: list[str]) -> int:
+    _stop_when_orphaned()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import optuna
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -37,12 +36,7 @@ def add_parser(sub) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    stopping.install()
-    try:
-        return _run(args)
-    except stopping.Terminated as exc:
-        print(f"fowlflow: worker stopped ({exc})", file=sys.stderr)
-        return exc.exit_code
+    return stopping.run_until_stopped(_run, args, what="worker stopped")
 
 
 def _run(args: argparse.Namespace) -> int:
