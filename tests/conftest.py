@@ -166,6 +166,26 @@ def is_listed_slow(path: Path, test_name: str, slow: dict[str, str] = SLOW) -> b
     return False
 
 
+# The suite's servers need room: SeaweedFS turns every volume read-only (PutObject answers
+# "InternalError") once its disk has under 1 % free, and each test keeps its stores in /tmp.
+MIN_FREE_GIB = 5
+
+
+def pytest_sessionstart(session):
+    """Refuse to start on a nearly full disk, naming it, instead of failing an hour later in
+    SeaweedFS with an InternalError."""
+    import shutil
+    import tempfile
+
+    where = tempfile.gettempdir()
+    free = shutil.disk_usage(where).free / 2**30
+    if free < MIN_FREE_GIB:
+        raise pytest.UsageError(
+            f"only {free:.1f} GiB free in {where}; the tests need {MIN_FREE_GIB} GiB (their "
+            "stores, SeaweedFS volumes and checkpoints go there). Free some space, or point "
+            "TMPDIR at a disk with room.")
+
+
 _FIRST_SLOW = pytest.StashKey[object]()
 
 
