@@ -25,7 +25,7 @@ from fowlflow.tune import DIRECTIONS, METRIC
 DEFAULT_MODEL_NAME = "fowl-classifier"
 TUNE_FLAGS = ("n_trials", "parallel", "search_space", "sampler", "pruner", "slack_factor",
               "evaluation_interval", "delay_evaluation", "storage", "study_name",
-              "registered_model_name", "metric", "direction")
+              "registered_model_name", "metric", "direction", "backend", "backend_config")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: fowlflow-<hash of the space and the fixed settings>")
     p.add_argument("--metric", default=METRIC, help="the per-epoch metric trials optimize")
     p.add_argument("--direction", default="maximize", choices=DIRECTIONS)
+    p.add_argument("--backend", default="none",
+                   help="run each trial through this fowlflow backend: torchrun or ssh "
+                        "(none: a process on this machine)")
+    p.add_argument("--backend_config", default="none",
+                   help="the backend's config: inline JSON or a .json file (as mlflow run -c)")
     p.add_argument("--registered_model_name", default=DEFAULT_MODEL_NAME, type=optional,
                    help="register the best trial's model under this name (none: don't)")
     return p
@@ -94,7 +99,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"fowlflow: study {study.study_name} in {masked(url)}; parent run {run_id}",
               flush=True)
         sweep = Sweep(study, plan.space, plan.config, url, plan.pruner, run_id, client, Path(work),
-                      metric=opts.metric)
+                      metric=opts.metric, backend=plan.backend)
         try:
             sweep.run(opts.n_trials, opts.parallel)
             sweep.wait_for_others()
@@ -115,6 +120,7 @@ def _prepare(opts: argparse.Namespace, values: dict) -> argparse.Namespace:
     from fowlflow.data.sources import data_location, resolve_data
     from fowlflow.trainer.config import TrainConfig, checked
     from fowlflow.tune import space as spaces
+    from fowlflow.tune.backends import parse_backend
     from fowlflow.tune.pruners import PrunerSpec, make_pruner
     from fowlflow.tune.study import (check_objective, default_study_name, make_sampler,
                                      open_storage, open_study)
@@ -131,6 +137,9 @@ def _prepare(opts: argparse.Namespace, values: dict) -> argparse.Namespace:
                         opts.delay_evaluation)
     sampler = make_sampler(opts.sampler, {d.name: d.grid() for d in space}
                            if opts.sampler == "grid" else None)
+    backend = parse_backend(opts.backend, opts.backend_config, opts.parallel)
+    for note in backend.notes:
+        print(f"fowlflow: note: {note}", flush=True)
     storage = open_storage(opts.storage, heartbeat=True)
     config = replace(config, data=data_location(config.data))
     source = resolve_data(config.data)  # once here, not in every trial at the same time
@@ -139,7 +148,7 @@ def _prepare(opts: argparse.Namespace, values: dict) -> argparse.Namespace:
     study = open_study(storage, study_name, sampler, make_pruner(pruner), opts.metric,
                        opts.direction)
     return argparse.Namespace(space=space, config=config, pruner=pruner, storage=storage,
-                              source=source, study=study)
+                              source=source, study=study, backend=backend)
 
 
 def _register_best(study, metric: str, model_name: str | None, source) -> None:

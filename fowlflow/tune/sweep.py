@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -32,6 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from fowlflow.trainer.config import TrainConfig
 from fowlflow.tune import METRIC
+from fowlflow.tune.backends import BackendSpec
 from fowlflow.tune.pruners import PrunerSpec
 from fowlflow.tune.space import Dimension, suggest
 
@@ -56,6 +57,7 @@ class Sweep:
     stopping: bool = False  # set on a stop: no new trial process starts
     n_trials: int = 0  # the study's total of finished trials, in all its processes
     metric: str = METRIC  # what each trial reports after each epoch, and its value
+    backend: BackendSpec = field(default_factory=BackendSpec)  # local processes, or a backend
 
     def run(self, n_trials: int, parallel: int) -> None:
         """Run trials until the study holds ``n_trials`` complete or pruned ones, ``parallel``
@@ -132,54 +134,100 @@ class Sweep:
             self.study.stop()
             raise TrialFailed(f"trial {trial.number} not needed")
         values = suggest(self.space, trial)
+        run_id, config = self._child_run(trial, values)
+        shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in values.items())
+        where = f" through {self.backend.name}" if self.backend.remote else ""
+        print(f"fowlflow: trial {trial.number} started{where} (run {run_id}): {shown}",
+              flush=True)
+        outcome = (self._run_remote if self.backend.remote else self._run_local)(
+            trial, run_id, config)
+        if outcome["pruned"]:
+            self.client.set_tag(run_id, STATE_TAG, "PRUNED")
+            self.client.set_terminated(run_id, "KILLED")
+            print(f"fowlflow: trial {trial.number} pruned after epoch {outcome['epochs']} "
+                  f"({self.metric} {outcome['value']:.4g})", flush=True)
+            raise optuna.TrialPruned()
+        self.client.set_tag(run_id, STATE_TAG, "COMPLETE")
+        print(f"fowlflow: trial {trial.number} complete: {self.metric} {outcome['value']:.4g}",
+              flush=True)
+        return float(outcome["value"])
+
+    def _child_run(self, trial: optuna.Trial, values: dict) -> tuple[str, TrainConfig]:
+        """The trial's child run of the parent run, and its trainer settings."""
         number = trial.number
         parent = self.client.get_run(self.parent_run_id)
         child = self.client.create_run(parent.info.experiment_id, run_name=f"trial-{number}", tags={
             MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: f"trial-{number}",
             "fowlflow.study": self.study.study_name, "fowlflow.trial_number": str(number),
             STATE_TAG: "RUNNING"})
-        run_id = child.info.run_id
-        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        trial.set_user_attr(RUN_ID_ATTR, child.info.run_id)
         config = replace(self.config, **values,
                          output_dir=str(Path(self.config.output_dir) / self.study.study_name
                                         / f"trial-{number}"))
-        folder = self.workdir / f"trial-{number}"
+        return child.info.run_id, config
+
+    def _fail(self, trial: optuna.Trial, run_id: str, why: str, tail: str) -> None:
+        """End the trial's run (KILLED when the sweep stops, else FAILED) and raise."""
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, "KILLED" if self.stopping else "FAILED")
+        self.client.set_tag(run_id, STATE_TAG, "FAIL")
+        print(f"fowlflow: trial {trial.number} failed ({why}); {tail}", file=sys.stderr,
+              flush=True)
+        trial.set_user_attr("error", tail[-500:])
+        raise TrialFailed(f"trial {trial.number} failed: {why}")
+
+    def _run_local(self, trial: optuna.Trial, run_id: str, config: TrainConfig) -> dict:
+        """The trial as a process here (``python -m fowlflow.tune.trial``); its outcome."""
+        folder = self.workdir / f"trial-{trial.number}"
         folder.mkdir()
         spec, result, log_path = (folder / name for name in ("spec.json", "result.json", "trial.log"))
         spec.write_text(json.dumps({
             "storage": self.storage_url, "study_name": self.study.study_name,
-            "trial_id": trial._trial_id, "trial_number": number, "pruner": self.pruner.as_dict(),
-            "metric": self.metric,
+            "trial_id": trial._trial_id, "trial_number": trial.number,
+            "pruner": self.pruner.as_dict(), "metric": self.metric,
             "config": asdict(config), "result": str(result)}))
         spec.chmod(0o600)  # the storage URL may hold a password
-        shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in values.items())
-        print(f"fowlflow: trial {number} started (run {run_id}): {shown}", flush=True)
         rc = self._run_process(spec, log_path, run_id)
         try:
             self.client.log_artifact(run_id, str(log_path))
         except Exception as exc:  # noqa: BLE001 (the trial's outcome matters more)
-            print(f"fowlflow: trial {number}: its log was not uploaded: {exc}", file=sys.stderr)
+            print(f"fowlflow: trial {trial.number}: its log was not uploaded: {exc}",
+                  file=sys.stderr)
         if rc != 0 or not result.is_file():
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, "KILLED" if self.stopping else "FAILED")
-            self.client.set_tag(run_id, STATE_TAG, "FAIL")
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-            print(f"fowlflow: trial {number} failed (exit {rc}); the end of its log:\n{tail}",
-                  file=sys.stderr, flush=True)
-            trial.set_user_attr("error", tail[-500:])
-            raise TrialFailed(f"trial {number} exited with {rc}")
-        outcome = json.loads(result.read_text())
-        if outcome["pruned"]:
-            self.client.set_tag(run_id, STATE_TAG, "PRUNED")
-            self.client.set_terminated(run_id, "KILLED")
-            print(f"fowlflow: trial {number} pruned after epoch {outcome['epochs']} "
-                  f"({self.metric} {outcome['value']:.4g})", flush=True)
-            raise optuna.TrialPruned()
-        self.client.set_tag(run_id, STATE_TAG, "COMPLETE")
-        print(f"fowlflow: trial {number} complete: {self.metric} {outcome['value']:.4g}",
-              flush=True)
-        return float(outcome["value"])
+            self._fail(trial, run_id, f"exit {rc}", f"the end of its log:\n{tail}")
+        return json.loads(result.read_text())
+
+    def _run_remote(self, trial: optuna.Trial, run_id: str, config: TrainConfig) -> dict:
+        """The trial through the backend, on the hosts or GPUs of a free slot; its outcome."""
+        from fowlflow.tune.backends import RemoteTrial
+
+        slot = self._slots.get()
+        try:
+            if self.stopping:
+                self._fail(trial, run_id, "the sweep is stopping", "not launched")
+            from fowlflow.tracking.run_tracker import log_new_params
+
+            log_new_params(run_id, {"study_name": self.study.study_name,
+                                    "trial_number": trial.number,
+                                    "backend": self.backend.name})
+            outcome = RemoteTrial(self.backend, slot, self.metric, self.client,
+                                  lambda: self.stopping).run(
+                trial, run_id, config, self.client.get_run(run_id).info.experiment_id)
+        except (TrialFailed, optuna.TrialPruned):
+            raise
+        except Exception as exc:  # noqa: BLE001 (a launch error fails this trial only)
+            self._fail(trial, run_id, f"launch: {type(exc).__name__}",
+                       f"{exc}"[-2000:])
+        finally:
+            self._slots.put(slot)
+        if outcome["pruned"] or (outcome["state"] == "FINISHED"
+                                 and outcome["value"] is not None):
+            return outcome
+        self._fail(trial, run_id, f"its run ended {outcome['state']}",
+                   f"see `fowlflow logs {run_id}` or the run's fowlflow-logs/node0.log; "
+                   f"error: {self.client.get_run(run_id).data.tags.get('fowlflow.error', '-')}")
 
     def _run_process(self, spec: Path, log_path: Path, run_id: str) -> int:
         slot = self._slots.get()

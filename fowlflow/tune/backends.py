@@ -1,0 +1,250 @@
+"""Trials through a fowlflow backend: ``-P backend=torchrun|ssh -P backend_config=...``.
+
+    spec = parse_backend("ssh", '{"hosts": ["gpu-a", "gpu-b"]}', parallel=2)   # before any trial
+    outcome = RemoteTrial(spec, slot=0, ...).run(trial, run_id, config)
+
+Each trial is ``mlflow.projects.run(<project>, "main", backend=..., synchronous=False)`` on the
+child run the sweep created (MLflow's ``_mlflow_local_backend_run_id`` key: the backends
+create no run of their own then), launched detached (``"wait": false``). The sweep then reads
+the trial's per-epoch metric from the tracking store, reports each new epoch to the Optuna
+trial and, when the pruner says so, cancels the launched run as ``fowlflow cancel`` does
+(:func:`fowlflow.projects.commands.run_from_tags`). ``parallel`` trials at once each get their
+own hosts (``ssh``: the ``hosts`` list cut into ``parallel`` equal groups) or GPUs
+(``torchrun``: ``gpus``, or this machine's GPUs, cut the same way; on a CPU-only machine every
+trial runs its CPU processes here).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fowlflow.errors import ConfigError
+
+BACKENDS = ("local", "torchrun", "ssh")
+# Keys the sweep sets itself in each trial's backend config.
+SWEEP_KEYS = ("wait", "stream", "node_count")
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the fowlflow project (its MLproject)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """The backend trials run through, and one backend config per parallel slot."""
+
+    name: str = "local"  # local: a trial process on this machine, no backend
+    slots: tuple[dict, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def remote(self) -> bool:
+        return self.name != "local"
+
+
+def parse_backend(name: str, config_text: str, parallel: int, gpu_count: int | None = None
+                  ) -> BackendSpec:
+    """Check ``-P backend`` and ``-P backend_config`` (inline JSON or a ``.json`` file) as the
+    backend itself would, and give each of the ``parallel`` trial slots its hosts or GPUs.
+
+    Raises:
+        ConfigError: an unknown backend, a config the backend refuses, keys a sweep sets itself,
+            too few hosts or GPUs for ``parallel`` trials, a tracking store the hosts can't reach.
+    """
+    name = (name or "").strip().lower()
+    name = "local" if name in ("", "none") else name
+    if name not in BACKENDS:
+        raise ConfigError(f"-P backend={name} is unknown; use one of {', '.join(BACKENDS)} "
+                          "(local, or none: trial processes on this machine).")
+    user = _read_config(config_text)
+    if name == "local":
+        if user:
+            raise ConfigError("-P backend_config is given but -P backend is local; add "
+                              "-P backend=torchrun or -P backend=ssh.")
+        return BackendSpec()
+    given = sorted(k for k in SWEEP_KEYS if k in user)
+    if given:
+        raise ConfigError(f"-P backend_config: the sweep sets {', '.join(given)} for each trial "
+                          "itself (trials are launched detached and watched); remove them.")
+    if name == "ssh":
+        return BackendSpec(name, *_ssh_slots(user, parallel))
+    return BackendSpec(name, *_torchrun_slots(user, parallel, gpu_count))
+
+
+def _read_config(text: str) -> dict:
+    text = (text or "").strip()
+    if text.lower() in ("", "none"):
+        return {}
+    source = "-P backend_config"
+    if not text.startswith("{"):
+        from fowlflow.local_paths import find_local
+
+        path = find_local(text, "Backend config file", ConfigError,
+                          'give a JSON file or inline JSON such as {"hosts": ["gpu-a"]}.')
+        text, source = Path(path).read_text(), str(path)
+    try:
+        user = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} is not valid JSON ({exc}); expected an object such as "
+                          '{"hosts": ["gpu-a", "gpu-b"]}.') from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{source} must be a JSON object, got {user!r}.")
+    return user
+
+
+def _ssh_slots(user: dict, parallel: int) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+    import mlflow
+
+    from fowlflow.projects.config import parse_ssh_config
+    from fowlflow.projects.tunnels import remote_tracking_uri
+
+    cfg = _checked(parse_ssh_config, user, "ssh")
+    if cfg.tunnel:
+        raise ConfigError('-P backend_config: "tunnel" needs a client attached to each run, and '
+                          "a sweep launches its trials detached; serve the tracking server on "
+                          "an address the hosts reach (mlflow server --host 0.0.0.0).")
+    _checked(lambda _: remote_tracking_uri(mlflow.get_tracking_uri(), cfg,
+                                           [h.host for h in cfg.hosts]), user, "ssh")
+    hosts = list(user["hosts"] if isinstance(user["hosts"], list) else [user["hosts"]])
+    if len(hosts) < parallel:
+        raise ConfigError(f"-P parallel={parallel} needs at least {parallel} hosts in "
+                          f"-P backend_config (each trial runs on hosts of its own); it lists "
+                          f"{len(hosts)}: lower parallel or add hosts.")
+    size = len(hosts) // parallel
+    slots = tuple({**user, "hosts": hosts[k * size:(k + 1) * size]} for k in range(parallel))
+    spare = hosts[parallel * size:]
+    notes = (f"hosts {spare} are not used: {len(hosts)} hosts do not split evenly into "
+             f"{parallel} trials at once",) if spare else ()
+    return slots, notes
+
+
+def _torchrun_slots(user: dict, parallel: int, gpu_count: int | None
+                    ) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+    from fowlflow.projects.config import parse_torchrun_config
+
+    cfg = _checked(parse_torchrun_config, user, "torchrun")
+    if gpu_count is None:
+        from fowlflow.tune.sweep import _gpu_count
+
+        gpu_count = _gpu_count()
+    if cfg.free_gpus is not None and parallel > 1:
+        raise ConfigError('-P backend_config: "free_gpus" with -P parallel > 1 would let trials '
+                          'started at once take the same idle GPUs; list them instead, e.g. '
+                          '"gpus": [0, 1, 2, 3] (each trial gets its own share).')
+    gpus = list(cfg.gpus) if cfg.gpus is not None else list(range(gpu_count))
+    if not gpus or cfg.free_gpus is not None:  # CPU processes (gloo), or free_gpus alone
+        return tuple(dict(user) for _ in range(parallel)), ()
+    if len(gpus) < parallel:
+        raise ConfigError(f"-P parallel={parallel} needs at least {parallel} GPUs (each trial "
+                          f"runs on GPUs of its own); there are {len(gpus)}: {gpus}.")
+    size = len(gpus) // parallel
+    return tuple({**user, "gpus": gpus[k * size:(k + 1) * size]} for k in range(parallel)), ()
+
+
+def _checked(parse, user: dict, backend: str):
+    try:
+        return parse(user)
+    except ConfigError as exc:
+        raise ConfigError(f"-P backend_config for the {backend} backend: {exc}") from None
+
+
+def trial_params(config) -> dict[str, str]:
+    """The ``main`` entry point's parameters for one trial: every trainer setting, as
+    ``mlflow run -P`` takes them; trials register nothing (the sweep registers the best)."""
+    params = {k: ("none" if v == "" else v) for k, v in config.as_params().items()}
+    params["registered_model_name"] = "none"
+    return params
+
+
+def project_uri() -> str:
+    """The fowlflow project whose ``main`` entry point trials run."""
+    if not (PROJECT_ROOT / "MLproject").is_file():
+        raise ConfigError(f"-P backend needs the fowlflow project (its MLproject) next to the "
+                          f"package; {PROJECT_ROOT} has none: run the sweep from a checkout.")
+    return str(PROJECT_ROOT)
+
+
+@dataclass
+class RemoteTrial:
+    """One trial launched through a backend and watched until it ends."""
+
+    backend: BackendSpec
+    slot: int
+    metric: str
+    client: object  # MlflowClient
+    stopping: callable  # () -> bool: the sweep is stopping
+    poll_s: float = 2.0
+    check_nodes_s: float = 30.0  # how often the supervisors are asked (a run whose host died)
+    reported: dict = field(default_factory=dict)  # epoch -> value
+
+    def run(self, trial, run_id: str, config, experiment_id: str) -> dict:
+        """Launch, report each epoch, prune or stop; ``{"value", "pruned", "epochs", "state"}``
+        where ``state`` is the run's end status."""
+        import mlflow.projects
+
+        mlflow.projects.run(project_uri(), "main", parameters=trial_params(config),
+                            experiment_id=experiment_id, backend=self.backend.name,
+                            backend_config={**self.backend.slots[self.slot], "wait": False,
+                                            "_mlflow_local_backend_run_id": run_id},
+                            synchronous=False)
+        return self._watch(trial, run_id)
+
+    def _watch(self, trial, run_id: str) -> dict:
+        from fowlflow.projects.ssh_connections import SharedConnections
+
+        with SharedConnections() as shared:
+            last_check = time.monotonic()
+            while True:
+                status = self.client.get_run(run_id).info.status
+                # after the status: no epoch missed; a run that ended is not pruned
+                reason = self._report(trial, run_id, ask=status not in TERMINAL)
+                if reason or self.stopping():
+                    self._cancel(run_id, shared)
+                    if reason:
+                        self.client.set_tag(run_id, "fowlflow.stopped_early", reason)
+                    return self._outcome(status="KILLED", pruned=bool(reason))
+                if status in TERMINAL:
+                    return self._outcome(status=status, pruned=False)
+                if time.monotonic() - last_check > self.check_nodes_s:
+                    self._reconcile(run_id, shared)
+                    last_check = time.monotonic()
+                time.sleep(self.poll_s)
+
+    def _report(self, trial, run_id: str, ask: bool = True) -> str | None:
+        """Report the epochs logged since the last call; the pruner's reason to stop, if any."""
+        history = sorted(self.client.get_metric_history(run_id, self.metric), key=lambda m: m.step)
+        for m in history:
+            if m.step in self.reported:
+                continue
+            self.reported[m.step] = m.value
+            trial.report(m.value, m.step)
+            if ask and trial.should_prune():
+                name = type(trial.study.pruner).__name__
+                return f"pruned by the sweep ({name}: {self.metric} {m.value:.4g} at epoch {m.step})"
+        return None
+
+    def _outcome(self, status: str, pruned: bool) -> dict:
+        last = max(self.reported) if self.reported else None
+        return {"value": self.reported.get(last), "pruned": pruned, "epochs": last or 0,
+                "state": status}
+
+    def _cancel(self, run_id: str, shared) -> None:
+        from fowlflow.projects.commands import run_from_tags
+
+        run_from_tags(run_id, shared).cancel()
+
+    def _reconcile(self, run_id: str, shared) -> None:
+        """A run whose supervisors are all gone (a host rebooted) is ended, as
+        ``fowlflow status`` does, rather than watched for ever."""
+        from fowlflow.errors import FowlflowError
+        from fowlflow.projects.commands import run_from_tags
+        from fowlflow.projects.submitted import combine
+
+        try:
+            submitted = run_from_tags(run_id, shared)
+            state = combine(submitted.states())
+            if state.is_terminal():
+                submitted.reconcile(state)
+        except FowlflowError:
+            pass  # unreachable for now: the next check asks again
