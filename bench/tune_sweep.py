@@ -39,7 +39,8 @@ def sweep(data: str, pruner: str, epochs: int, keep: bool) -> dict:
               "output_dir": str(work / "outputs")}
     argv = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "tune",
             "--env-manager", "local", *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its python
     start = time.perf_counter()
     with open(work / "sweep.log", "w") as log:
         rc = subprocess.run(argv, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
