@@ -1,0 +1,189 @@
+"""One ``mlflow run -b ec2``: check, provision (or reuse a kept cluster), hand over to the ssh
+path, and tear down.
+
+    Ec2Run(sub, cfg).run()      # -> the SubmittedRun of SshLaunch
+
+Order: config and credentials, instance type, image and spot price are checked before anything
+is created (:func:`fowlflow.projects.ec2_cloud.preflight`); the plan and its hourly price are
+logged; the key pair, security group and instances are created, all tagged
+``fowlflow:cluster=<name>``; once every instance takes SSH logins (host keys checked against
+the keys made here), :class:`~fowlflow.projects.ssh_launch.SshLaunch` runs the entry point.
+Failure or Ctrl-C at any point before that removes everything the cluster has; afterwards the
+cluster is removed at the end of the run unless it is kept (``cluster_name`` without
+``"down": true``), in which case its idle watchdog stops it after ``idle_minutes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+import uuid
+
+from fowlflow.errors import ConfigError
+from fowlflow.projects import run_lifecycle
+from fowlflow.projects.config import HostSpec
+from fowlflow.projects.ec2_cloud import Plan, aws_session, preflight
+from fowlflow.projects.ec2_cluster import Cluster, tag_specs, tags_of
+from fowlflow.projects.ec2_config import TAG_PREFIX, Ec2Config, state_dir
+from fowlflow.projects.ec2_prices import cost_usd, describe
+from fowlflow.projects.ec2_ready import wait_ssh
+from fowlflow.projects.ec2_userdata import HostKey, add_known_host, client_key, user_data
+from fowlflow.projects.run_lifecycle import Submission
+from fowlflow.projects.ssh_launch import SshLaunch
+
+_logger = logging.getLogger(__name__)
+
+
+class Ec2Launch(SshLaunch):
+    """SshLaunch that also tags the run and the instances once the run exists."""
+
+    on_record = None
+
+    def _record(self, run_id: str, details: list[dict]) -> None:
+        super()._record(run_id, details)
+        if self.on_record is not None:
+            self.on_record(run_id)
+
+
+class Ec2Run:
+    """Provision, launch, tear down; see the module docstring."""
+
+    def __init__(self, sub: Submission, cfg: Ec2Config):
+        self.sub, self.cfg = sub, cfg
+        self.name = cfg.cluster_name or f"run-{uuid.uuid4().hex[:8]}"
+        self.state = state_dir(self.name)
+        self.cluster: Cluster | None = None
+        self.plan: Plan | None = None
+        self.instances: list[dict] = []
+        self.ready = False  # every instance took an SSH login
+        self.released = False
+        self.run_id: str | None = None
+        self.started = time.time()
+
+    def run(self):
+        session = aws_session(self.cfg.region)
+        self.plan = preflight(session, self.cfg)
+        self.cluster = Cluster(session.client("ec2"), self.name)
+        try:
+            hosts = self._provision()
+            ssh_cfg = dataclasses.replace(
+                self.cfg.ssh, hosts=tuple(hosts), strict_host_key_checking=True,
+                known_hosts_file=str(self.state / "known_hosts"),
+                process_count_per_node=self.cfg.process_count_per_node)
+            wait_ssh(hosts, ssh_cfg.access, self.cfg.ssh_timeout)
+            self.ready = True
+            launch = Ec2Launch(self.sub, ssh_cfg, backend="ec2", on_end=self._end)
+            launch.on_record = self._on_record
+            return launch.run()
+        except BaseException as exc:
+            self._release(failed=True, why=exc)
+            raise
+
+    def _base_tags(self) -> dict:
+        return {**self.cfg.tags, TAG_PREFIX + "cluster": self.name,
+                TAG_PREFIX + "keep": str(self.cfg.kept).lower(),
+                TAG_PREFIX + "created": str(int(time.time()))}
+
+    def _provision(self) -> list[HostSpec]:
+        """Reuse the named cluster's running instances, or create them; the hosts to use."""
+        cfg, plan, cluster = self.cfg, self.plan, self.cluster
+        live = cluster.instances()
+        if live:
+            self._check_reuse(live)
+            _logger.info("reusing cluster %s: %s", self.name,
+                         ", ".join(i["InstanceId"] for i in live))
+            self.instances = cluster.wait_running([i["InstanceId"] for i in live])
+            self.ready = True  # it ran before: not torn down on failure unless down says so
+            return self._hosts()
+        _logger.info("launching cluster %s in %s: %s, image %s", self.name, plan.region,
+                     describe(cfg.instance_type, cfg.node_count, plan.price, cfg.spot),
+                     plan.image_id)
+        tags = self._base_tags()
+        key = client_key(self.state)
+        key_name = cluster.ensure_key_pair(key.with_suffix(".pub").read_text(), tags)
+        groups = cluster.ensure_security_group(cfg, tags)
+        host_keys, ids = {}, []
+        for rank in range(cfg.node_count):
+            host_key = HostKey.generate(f"fowlflow-{self.name}-node{rank}")
+            ids.append(cluster.launch(cfg, plan, rank, user_data(host_key, cfg), key_name,
+                                      groups, tags))
+            host_keys[ids[-1]] = host_key
+        self.instances = cluster.wait_running(ids)
+        for inst in self.instances:
+            add_known_host(self.state / "known_hosts", self._address(inst),
+                           host_keys[inst["InstanceId"]].public)
+        return self._hosts()
+
+    def _check_reuse(self, live: list[dict]) -> None:
+        types = sorted({i["InstanceType"] for i in live})
+        if len(live) != self.cfg.node_count or types != [self.cfg.instance_type]:
+            raise ConfigError(
+                f"cluster {self.name!r} has {len(live)} x {', '.join(types)}, not "
+                f"{self.cfg.node_count} x {self.cfg.instance_type}; use it as it is, or remove "
+                f"it first (fowlflow ec2 down {self.name}), or pick another cluster_name")
+        if not (self.state / "known_hosts").exists() or not (self.state / "id_ed25519").exists():
+            raise ConfigError(f"cluster {self.name!r} runs, but its SSH key and known_hosts "
+                              f"are not in {self.state} (made on another machine?); remove it "
+                              f"(fowlflow ec2 down {self.name}) and launch again")
+
+    def _address(self, inst: dict) -> str:
+        key = "PrivateIpAddress" if self.cfg.address == "private" else "PublicIpAddress"
+        if not inst.get(key):
+            raise ConfigError(f"instance {inst['InstanceId']} has no {self.cfg.address} "
+                              "address; use \"address\": \"private\" from inside the VPC, or a "
+                              "subnet that assigns public addresses")
+        return inst[key]
+
+    def _hosts(self) -> list[HostSpec]:
+        return [HostSpec(self._address(i), user=self.cfg.user,
+                         identity_file=str(self.state / "id_ed25519")) for i in self.instances]
+
+    def _on_record(self, run_id: str) -> None:
+        """The run exists and its nodes started: tag both sides."""
+        self.run_id = run_id
+        ids = [i["InstanceId"] for i in self.instances]
+        volumes = [m["Ebs"]["VolumeId"] for i in self.instances
+                   for m in i.get("BlockDeviceMappings", []) if "Ebs" in m]
+        self.cluster.ec2.create_tags(Resources=ids + volumes, Tags=tag_specs(
+            {TAG_PREFIX + "run-id": run_id}, "instance")[0]["Tags"])
+        run_lifecycle.set_tags(self.sub.tracking_uri, run_id, {
+            "ec2.cluster": self.name, "ec2.region": self.plan.region,
+            "ec2.instance_type": self.cfg.instance_type, "ec2.spot": str(self.cfg.spot).lower(),
+            "ec2.instances": json.dumps(ids),
+            "ec2.price_usd_per_hour": "unknown" if self.plan.price is None
+            else str(self.plan.price)})
+
+    def _end(self) -> None:
+        """SshLaunch is done with the run: record its cost, then tear down unless kept."""
+        if self.run_id is not None:
+            hours = len(self.instances) * (time.time() - self.started) / 3600
+            cost = cost_usd(self.plan.price, hours)
+            run_lifecycle.set_tags(self.sub.tracking_uri, self.run_id, {
+                "ec2.node_hours": f"{hours:.4f}",
+                "ec2.cost_usd": "unknown" if cost is None else f"{cost:.2f}"})
+        if self.cfg.ssh.wait or self.sub.mlflow_keys.synchronous:
+            self._release(failed=False)
+        elif self.cfg.terminate_at_end:
+            _logger.info("cluster %s: instances stop themselves %d idle minutes after the run "
+                         "(or: fowlflow ec2 down %s)", self.name, self.cfg.idle_minutes,
+                         self.name)
+
+    def _release(self, failed: bool, why: BaseException | None = None) -> None:
+        """Remove the cluster when it is not kept, or when it never became usable."""
+        if self.released or self.cluster is None:
+            return
+        if not (self.cfg.terminate_at_end or (failed and not self.ready)):
+            _logger.info("cluster %s kept (fowlflow ec2 down %s removes it)", self.name,
+                         self.name)
+            return
+        self.released = True
+        if failed:
+            _logger.error("launch failed (%s); removing cluster %s", why, self.name)
+        removed = self.cluster.down()
+        shutil.rmtree(self.state, ignore_errors=True)
+        _logger.info("cluster %s removed: %d instance(s), %d security group(s), %d key pair(s)",
+                     self.name, len(removed["instances"]), len(removed["security_groups"]),
+                     len(removed["key_pairs"]))
