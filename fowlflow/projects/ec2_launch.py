@@ -26,7 +26,7 @@ from fowlflow.errors import ConfigError
 from fowlflow.projects import run_lifecycle
 from fowlflow.projects.config import HostSpec
 from fowlflow.projects.ec2_cloud import Plan, aws_session, preflight
-from fowlflow.projects.ec2_cluster import Cluster, tag_specs, tags_of
+from fowlflow.projects.ec2_cluster import Cluster, tag_specs
 from fowlflow.projects.ec2_config import TAG_PREFIX, Ec2Config, state_dir
 from fowlflow.projects.ec2_prices import cost_usd, describe
 from fowlflow.projects.ec2_ready import wait_ssh
