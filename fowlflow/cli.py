@@ -2,6 +2,7 @@
 
     fowlflow server start|stop|status      the team tracking stack (PostgreSQL + S3 + mlflow)
     fowlflow logs|attach|status|cancel ID  a run launched by a fowlflow backend
+    fowlflow ec2 ls|down NAME|gc           the clusters the ec2 backend launched
 
 Each area adds its sub-commands through a ``register(subparsers)`` function in its own module,
 so this file stays a dispatcher. Sub-command handlers return an exit code.
@@ -20,6 +21,7 @@ from fowlflow.errors import exit_code
 COMMAND_MODULES = (
     "fowlflow.server.commands",
     "fowlflow.projects.commands",
+    "fowlflow.projects.ec2_commands",
     "fowlflow.tune.commands",
 )
 
