@@ -22,10 +22,15 @@ train: $(VENV)/.installed
 	$(BIN)/mlflow run . --env-manager local --experiment-name fowlflow \
 	  -P data=$(DATA) -P weights=$(WEIGHTS) -P arch=$(ARCH) -P num_epochs=$(EPOCHS)
 
-# The whole suite, fast tests first: tests/conftest.py orders them (SLOW lists the slow ones)
-# and stops before the slow ones if a fast one failed. --durations=15: the 15 slowest tests.
+# The whole suite in two passes, fast tests first (tests/conftest.py SLOW lists the slow ones):
+# a failed fast test stops make before the slow pass. Each pass runs on $(WORKERS) pytest-xdist
+# workers; tests of one file, and all tests of the shared sshd/netns hosts, stay on one worker
+# (conftest.xdist_group). --durations=15: each pass's 15 slowest tests. Exit 5 = nothing selected.
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup --durations=15
 test: system-deps $(VENV)/.installed-test
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PYTEST) -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)

@@ -18,8 +18,12 @@ def ensure_local_user(name: str = PROBE_USER) -> str:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        name], check=True)
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                               "/usr/sbin/nologin", name], capture_output=True, text=True)
+        try:
+            pwd.getpwnam(name)  # made by us, or meanwhile by another test process
+        except KeyError:
+            raise RuntimeError(f"useradd {name} failed: {made.stderr.strip()}") from None
     return name
 
 

@@ -31,11 +31,15 @@ def _accepted(sshd) -> int:
     return sshd.log.read_text().count("Accepted publickey")
 
 
-def _master_pid(runner: SshRunner) -> int | None:
-    proc = subprocess.run(["ssh", *runner.options, "-O", "check", runner.host.destination],
-                          capture_output=True, text=True, timeout=10)
-    found = re.search(r"pid=(\d+)", proc.stderr)
-    return int(found.group(1)) if found else None
+def _master_pid(runner: SshRunner) -> int:
+    """The master's pid; a master that replaced a dead one may take a moment to listen."""
+    def check() -> int | None:
+        proc = subprocess.run(["ssh", *runner.options, "-O", "check", runner.host.destination],
+                              capture_output=True, text=True, timeout=10)
+        found = re.search(r"pid=(\d+)", proc.stderr)
+        return int(found.group(1)) if found else None
+
+    return wait_until(check, what="the ControlMaster to answer -O check", timeout=20)
 
 
 def test_commands_share_one_connection_closed_at_the_end(loopback_sshd, keys):
