@@ -1,0 +1,214 @@
+"""Trials through fowlflow's backends: ``-P backend=torchrun|ssh -P backend_config=...``.
+
+The config checks run in-process; the sweep is the real ``mlflow run . -e tune`` CLI with
+``-P backend=torchrun`` (CPU processes, gloo, the synthetic set at 32 px), run once for the
+module: one trial completes, one with a learning rate of 50 is pruned by the bandit pruner
+(the sweep reads its per-epoch metric from the tracking store and cancels its run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from fowlflow.errors import ConfigError
+from fowlflow.tune.backends import parse_backend
+from tests.conftest import BIN, ROOT
+from tests.tune.test_sweep import TINY
+
+EPOCHS = 8  # long enough that the pruned trial is cancelled before its last epoch
+
+
+# --- the backend config, checked before any trial ---------------------------------------------
+
+def test_torchrun_gpus_are_split_between_parallel_trials():
+    spec = parse_backend("torchrun", '{"gpus": [0, 1, 2, 3], "max_restarts": 1}', parallel=2)
+    assert [s["gpus"] for s in spec.slots] == [[0, 1], [2, 3]]
+    assert {s["max_restarts"] for s in spec.slots} == {1}
+    this_machine = parse_backend("torchrun", "none", parallel=4, gpu_count=8)
+    assert [s["gpus"] for s in this_machine.slots] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    cpu = parse_backend("torchrun", '{"process_count_per_node": 2}', parallel=2, gpu_count=0)
+    assert cpu.slots == ({"process_count_per_node": 2},) * 2  # CPU processes for each trial
+
+
+def test_ssh_hosts_are_split_between_parallel_trials(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    config = tmp_path / "hosts.json"
+    config.write_text(json.dumps({"hosts": ["a", "b", "c", "d", "e"], "user": "alice"}))
+    spec = parse_backend("ssh", str(config), parallel=2)
+    assert [s["hosts"] for s in spec.slots] == [["a", "b"], ["c", "d"]]
+    assert {s["user"] for s in spec.slots} == {"alice"}
+    assert spec.notes == ("hosts ['e'] are not used: 5 hosts do not split evenly into 2 trials "
+                          "at once",)
+
+
+@pytest.mark.parametrize("backend, config, parallel, message", [
+    ("slurm", "none", 1, "-P backend=slurm is unknown; use one of local, torchrun, ssh"),
+    ("none", '{"gpus": [0]}', 1, "-P backend_config is given but -P backend is local"),
+    ("torchrun", '{"gpus": [0], "wait": true}', 1, "the sweep sets wait for each trial"),
+    ("torchrun", '{"gpu": [0]}', 1, "unknown torchrun backend config key(s) ['gpu']"),
+    ("torchrun", '{"gpus": [0, 1]}', 3, "-P parallel=3 needs at least 3 GPUs"),
+    ("torchrun", '{"free_gpus": 1}', 2, 'list them instead, e.g. "gpus": [0, 1, 2, 3]'),
+    ("torchrun", "{not json", 1, "-P backend_config is not valid JSON"),
+    ("torchrun", "nowhere.json", 1, "nowhere.json"),
+    ("ssh", '{"hosts": ["a"]}', 2, "-P parallel=2 needs at least 2 hosts"),
+    ("ssh", '{"hosts": ["a"], "tunnel": true}', 1, '"tunnel" needs a client attached'),
+    ("ssh", '{"process_count_per_node": 2}', 1, 'the ssh backend needs "hosts"'),
+])
+def test_a_bad_backend_config_is_refused(monkeypatch, backend, config, parallel, message):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    with pytest.raises(ConfigError) as err:
+        parse_backend(backend, config, parallel, gpu_count=0)
+    assert message in str(err.value)
+
+
+def test_ssh_trials_need_a_tracking_server_the_hosts_reach(tracking_uri, client, tmp_path):
+    """Refused before any run or trial: the sweep's store is a SQLite file on this machine."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.run([sys.executable, "-m", "fowlflow.tune", *TINY, "--backend", "ssh",
+                           "--backend_config", '{"hosts": ["gpu-a"]}', "--parallel", "1",
+                           "--storage", storage], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "-P backend_config for the ssh backend: the ssh backend needs an http(s) tracking " \
+           "server" in proc.stderr
+    assert client.search_runs(["0"]) == []
+    assert optuna.get_all_study_names(storage) == []
+
+
+# --- a real sweep through -P backend=torchrun -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def torchrun_sweep(tmp_path_factory):
+    """``mlflow run . -e tune -P backend=torchrun``: a study that already holds a reference
+    trial (0.9 at epoch 3), two trials enqueued: learning rate 0.001 (completes) and 50
+    (pruned at epoch 3 by the bandit: 0.5 < 0.9 / 1.15)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("tune-torchrun")
+    uri, storage = f"sqlite:///{folder / 'mlflow.db'}", f"sqlite:///{folder / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="torchrun", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.6, intermediate_values={3: 0.9}))
+    study.enqueue_trial({"learning_rate": 0.001})
+    study.enqueue_trial({"learning_rate": 50})
+    config = folder / "torchrun.json"
+    config.write_text(json.dumps({"run_dir": str(folder / "runs")}))
+    space = json.dumps({"learning_rate": {"type": "categorical", "choices": [0.001, 50]}})
+    params = {"data": "synthetic", "weights": "none", "image_size": "32", "batch_size": "8",
+              "workers": "0", "num_epochs": str(EPOCHS), "n_trials": "3", "parallel": "2",
+              "search_space": space, "pruner": "bandit", "delay_evaluation": "3",
+              "storage": storage, "study_name": "torchrun", "output_dir": str(folder / "out"),
+              "backend": "torchrun", "backend_config": str(config)}
+    argv = [str(BIN / "mlflow"), "run", str(ROOT), "-e", "tune", "--env-manager", "local",
+            *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        env.pop(name, None)
+    proc = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    client = MlflowClient(uri)
+    trials = optuna.load_study(study_name="torchrun", storage=storage).trials
+    return proc, client, trials, folder
+
+
+def _run(client, trial):
+    return client.get_run(trial.user_attrs["mlflow_run_id"])
+
+
+def test_torchrun_trials_are_nested_child_runs_and_the_best_is_registered(torchrun_sweep):
+    proc, client, trials, folder = torchrun_sweep
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert [t.params.get("learning_rate") for t in trials] == [None, 0.001, 50]
+    (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
+    assert parent.data.params["backend"] == "torchrun"
+    good = _run(client, trials[1])
+    assert good.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert good.info.run_name == "trial-1"
+    assert good.info.status == "FINISHED"
+    assert good.data.tags["fowlflow.trial_state"] == "COMPLETE"
+    assert good.data.tags["fowlflow.backend"] == "torchrun"  # launched by the backend
+    assert good.data.params["backend"] == "torchrun"
+    assert good.data.params["image_size"] == "32"  # every trainer setting reached the trial
+    assert float(good.data.params["learning_rate"]) == 0.001
+    history = client.get_metric_history(good.info.run_id, "best_val_acc")
+    assert [m.step for m in history] == list(range(1, EPOCHS + 1))
+    assert trials[1].value == history[-1].value  # what the sweep read from the store
+    assert trials[1].intermediate_values == {m.step: m.value for m in history}
+    assert "fowlflow-logs/node0.log" in {a.path for a in client.list_artifacts(
+        good.info.run_id, "fowlflow-logs")}
+    assert (folder / "runs" / good.info.run_id / "node0.log").is_file()  # the config file's
+    assert parent.data.metrics["trials_complete"] == 2
+    assert parent.data.metrics["trials_pruned"] == 1
+    assert parent.data.tags["best_trial_run_id"] == good.info.run_id
+    version = client.get_model_version_by_alias("fowl-classifier", "candidate")
+    assert version.run_id == good.info.run_id
+
+
+def test_a_pruned_torchrun_trial_is_cancelled_and_marked_as_local_ones(torchrun_sweep,
+                                                                       monkeypatch):
+    from fowlflow.projects.commands import run_from_tags
+    from fowlflow.projects.ssh_connections import SharedConnections
+    from fowlflow.projects.submitted import combine
+
+    proc, client, trials, _ = torchrun_sweep
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    pruned = _run(client, trials[2])
+    assert "fowlflow: trial 2 pruned after epoch 3" in proc.stdout
+    assert pruned.info.status == "KILLED"
+    assert pruned.data.tags["fowlflow.trial_state"] == "PRUNED"
+    assert "pruned by the sweep (BanditPruner: best_val_acc 0.5 at epoch 3)" in \
+        pruned.data.tags["fowlflow.stopped_early"]
+    assert trials[2].last_step == 3
+    steps = [m.step for m in client.get_metric_history(pruned.info.run_id, "val_acc")]
+    assert 3 <= len(steps) < EPOCHS, steps  # cancelled before its last epoch; metrics kept
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    with SharedConnections() as shared:  # as `fowlflow status` sees it: nothing runs
+        assert combine(run_from_tags(pruned.info.run_id, shared).states()).value == "KILLED"
+    found = client.search_runs(["0"], "attributes.status = 'KILLED' and "
+                                      "tags.`fowlflow.trial_state` = 'PRUNED'")
+    assert [r.info.run_id for r in found] == [pruned.info.run_id]
+
+
+def test_a_stopped_sweep_cancels_its_running_torchrun_trials(tracking_uri, client, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "fowlflow.tune", *TINY, "--num_epochs", "200", "--n_trials", "1",
+         "--parallel", "1", "--pruner", "none", "--storage", storage, "--study_name", "stop",
+         "--registered_model_name", "none", "--output_dir", str(tmp_path / "out"),
+         "--backend", "torchrun", "--backend_config", json.dumps({"run_dir": str(tmp_path)})],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in sweep.stdout:  # stop it once its trial runs through the backend
+        lines.append(line)
+        if "started through torchrun" in line:
+            run_id = line.split("(run ")[1].split(")")[0]
+            break
+    import time
+
+    deadline = time.monotonic() + 240
+    while not client.get_metric_history(run_id, "val_acc") and time.monotonic() < deadline:
+        time.sleep(1)  # the trainer runs its epochs
+    sweep.send_signal(signal.SIGTERM)
+    out = "".join(lines) + sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 128 + signal.SIGTERM, out[-3000:]
+    trial = _run(client, optuna.load_study(study_name="stop", storage=storage).trials[0])
+    assert trial.info.run_id == run_id
+    assert trial.info.status == "KILLED"
+    assert trial.data.tags["fowlflow.trial_state"] == "FAIL"
+    assert 1 <= len(client.get_metric_history(run_id, "val_acc")) < 200
+    assert optuna.load_study(study_name="stop", storage=storage).trials[0].state.name == "FAIL"
+    log = Path(tmp_path / run_id / "node0.log")
+    assert log.is_file()
+    from fowlflow.projects.commands import run_from_tags
+    from fowlflow.projects.ssh_connections import SharedConnections
+    from fowlflow.projects.submitted import combine
+
+    with SharedConnections() as shared:
+        assert combine(run_from_tags(run_id, shared).states()).value == "KILLED"
