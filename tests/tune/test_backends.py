@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +23,11 @@ import pytest
 from fowlflow.errors import ConfigError
 from fowlflow.tune.backends import parse_backend
 from tests.conftest import BIN, ROOT
+from tests.test_docs_commands import documented
 from tests.tune.test_sweep import TINY
 
-EPOCHS = 8  # long enough that the pruned trial is cancelled before its last epoch
+EPOCHS = 8  # docs/tune.md's: long enough that the pruned trial is cancelled before its last
+RUN_DIRS = Path("~/.fowlflow/runs").expanduser()
 
 
 # --- the backend config, checked before any trial ---------------------------------------------
@@ -86,35 +90,39 @@ def test_ssh_trials_need_a_tracking_server_the_hosts_reach(tracking_uri, client,
 
 @pytest.fixture(scope="module")
 def torchrun_sweep(tmp_path_factory):
-    """``mlflow run . -e tune -P backend=torchrun``: a study that already holds a reference
-    trial (0.9 at epoch 3), two trials enqueued: learning rate 0.001 (completes) and 50
-    (pruned at epoch 3 by the bandit: 0.5 < 0.9 / 1.15)."""
+    """docs/tune.md's ``mlflow run . -e tune ... -P backend=torchrun`` sweep, on a study that
+    already holds a reference trial (0.9 at epoch 3) and two enqueued trials: learning rate
+    0.001 (completes) and 50 (pruned at epoch 3 by the bandit: 0.5 < 0.9 / 1.15)."""
     from mlflow import MlflowClient
 
+    command = documented(
+        "mlflow run . -e tune --env-manager local -P data=synthetic -P weights=none "
+        "-P image_size=32 -P batch_size=8 -P workers=0 -P num_epochs=8 -P n_trials=3 "
+        "-P parallel=2 -P delay_evaluation=3 -P backend=torchrun "
+        "-P backend_config='{\"process_count_per_node\": 1}'")
     folder = tmp_path_factory.mktemp("tune-torchrun")
     uri, storage = f"sqlite:///{folder / 'mlflow.db'}", f"sqlite:///{folder / 'study.db'}"
     study = optuna.create_study(storage=storage, study_name="torchrun", direction="maximize")
     study.add_trial(optuna.trial.create_trial(value=0.6, intermediate_values={3: 0.9}))
     study.enqueue_trial({"learning_rate": 0.001})
     study.enqueue_trial({"learning_rate": 50})
-    config = folder / "torchrun.json"
-    config.write_text(json.dumps({"run_dir": str(folder / "runs")}))
     space = json.dumps({"learning_rate": {"type": "categorical", "choices": [0.001, 50]}})
-    params = {"data": "synthetic", "weights": "none", "image_size": "32", "batch_size": "8",
-              "workers": "0", "num_epochs": str(EPOCHS), "n_trials": "3", "parallel": "2",
-              "search_space": space, "pruner": "bandit", "delay_evaluation": "3",
-              "storage": storage, "study_name": "torchrun", "output_dir": str(folder / "out"),
-              "backend": "torchrun", "backend_config": str(config)}
-    argv = [str(BIN / "mlflow"), "run", str(ROOT), "-e", "tune", "--env-manager", "local",
-            *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]]
+    extra = {"search_space": space, "storage": storage, "study_name": "torchrun",
+             "output_dir": str(folder / "out")}
+    command = command.replace("mlflow run . ", f"mlflow run {ROOT} ", 1) + "".join(
+        f" -P {shlex.quote(f'{k}={v}')}" for k, v in extra.items())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         env.pop(name, None)
-    proc = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=600)
     client = MlflowClient(uri)
     trials = optuna.load_study(study_name="torchrun", storage=storage).trials
-    return proc, client, trials, folder
+    run_dirs = [RUN_DIRS / t.user_attrs["mlflow_run_id"] for t in trials if t.user_attrs]
+    yield proc, client, trials, run_dirs
+    for run_dir in run_dirs:  # the torchrun backend's default run_dir
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _run(client, trial):
@@ -122,7 +130,7 @@ def _run(client, trial):
 
 
 def test_torchrun_trials_are_nested_child_runs_and_the_best_is_registered(torchrun_sweep):
-    proc, client, trials, folder = torchrun_sweep
+    proc, client, trials, run_dirs = torchrun_sweep
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert [t.params.get("learning_rate") for t in trials] == [None, 0.001, 50]
@@ -143,7 +151,7 @@ def test_torchrun_trials_are_nested_child_runs_and_the_best_is_registered(torchr
     assert trials[1].intermediate_values == {m.step: m.value for m in history}
     assert "fowlflow-logs/node0.log" in {a.path for a in client.list_artifacts(
         good.info.run_id, "fowlflow-logs")}
-    assert (folder / "runs" / good.info.run_id / "node0.log").is_file()  # the config file's
+    assert (run_dirs[0] / "node0.log").is_file()  # the torchrun backend's default run_dir
     assert parent.data.metrics["trials_complete"] == 2
     assert parent.data.metrics["trials_pruned"] == 1
     assert parent.data.tags["best_trial_run_id"] == good.info.run_id
