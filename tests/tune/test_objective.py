@@ -8,17 +8,13 @@ import sys
 
 import optuna
 
-from fowlflow.trainer.config import parse_args
-from fowlflow.trainer.train import run
 from fowlflow.tune import EPOCH_METRICS
 from tests.tune.test_sweep import TINY, tune
 
 
-def test_the_metrics_a_sweep_can_optimize_are_those_the_trainer_reports(tracking_uri, tmp_path):
-    seen = []
-    cfg = parse_args([*TINY, "--num_epochs", "1", "--output_dir", str(tmp_path / "out")])
-    run(cfg, on_epoch=lambda epoch, metrics: seen.append(set(metrics)))
-    assert seen == [set(EPOCH_METRICS)]
+def test_the_metrics_a_sweep_can_optimize_are_those_the_trainer_reports(hooked_training):
+    """Each epoch the hook of the shared run (tests/tune/conftest.py) saw."""
+    assert [set(metrics) for _, metrics in hooked_training.seen] == [set(EPOCH_METRICS)] * 2
 
 
 def test_a_metric_the_trainer_does_not_log_is_refused_before_any_run(tracking_uri, client,

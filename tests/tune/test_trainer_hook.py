@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from fowlflow.trainer.config import parse_args
-from fowlflow.trainer.train import StopTraining, run
 
-TINY = ["--data", "synthetic", "--weights", "none", "--image_size", "32", "--batch_size", "8",
-        "--workers", "0"]
-
-
-def test_on_epoch_sees_each_epoch_and_can_stop_training(tracking_uri, client, tmp_path):
-    seen = []
-
-    def on_epoch(epoch, metrics):
-        seen.append((epoch, set(metrics)))
-        if epoch == 2:
-            raise StopTraining("told to")
-
-    cfg = parse_args([*TINY, "--num_epochs", "4", "--output_dir", str(tmp_path / "out")])
-    summary = run(cfg, on_epoch=on_epoch)
+def test_on_epoch_sees_each_epoch_and_can_stop_training(hooked_training):
+    """The run of the ``hooked_training`` fixture (tests/tune/conftest.py): 4 epochs asked, the
+    hook raises StopTraining after epoch 2."""
+    seen, summary, client = hooked_training.seen, hooked_training.summary, hooked_training.client
 
     assert [e for e, _ in seen] == [1, 2]
-    assert {"val_acc", "best_val_acc"} <= seen[0][1]
+    assert {"val_acc", "best_val_acc"} <= set(seen[0][1])
     assert summary["stopped_at_epoch"] == 2
     stopped = client.get_run(summary["run_id"])
     assert stopped.info.status == "FINISHED"
