@@ -77,10 +77,13 @@ class Ec2Run:
             self.ready = True
             launch = Ec2Launch(self.sub, ssh_cfg, backend="ec2", on_end=self._end)
             launch.on_record = self._on_record
-            return launch.run()
+            submitted = launch.run()  # waits for the run unless "wait": false or synchronous
         except BaseException as exc:
             self._release(failed=True, why=exc)
             raise
+        if self.cfg.ssh.wait and not self.sub.mlflow_keys.synchronous:
+            self._release(failed=False)
+        return submitted
 
     def _base_tags(self) -> dict:
         return {**self.cfg.tags, TAG_PREFIX + "cluster": self.name,
@@ -157,16 +160,18 @@ class Ec2Run:
             else str(self.plan.price)})
 
     def _end(self) -> None:
-        """SshLaunch is done with the run: record its cost, then tear down unless kept."""
+        """SshLaunch is done with the run: record its cost. The cluster goes once the
+        failure summary has read the nodes' logs (in :meth:`run`), or here when MLflow
+        itself waited (``synchronous``)."""
         if self.run_id is not None:
             hours = len(self.instances) * (time.time() - self.started) / 3600
             cost = cost_usd(self.plan.price, hours)
             run_lifecycle.set_tags(self.sub.tracking_uri, self.run_id, {
                 "ec2.node_hours": f"{hours:.4f}",
                 "ec2.cost_usd": "unknown" if cost is None else f"{cost:.2f}"})
-        if self.cfg.ssh.wait or self.sub.mlflow_keys.synchronous:
+        if self.sub.mlflow_keys.synchronous:  # MLflow waited: nothing reads the nodes now
             self._release(failed=False)
-        elif self.cfg.terminate_at_end:
+        elif not self.cfg.ssh.wait and self.cfg.terminate_at_end:
             _logger.info("cluster %s: instances stop themselves %d idle minutes after the run "
                          "(or: fowlflow ec2 down %s)", self.name, self.cfg.idle_minutes,
                          self.name)

@@ -4,8 +4,8 @@ reachable from here.
 moto runs in server mode on a free port; boto3 (in the tests, in the backend, in the ``mlflow``
 and ``fowlflow`` CLIs they start) reaches it through ``AWS_ENDPOINT_URL_EC2`` / ``_SSM`` /
 ``_STS``, the same way it would reach AWS, so no boto3 call is patched. Each test starts from
-a reset moto (``/moto-api/reset``) with its own VPC whose subnet is the test network's
-``10.77.0.0/24``: the addresses moto hands out (10.77.0.4, .5, ...) are addresses
+a reset moto (``/moto-api/reset``) with its own VPC whose subnet is the test bridge's /24
+(conftest.py's ``BRIDGE_IP``): the addresses moto hands out (.4, .5, ...) are addresses
 :mod:`tests.projects.ec2_hosts` can start real sshd hosts at.
 
 :class:`FaultyEc2` sits in front of moto and answers one chosen ``RunInstances`` call with
@@ -15,6 +15,7 @@ AWS's ``InsufficientInstanceCapacity`` error ("the second instance fails").
 from __future__ import annotations
 
 import http.server
+import logging
 import threading
 import urllib.error
 import urllib.request
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 import pytest
 
 from tests.net import free_port
+from tests.projects.conftest import BRIDGE_IP
 
 REGION = "us-east-1"
-SUBNET_CIDR = "10.77.0.0/24"  # the bridge network of tests/projects/conftest.py
+SUBNET_CIDR = BRIDGE_IP.rsplit(".", 1)[0] + ".0/24"  # the test bridge's network (conftest.py)
 CAPACITY_ERROR = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
                   b"<Code>InsufficientInstanceCapacity</Code><Message>We currently do not have "
                   b"sufficient capacity in the Availability Zone you requested.</Message>"
@@ -43,6 +45,7 @@ def moto_url() -> Moto:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()

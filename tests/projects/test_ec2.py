@@ -123,7 +123,8 @@ def test_image_from_an_ssm_parameter_and_tags_and_user_data(aws, tmp_path):
     assert inst["ImageId"] == aws.image_id and inst["InstanceType"] == "g6e.xlarge"
     assert inst["KeyName"] == "fowlflow-team-a"
     ingress = seen["groups"][0]["IpPermissions"]
-    assert any(p.get("FromPort") == 22 and p["IpRanges"][0]["CidrIp"] == "10.77.0.0/16"
+    vpc_cidr = aws.ec2.describe_vpcs(VpcIds=[inst["VpcId"]])["Vpcs"][0]["CidrBlock"]
+    assert any(p.get("FromPort") == 22 and p["IpRanges"][0]["CidrIp"] == vpc_cidr
                for p in ingress)  # private addresses: SSH from the VPC only
     assert any(p.get("UserIdGroupPairs") for p in ingress)  # all traffic inside the group
     assert seen["key"] == ["id_ed25519", "id_ed25519.pub", "known_hosts"]

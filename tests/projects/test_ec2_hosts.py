@@ -1,0 +1,106 @@
+"""``-b ec2`` end to end: moto stands in for EC2 (no real AWS is reachable from here) and real
+sshd hosts stand in for the instances.
+
+moto's subnet is the test bridge's 10.77.0.0/24, so the private addresses it assigns are
+addresses :class:`tests.projects.ec2_hosts.FakeCloud` starts sshd hosts at, each in a network
+namespace, with the host key the backend put in the instance's user data. The backend reaches
+them with that key checked (its own known_hosts), ships the project, trains and terminates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from fowlflow.errors import RemoteError
+from fowlflow.projects.ec2 import Ec2Backend
+from tests.conftest import ROOT, TINY_PARAMS
+from tests.projects.conftest import NS_IFACE
+from tests.projects.ec2_hosts import FakeCloud
+from tests.projects.ec2_moto import aws, ec2_config, moto_url  # noqa: F401
+from tests.projects.helpers import STANDIN, finish, fowlflow, mlflow_cli
+
+
+@pytest.fixture
+def cloud(network, aws, tmp_path):
+    booted = FakeCloud(aws.ec2, tmp_path / "cloud")
+    yield booted
+    booted.close()
+    assert not booted.errors, booted.errors
+
+
+def host_config(aws, tmp_path, **extra) -> dict:
+    return ec2_config(aws, remote_dir=str(tmp_path / "remote"), process_count_per_node=1,
+                      env={"GLOO_SOCKET_IFNAME": NS_IFACE}, **extra)
+
+
+def run_standin(aws, store, tmp_path, params: dict, **cfg):
+    return Ec2Backend().run(str(STANDIN), "main", params, None,
+                            host_config(aws, tmp_path, **cfg), store.uri, store.experiment_id)
+
+
+def test_two_instances_train_end_to_end_and_are_terminated(server_store, cloud, aws, tmp_path):
+    """The real ``mlflow run . -b ec2`` with the real trainer on 2 instances x 1 process."""
+    params = {**TINY_PARAMS, "data": "synthetic", "output_dir": "outputs"}
+    code, out, err = finish(mlflow_cli(ROOT, "ec2", host_config(aws, tmp_path, node_count=2),
+                                       params), timeout=500)
+    assert code == 0, out[-3000:] + err[-4000:]
+    run = server_store.only_run()
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["fowlflow.backend"] == "ec2" and tags["fowlflow.nodes"] == "2"
+    instances = json.loads(tags["fowlflow.ec2.instances"])
+    assert sorted(instances) == sorted(cloud.booted)
+    details = json.loads(tags["fowlflow.node_details"])
+    assert [d["address"] for d in details] == [cloud.booted[i].address for i in instances]
+    assert tags["fowlflow.ec2.instance_type"] == "g6e.xlarge"
+    assert tags["fowlflow.ec2.price_usd_per_hour"] == "1.861"
+    hours = float(tags["fowlflow.ec2.node_hours"])
+    assert 0 < hours < 0.5 and float(tags["fowlflow.ec2.cost_usd"]) == round(1.861 * hours, 2)
+    assert "Epoch 1/1" in server_store.artifact_text(run.info.run_id, "fowlflow-logs/node0.log")
+    # checkpoint_artifact=auto: the checkpoint outlives the instances
+    assert [a.path for a in server_store.client.list_artifacts(run.info.run_id, "checkpoints")] \
+        == ["checkpoints/checkpoint.pt"]
+    assert aws.leftovers() == {}  # both instances, their volumes, group and key pair
+    assert not os.listdir(tmp_path / "ec2-home")  # the cluster's key + known_hosts removed
+    for booted in cloud.booted.values():  # logged in with the key, host key checked
+        assert "Accepted publickey for root" in booted.sshd.log.read_text()
+    # no private key (the login key's or a host key's) in params, tags or the output
+    assert "PRIVATE KEY" not in json.dumps(run.data.params) + json.dumps(tags) + out + err
+
+
+def test_kept_cluster_is_reused_then_removed_by_down(server_store, cloud, aws, tmp_path):
+    cfg = {"cluster_name": "warm", "idle_minutes": 20}
+    run_standin(aws, server_store, tmp_path, {"steps": 2, "sleep": 0.1}, **cfg)
+    first = {i["InstanceId"] for i in aws.instances(("running",))}
+    assert len(first) == 1  # kept: still running after the run
+    run_standin(aws, server_store, tmp_path, {"steps": 2, "sleep": 0.1}, **cfg)
+    assert {i["InstanceId"] for i in aws.instances(("pending", "running"))} == first
+    runs = server_store.runs()
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert {r.data.tags["fowlflow.ec2.cluster"] for r in runs} == {"warm"}
+    last = aws.instances(("running",))[0]
+    assert {"Key": "fowlflow:run-id", "Value": runs[0].info.run_id} in last["Tags"]
+    down = fowlflow("ec2", "down", "warm")
+    assert down.returncode == 0, down.stderr
+    assert aws.leftovers() == {}
+
+
+def test_trainer_failure_and_a_python_without_mlflow_leave_nothing(server_store, cloud, aws,
+                                                                   tmp_path):
+    with pytest.raises(RemoteError) as err:
+        run_standin(aws, server_store, tmp_path, {"steps": 3, "fail_at": 0})
+    assert "failing on purpose" in str(err.value)
+    assert server_store.only_run().info.status == "FAILED"
+    assert aws.leftovers() == {}
+    no_mlflow = "/usr/bin/python3"  # the system Python: no mlflow ("an AMI without mlflow")
+    assert os.path.exists(no_mlflow) and no_mlflow != sys.executable
+    with pytest.raises(RemoteError) as err:
+        run_standin(aws, server_store, tmp_path, {"steps": 1}, python=no_mlflow)
+    assert f"{no_mlflow} (" in str(err.value) and "has no mlflow; fix: install it" \
+        in str(err.value)
+    assert aws.leftovers() == {}
+    assert len(server_store.runs()) == 1  # the second failed before any run existed
