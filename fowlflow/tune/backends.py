@@ -7,17 +7,23 @@ Each trial is ``mlflow.projects.run(<project>, "main", backend=..., synchronous=
 child run the sweep created (MLflow's ``_mlflow_local_backend_run_id`` key: the backends
 create no run of their own then), launched detached (``"wait": false``). The sweep then reads
 the trial's per-epoch metric from the tracking store, reports each new epoch to the Optuna
-trial and, when the pruner says so, cancels the launched run as ``fowlflow cancel`` does
-(:func:`fowlflow.projects.commands.run_from_tags`). ``parallel`` trials at once each get their
+trial and, when the pruner says so, cancels the launched run with ``fowlflow cancel RUN_ID``
+(the public CLI: the tune layer does not import :mod:`fowlflow.projects`, whose backends
+MLflow loads). ``parallel`` trials at once each get their
 own hosts (``ssh``: the ``hosts`` list cut into ``parallel`` equal groups) or GPUs
 (``torchrun``: ``gpus``, or this machine's GPUs, cut the same way; on a CPU-only machine every
-trial runs its CPU processes here).
+trial runs its CPU processes here). What the sweep relies on is checked here, before any
+trial; the backend checks the rest of its config when the first trial launches, and a config
+it refuses (:class:`ConfigError`) stops the sweep there.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from urllib.parse import urlparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,17 +102,24 @@ def _read_config(text: str) -> dict:
 def _ssh_slots(user: dict, parallel: int) -> tuple[tuple[dict, ...], tuple[str, ...]]:
     import mlflow
 
-    from fowlflow.projects.config import parse_ssh_config
-    from fowlflow.projects.tunnels import remote_tracking_uri
-
-    cfg = _checked(parse_ssh_config, user, "ssh")
-    if cfg.tunnel:
+    hosts = user.get("hosts")
+    hosts = [hosts] if isinstance(hosts, str) else hosts
+    if not isinstance(hosts, list) or not hosts or not all(
+            (isinstance(h, str) and h.strip()) or (isinstance(h, dict) and "host" in h)
+            for h in hosts):
+        raise ConfigError('-P backend_config for the ssh backend needs "hosts": a list of host '
+                          'names (or {"host": ..., "port": ...} objects), e.g. '
+                          '{"hosts": ["gpu-a", "gpu-b"]}.')
+    if user.get("tunnel"):
         raise ConfigError('-P backend_config: "tunnel" needs a client attached to each run, and '
                           "a sweep launches its trials detached; serve the tracking server on "
                           "an address the hosts reach (mlflow server --host 0.0.0.0).")
-    _checked(lambda _: remote_tracking_uri(mlflow.get_tracking_uri(), cfg,
-                                           [h.host for h in cfg.hosts]), user, "ssh")
-    hosts = list(user["hosts"] if isinstance(user["hosts"], list) else [user["hosts"]])
+    uri = mlflow.get_tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        raise ConfigError(f"-P backend=ssh: the hosts log to the tracking server, but "
+                          f"MLFLOW_TRACKING_URI is {uri!r} (a store on this machine); start an "
+                          "http(s) tracking server the hosts reach (mlflow server --host "
+                          "0.0.0.0) and set MLFLOW_TRACKING_URI to it.")
     if len(hosts) < parallel:
         raise ConfigError(f"-P parallel={parallel} needs at least {parallel} hosts in "
                           f"-P backend_config (each trial runs on hosts of its own); it lists "
@@ -121,32 +134,27 @@ def _ssh_slots(user: dict, parallel: int) -> tuple[tuple[dict, ...], tuple[str, 
 
 def _torchrun_slots(user: dict, parallel: int, gpu_count: int | None
                     ) -> tuple[tuple[dict, ...], tuple[str, ...]]:
-    from fowlflow.projects.config import parse_torchrun_config
-
-    cfg = _checked(parse_torchrun_config, user, "torchrun")
-    if gpu_count is None:
-        from fowlflow.tune.sweep import _gpu_count
-
-        gpu_count = _gpu_count()
-    if cfg.free_gpus is not None and parallel > 1:
+    given = user.get("gpus")
+    if given is not None and (not isinstance(given, list) or not given or not all(
+            isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in given)):
+        raise ConfigError(f"-P backend_config: gpus must be a non-empty list of GPU indices "
+                          f"like [0, 1], got {given!r}.")
+    if user.get("free_gpus") is not None and parallel > 1:
         raise ConfigError('-P backend_config: "free_gpus" with -P parallel > 1 would let trials '
                           'started at once take the same idle GPUs; list them instead, e.g. '
                           '"gpus": [0, 1, 2, 3] (each trial gets its own share).')
-    gpus = list(cfg.gpus) if cfg.gpus is not None else list(range(gpu_count))
-    if not gpus or cfg.free_gpus is not None:  # CPU processes (gloo), or free_gpus alone
+    if given is None and gpu_count is None:
+        from fowlflow.tune.sweep import _gpu_count
+
+        gpu_count = _gpu_count()
+    gpus = list(given) if given is not None else list(range(gpu_count))
+    if not gpus or user.get("free_gpus") is not None:  # CPU processes (gloo), or free_gpus
         return tuple(dict(user) for _ in range(parallel)), ()
     if len(gpus) < parallel:
         raise ConfigError(f"-P parallel={parallel} needs at least {parallel} GPUs (each trial "
                           f"runs on GPUs of its own); there are {len(gpus)}: {gpus}.")
     size = len(gpus) // parallel
     return tuple({**user, "gpus": gpus[k * size:(k + 1) * size]} for k in range(parallel)), ()
-
-
-def _checked(parse, user: dict, backend: str):
-    try:
-        return parse(user)
-    except ConfigError as exc:
-        raise ConfigError(f"-P backend_config for the {backend} backend: {exc}") from None
 
 
 def trial_params(config) -> dict[str, str]:
@@ -191,25 +199,23 @@ class RemoteTrial:
         return self._watch(trial, run_id)
 
     def _watch(self, trial, run_id: str) -> dict:
-        from fowlflow.projects.ssh_connections import SharedConnections
-
-        with SharedConnections() as shared:
-            last_check = time.monotonic()
-            while True:
-                status = self.client.get_run(run_id).info.status
-                # after the status: no epoch missed; a run that ended is not pruned
-                reason = self._report(trial, run_id, ask=status not in TERMINAL)
-                if reason or self.stopping():
-                    self._cancel(run_id, shared)
-                    if reason:
-                        self.client.set_tag(run_id, "fowlflow.stopped_early", reason)
-                    return self._outcome(status="KILLED", pruned=bool(reason))
-                if status in TERMINAL:
-                    return self._outcome(status=status, pruned=False)
-                if time.monotonic() - last_check > self.check_nodes_s:
-                    self._reconcile(run_id, shared)
-                    last_check = time.monotonic()
-                time.sleep(self.poll_s)
+        last_check = time.monotonic()
+        while True:
+            status = self.client.get_run(run_id).info.status
+            # after the status: no epoch missed; a run that ended is not pruned
+            reason = self._report(trial, run_id, ask=status not in TERMINAL)
+            if reason or self.stopping():
+                _fowlflow("cancel", run_id)
+                if reason:
+                    self.client.set_tag(run_id, "fowlflow.stopped_early", reason)
+                return self._outcome(status="KILLED", pruned=bool(reason))
+            if status in TERMINAL:
+                return self._outcome(status=status, pruned=False)
+            if time.monotonic() - last_check > self.check_nodes_s:
+                # a run whose processes all died (a host rebooted) is ended by `fowlflow status`
+                _fowlflow("status", run_id)
+                last_check = time.monotonic()
+            time.sleep(self.poll_s)
 
     def _report(self, trial, run_id: str, ask: bool = True) -> str | None:
         """Report the epochs logged since the last call; the pruner's reason to stop, if any."""
@@ -229,22 +235,12 @@ class RemoteTrial:
         return {"value": self.reported.get(last), "pruned": pruned, "epochs": last or 0,
                 "state": status}
 
-    def _cancel(self, run_id: str, shared) -> None:
-        from fowlflow.projects.commands import run_from_tags
 
-        run_from_tags(run_id, shared).cancel()
-
-    def _reconcile(self, run_id: str, shared) -> None:
-        """A run whose supervisors are all gone (a host rebooted) is ended, as
-        ``fowlflow status`` does, rather than watched for ever."""
-        from fowlflow.errors import FowlflowError
-        from fowlflow.projects.commands import run_from_tags
-        from fowlflow.projects.submitted import combine
-
-        try:
-            submitted = run_from_tags(run_id, shared)
-            state = combine(submitted.states())
-            if state.is_terminal():
-                submitted.reconcile(state)
-        except FowlflowError:
-            pass  # unreachable for now: the next check asks again
+def _fowlflow(command: str, run_id: str) -> None:
+    """``fowlflow cancel|status RUN_ID`` (the launched run's supervisors, from its launch
+    record); a failure is shown, not raised: the watch goes on and asks the store again."""
+    proc = subprocess.run([sys.executable, "-m", "fowlflow.cli", command, run_id],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        print(f"fowlflow: `fowlflow {command} {run_id}` failed (exit {proc.returncode}): "
+              f"{proc.stderr.strip()[-1000:]}", file=sys.stderr, flush=True)

@@ -8,8 +8,11 @@ parent (``mlflow.parentRunId``, name ``trial-<number>``), then ``python -m fowlf
 with ``MLFLOW_RUN_ID`` set to that child run; its output goes to the child run's artifact
 ``trial.log``. ``parallel`` trials run at once (Optuna's threads, each waiting on its
 process); with GPUs, slot *k* gets GPU *k* mod the GPU count (unless ``CUDA_VISIBLE_DEVICES``
-is set). A stop (SIGTERM, Ctrl-C) stops the running trial processes (their runs end KILLED,
-their trials FAIL) and starts no new trial. A trial ends with the child run tagged ``fowlflow.trial_state`` ``COMPLETE``,
+is set). With ``backend`` (``-P backend=torchrun|ssh``) a trial is instead launched through
+that backend on the hosts or GPUs of its slot and watched from here
+(:mod:`fowlflow.tune.backends`). A stop (SIGTERM, Ctrl-C) stops the running trial processes
+and cancels the launched runs (their runs end KILLED, their trials FAIL) and starts no new
+trial. A trial ends with the child run tagged ``fowlflow.trial_state`` ``COMPLETE``,
 ``PRUNED`` (run status KILLED: it was stopped before its last epoch) or ``FAIL``.
 """
 
@@ -30,6 +33,7 @@ from optuna.trial import TrialState
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from fowlflow.errors import ConfigError
 from fowlflow.trainer.config import TrainConfig
 from fowlflow.tune import METRIC
 from fowlflow.tune.backends import BackendSpec
@@ -167,15 +171,20 @@ class Sweep:
                                         / f"trial-{number}"))
         return child.info.run_id, config
 
-    def _fail(self, trial: optuna.Trial, run_id: str, why: str, tail: str) -> None:
-        """End the trial's run (KILLED when the sweep stops, else FAILED) and raise."""
+    def _fail(self, trial: optuna.Trial, run_id: str, why: str, tail: str,
+              error: type[Exception] = TrialFailed) -> None:
+        """End the trial's run (KILLED when the sweep stops, else FAILED) and raise ``error``
+        (:class:`TrialFailed`: the sweep goes on; another: it stops)."""
         if self.client.get_run(run_id).info.status == "RUNNING":
             self.client.set_terminated(run_id, "KILLED" if self.stopping else "FAILED")
         self.client.set_tag(run_id, STATE_TAG, "FAIL")
         print(f"fowlflow: trial {trial.number} failed ({why}); {tail}", file=sys.stderr,
               flush=True)
         trial.set_user_attr("error", tail[-500:])
-        raise TrialFailed(f"trial {trial.number} failed: {why}")
+        if error is TrialFailed:
+            raise TrialFailed(f"trial {trial.number} failed: {why}")
+        raise error(f"-P backend_config: the {self.backend.name} backend refused it when trial "
+                    f"{trial.number} was launched: {tail}")
 
     def _run_local(self, trial: optuna.Trial, run_id: str, config: TrainConfig) -> dict:
         """The trial as a process here (``python -m fowlflow.tune.trial``); its outcome."""
@@ -217,6 +226,8 @@ class Sweep:
                 trial, run_id, config, self.client.get_run(run_id).info.experiment_id)
         except (TrialFailed, optuna.TrialPruned):
             raise
+        except ConfigError as exc:  # the backend's own config checks: every trial would fail
+            self._fail(trial, run_id, "launch: ConfigError", str(exc), error=ConfigError)
         except Exception as exc:  # noqa: BLE001 (a launch error fails this trial only)
             self._fail(trial, run_id, f"launch: {type(exc).__name__}",
                        f"{exc}"[-2000:])

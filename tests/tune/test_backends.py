@@ -57,14 +57,14 @@ def test_ssh_hosts_are_split_between_parallel_trials(monkeypatch, tmp_path):
     ("slurm", "none", 1, "-P backend=slurm is unknown; use one of local, torchrun, ssh"),
     ("none", '{"gpus": [0]}', 1, "-P backend_config is given but -P backend is local"),
     ("torchrun", '{"gpus": [0], "wait": true}', 1, "the sweep sets wait for each trial"),
-    ("torchrun", '{"gpu": [0]}', 1, "unknown torchrun backend config key(s) ['gpu']"),
+    ("torchrun", '{"gpus": "0,1"}', 1, "gpus must be a non-empty list of GPU indices"),
     ("torchrun", '{"gpus": [0, 1]}', 3, "-P parallel=3 needs at least 3 GPUs"),
     ("torchrun", '{"free_gpus": 1}', 2, 'list them instead, e.g. "gpus": [0, 1, 2, 3]'),
     ("torchrun", "{not json", 1, "-P backend_config is not valid JSON"),
     ("torchrun", "nowhere.json", 1, "nowhere.json"),
     ("ssh", '{"hosts": ["a"]}', 2, "-P parallel=2 needs at least 2 hosts"),
     ("ssh", '{"hosts": ["a"], "tunnel": true}', 1, '"tunnel" needs a client attached'),
-    ("ssh", '{"process_count_per_node": 2}', 1, 'the ssh backend needs "hosts"'),
+    ("ssh", '{"process_count_per_node": 2}', 1, 'for the ssh backend needs "hosts"'),
 ])
 def test_a_bad_backend_config_is_refused(monkeypatch, backend, config, parallel, message):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
@@ -80,10 +80,30 @@ def test_ssh_trials_need_a_tracking_server_the_hosts_reach(tracking_uri, client,
                            "--backend_config", '{"hosts": ["gpu-a"]}', "--parallel", "1",
                            "--storage", storage], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "-P backend_config for the ssh backend: the ssh backend needs an http(s) tracking " \
-           "server" in proc.stderr
+    assert "-P backend=ssh: the hosts log to the tracking server, but MLFLOW_TRACKING_URI is " \
+           "'sqlite:///" in proc.stderr
     assert client.search_runs(["0"]) == []
     assert optuna.get_all_study_names(storage) == []
+
+
+def test_a_config_the_backend_refuses_stops_the_sweep_at_the_first_launch(tracking_uri, client,
+                                                                         tmp_path):
+    """Keys only the backend knows are checked by the backend itself (the tune layer does not
+    import fowlflow.projects): its ConfigError at the first launch ends the sweep, exit 2."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.run([sys.executable, "-m", "fowlflow.tune", *TINY, "--backend", "torchrun",
+                           "--backend_config", '{"gpu": [0]}', "--n_trials", "3",
+                           "--parallel", "1", "--storage", storage, "--study_name", "bad"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "-P backend_config: the torchrun backend refused it when trial 0 was launched: " \
+           "unknown torchrun backend config key(s) ['gpu']" in proc.stderr
+    (trial,) = optuna.load_study(study_name="bad", storage=storage).trials  # no other launched
+    assert trial.state.name == "FAIL"
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["fowlflow.trial_state"] == "FAIL"
+    (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
+    assert parent.info.status == "FAILED"
 
 
 # --- a real sweep through -P backend=torchrun -------------------------------------------------
