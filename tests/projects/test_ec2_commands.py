@@ -1,4 +1,5 @@
-"""``fowlflow ec2 ls|down|gc`` (the real CLI) and the autostop watchdog.
+"""``fowlflow ec2 ls|down|gc`` (the real CLI, as docs/ec2.md writes it) and the autostop
+watchdog.
 
 moto's server mode stands in for EC2, because no real AWS is reachable from here: the tests
 plant fowlflow-tagged resources there with boto3, the way a launch or a crashed launch leaves
@@ -7,15 +8,23 @@ them, and the CLI finds them through ``AWS_ENDPOINT_URL_EC2``.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 from fowlflow.projects.ec2_autostop import busy
 from tests.projects.ec2_moto import aws, moto_url  # noqa: F401
-from tests.projects.helpers import fowlflow
+from tests.projects.helpers import BIN
+from tests.test_docs_commands import documented
 
 AUTOSTOP = [sys.executable, "-m", "fowlflow.projects.ec2_autostop"]
+
+
+def sh(command: str) -> subprocess.CompletedProcess:
+    """A command of docs/ec2.md as written, with the venv's bin/ first on PATH."""
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
 
 
 def plant(aws, cluster: str, *, keep=False, run_id=None, age_min=60.0, instance=True):
@@ -62,16 +71,16 @@ def test_gc_finds_planted_orphans_dry_run_first(aws, tmp_path, monkeypatch):
     plant(aws, "starting", age_min=1)                     # may still be starting
     plant(aws, "elsewhere", run_id="0123456789abcdef0123456789abcdef")  # not in this store
     before = clusters_left(aws)
-    dry = fowlflow("ec2", "gc")
+    dry = sh(documented("fowlflow ec2 gc"))
     assert dry.returncode == 0, dry.stderr
     assert "(dry run: add --yes" in dry.stdout
     for name in ("ended-run", "died-launching", "stopped-itself"):
         assert f"would remove cluster {name}:" in dry.stdout
     assert clusters_left(aws) == before  # nothing removed by a dry run
-    real = fowlflow("ec2", "gc", "--yes")
+    real = sh(documented("fowlflow ec2 gc --yes"))
     assert real.returncode == 0, real.stderr
     assert clusters_left(aws) == {"kept", "running", "starting", "elsewhere"}
-    listing = fowlflow("ec2", "ls")
+    listing = sh(documented("fowlflow ec2 ls"))
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()[1:]] == \
         ["elsewhere", "kept", "running", "starting"]
@@ -80,11 +89,11 @@ def test_gc_finds_planted_orphans_dry_run_first(aws, tmp_path, monkeypatch):
 
 def test_down_removes_a_cluster_and_names_an_unknown_one(aws):
     plant(aws, "gpu-cluster")
-    done = fowlflow("ec2", "down", "gpu-cluster")
+    done = sh(documented("fowlflow ec2 down gpu-cluster"))
     assert done.returncode == 0, done.stderr
     assert "1 instances, 1 security groups, 1 key pairs" in done.stdout
     assert clusters_left(aws) == set()
-    missing = fowlflow("ec2", "down", "gpu-cluster")
+    missing = sh("fowlflow ec2 down gpu-cluster")
     assert missing.returncode == 2
     assert "no cluster 'gpu-cluster' in this region (fowlflow ec2 ls" in missing.stderr
 
