@@ -1,6 +1,7 @@
 # fowlflow: the two commands of the README, and what they need.
 #   make train [DATA=...] [WEIGHTS=...] [ARCH=...] [EPOCHS=...]   set up, then `mlflow run .`
 #   make test                                                     set up, then the whole test suite
+#   make test-fast                                                only its fast tests
 VENV    ?= .venv
 PYTHON  ?= python3
 DATA    ?= https://azuremlexamples.blob.core.windows.net/datasets/fowl_data.zip
@@ -16,7 +17,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # System packages the tests need: real PostgreSQL, sshd, rsync, Chromium, network namespaces.
 APT_PACKAGES := postgresql openssh-server openssh-client rsync chromium iproute2 procps
 
-.PHONY: train test install system-deps ui clean
+.PHONY: train test test-fast install system-deps ui clean
 
 train: $(VENV)/.installed
 	$(BIN)/mlflow run . --env-manager local --experiment-name fowlflow \
@@ -28,9 +29,11 @@ train: $(VENV)/.installed
 # (conftest.xdist_group). --durations=15: each pass's 15 slowest tests. Exit 5 = nothing selected.
 WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup --durations=15
-test: system-deps $(VENV)/.installed-test
-	$(PYTEST) -m "not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+test: test-fast
 	$(PYTEST) -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-fast: system-deps $(VENV)/.installed-test
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)

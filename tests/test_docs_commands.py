@@ -74,11 +74,9 @@ NOT_RUNNABLE: dict[str, str] = {
     "make test":
         "is the whole test suite, this test included; CI runs it (.ci/run), a test can't",
     # docs/benchmarks.md "Test suite (CI budget)"
-    ".venv/bin/python -m pytest --durations=15":
-        "is the whole test suite (make test's pytest line), this test included; CI runs it",
-    '.venv/bin/python -m pytest -m "not slow"':
-        "is the fast part of the suite, this test included; CI runs it as the first part of "
-        "make test",
+    "make test-fast":
+        "is the fast pass of the suite, this test included; CI runs it as make test's first "
+        "pass",
     # README "Launch on GPUs" and docs/backends.md
     """mlflow run . -b torchrun --env-manager local -c '{"process_count_per_node": "all"}'""":
         INTERNET + "the default data URL and ImageNet weights; on GPUs (the CPU form with "

@@ -1,7 +1,7 @@
 """Real servers for the backend tests: OpenSSH sshd, network namespaces, ``mlflow server``.
 
-* ``hosts``: a session-wide bridge ``ffbr0`` (10.77.0.1/24) and two network namespaces
-  ``ffnode0``/``ffnode1`` (10.77.0.2, 10.77.0.3), each reached through a veth pair and each
+* ``hosts``: a session-wide bridge ``ffbr<slot>`` (10.77.<slot>.1/24) and two network
+  namespaces ``ffn<slot>-0``/``ffn<slot>-1`` (.2, .3), each reached through a veth pair and each
   running its own ``sshd``. Traffic stays between this machine and these namespaces. Each
   namespace has Debian's ``/etc/hosts`` (``127.0.1.1 <hostname>``): ``ip netns exec`` mounts
   ``/etc/netns/<ns>/hosts`` over ``/etc/hosts`` for what it starts (the sshd, so every session).
@@ -12,12 +12,14 @@
   store, as a :class:`tests.projects.helpers.Store` (an explicit ``MlflowClient(uri)``).
 
 Every process is started by pid and stopped by pid; namespaces and links are deleted by name,
-even when a test fails. Needs root and iproute2 (CI runs as root); without them the fixtures
+even when a test fails. ``<slot>`` is a number no other live test session holds (a lock file
+per slot), so two test sessions at once never share names or addresses. Needs root and iproute2 (CI runs as root); without them the fixtures
 fail loudly rather than skip.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -33,8 +35,30 @@ from tests.net import free_port, wait_port
 from tests.projects.helpers import Store
 
 BIN = Path(sys.executable).parent
-BRIDGE, BRIDGE_IP = "ffbr0", "10.77.0.1"
-NAMESPACES = (("ffnode0", "ffv0", "10.77.0.2"), ("ffnode1", "ffv1", "10.77.0.3"))
+
+
+def _claim_network_slot(slots: int = 16) -> int:
+    """A network number no other live test session holds: an flock on a file per slot, held
+    until this process exits (so a crashed session frees its slot). Two sessions at once (two
+    engineers, or a sweep's tests beside the ssh tests) then get different names and subnets."""
+    lock_dir = Path("/run/lock") if os.access("/run/lock", os.W_OK) else Path("/tmp")
+    for slot in range(slots):
+        fh = open(lock_dir / f"fowlflow-tests-net{slot}.lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            continue
+        _HELD_LOCKS.append(fh)
+        return slot
+    raise RuntimeError(f"all {slots} test network slots are held by live test sessions")
+
+
+_HELD_LOCKS: list = []
+SLOT = _claim_network_slot()
+SUBNET = f"10.77.{SLOT}"  # this session's /24: the bridge is .1, the hosts .2 and .3
+BRIDGE, BRIDGE_IP = f"ffbr{SLOT}", f"{SUBNET}.1"
+NAMESPACES = tuple((f"ffn{SLOT}-{i}", f"ffv{SLOT}-{i}", f"{SUBNET}.{2 + i}") for i in range(2))
 NS_IFACE = "ffeth"  # the interface name inside each namespace (names are per namespace)
 
 

@@ -1,6 +1,6 @@
 """``mlflow run -b ssh`` against real sshd servers, a real ``mlflow server`` and real DDP.
 
-Hosts: ``loopback_sshd`` (127.0.0.1) and two network namespaces (10.77.0.2, 10.77.0.3), each
+Hosts: ``loopback_sshd`` (127.0.0.1) and two network namespaces (10.77.<slot>.2, .3), each
 with its own sshd, all started by fixtures in conftest.py. The namespaces share this
 machine's filesystem and process table, so tests can check files and processes directly; each
 run ships into its own ``remote_dir`` under tmp_path.
@@ -24,7 +24,7 @@ from fowlflow.errors import ConfigError, RemoteError
 from fowlflow.projects.ssh import SshBackend
 from tests.conftest import ROOT, TINY_PARAMS
 from tests.net import free_port, wait_until
-from tests.projects.conftest import NS_IFACE, Relay, ssh_config
+from tests.projects.conftest import NAMESPACES, NS_IFACE, SUBNET, Relay, ssh_config
 from tests.projects.helpers import STANDIN, finish, fowlflow, marked_processes, mlflow_cli
 
 pytestmark = pytest.mark.slow
@@ -129,8 +129,9 @@ def test_two_concurrent_two_node_runs_on_loopback_named_hosts_both_finish(server
     port the second run dies with EADDRINUSE. Each run gets its own free port, probed on the
     first host, and each node the interface that reaches the other (``ffeth``)."""
     name = socket.gethostname()
-    resolved = subprocess.run(["ip", "netns", "exec", "ffnode0", "getent", "hosts", name],
-                              capture_output=True, text=True, check=True).stdout
+    resolved = subprocess.run(
+        ["ip", "netns", "exec", NAMESPACES[0][0], "getent", "hosts", name],
+        capture_output=True, text=True, check=True).stdout
     assert resolved.split()[0] == "127.0.1.1", resolved  # the condition under test
     cfg = {"hosts": [{"host": s.address} for s in hosts.sshds], "user": "root",
            "identity_file": str(keys.identity), "known_hosts_file": str(keys.known_hosts),
@@ -216,10 +217,10 @@ def test_unreachable_host_bad_key_unknown_host_key_fail_fast_without_a_run(
     # through the real CLI: an address on the bridge where nothing answers
     started = time.monotonic()
     code, _, err = finish(mlflow_cli(STANDIN, "ssh", {
-        "hosts": ["10.77.0.250"], "identity_file": str(keys.identity),
+        "hosts": [f"{SUBNET}.250"], "identity_file": str(keys.identity),
         "known_hosts_file": str(keys.known_hosts), "connect_timeout": 3,
         "python": sys.executable}), timeout=120)
-    assert code == 1 and "ssh to 10.77.0.250 failed" in err and "fix:" in err, err[-3000:]
+    assert code == 1 and f"ssh to {SUBNET}.250 failed" in err and "fix:" in err, err[-3000:]
     assert time.monotonic() - started < 90  # bounded by connect_timeout, not TCP's minutes
     assert not server_store.runs()
 
