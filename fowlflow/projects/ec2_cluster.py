@@ -59,7 +59,7 @@ class Cluster:
         pages = self.ec2.get_paginator("describe_instances").paginate(
             Filters=[*self.filter, {"Name": "instance-state-name", "Values": list(states)}])
         return sorted((i for page in pages for r in page["Reservations"] for i in r["Instances"]),
-                      key=lambda i: tags_of(i).get(TAG_PREFIX + "node", ""))
+                      key=lambda i: int(tags_of(i).get(TAG_PREFIX + "node", "0")))
 
     def ensure_key_pair(self, public_key: str, tags: dict) -> str:
         """Import the cluster's login key as the key pair ``fowlflow-<name>`` (once)."""

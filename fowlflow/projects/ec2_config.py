@@ -57,6 +57,7 @@ class Ec2Config:
     user: str = "ubuntu"
     ssh_timeout: int = 900
     setup: tuple[str, ...] | None = None
+    max_recoveries: int = 3
     ssh: SshConfig = field(default_factory=lambda: parse_ssh_config({"hosts": ["-"]}))
 
     @property
@@ -165,7 +166,8 @@ def parse_ec2_config(user: dict) -> Ec2Config:
         address=_str(user, "address", "public", choices=("private", "public")),
         user=_str(user, "user", "ubuntu"),
         ssh_timeout=_int(user, "ssh_timeout", 900, minimum=1),
-        setup=_str_list(user, "setup"), ssh=ssh, **_checked(user))
+        setup=_str_list(user, "setup"), max_recoveries=_int(user, "max_recoveries", 3),
+        ssh=ssh, **_checked(user))
 
 
 def state_dir(cluster: str) -> Path:

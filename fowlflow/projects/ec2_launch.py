@@ -22,7 +22,7 @@ import shutil
 import time
 import uuid
 
-from fowlflow.errors import ConfigError
+from fowlflow.errors import ConfigError, RemoteError
 from fowlflow.projects import run_lifecycle
 from fowlflow.projects.config import HostSpec
 from fowlflow.projects.ec2_cloud import Plan, aws_session, preflight
@@ -30,6 +30,7 @@ from fowlflow.projects.ec2_cluster import Cluster, tag_specs
 from fowlflow.projects.ec2_config import TAG_PREFIX, Ec2Config, state_dir
 from fowlflow.projects.ec2_prices import cost_usd, describe
 from fowlflow.projects.ec2_ready import wait_ssh
+from fowlflow.projects.ec2_recovery import describe_loss, lost_instances, resumed_submission
 from fowlflow.projects.ec2_userdata import HostKey, add_known_host, client_key, user_data
 from fowlflow.projects.run_lifecycle import Submission
 from fowlflow.projects.ssh_launch import SshLaunch
@@ -62,28 +63,70 @@ class Ec2Run:
         self.released = False
         self.run_id: str | None = None
         self.started = time.time()
+        self.launch_args: tuple = ()  # key pair, security groups, tags: for replacements
 
     def run(self):
         session = aws_session(self.cfg.region)
         self.plan = preflight(session, self.cfg)
         self.cluster = Cluster(session.client("ec2"), self.name)
         try:
-            hosts = self._provision()
-            ssh_cfg = dataclasses.replace(
-                self.cfg.ssh, hosts=tuple(hosts), strict_host_key_checking=True,
-                known_hosts_file=str(self.state / "known_hosts"),
-                process_count_per_node=self.cfg.process_count_per_node)
-            wait_ssh(hosts, ssh_cfg.access, self.cfg.ssh_timeout)
-            self.ready = True
-            launch = Ec2Launch(self.sub, ssh_cfg, backend="ec2", on_end=self._end)
-            launch.on_record = self._on_record
-            submitted = launch.run()  # waits for the run unless "wait": false or synchronous
+            self._wait_ready(self._provision())
+            submitted = self._launch_with_recovery()
         except BaseException as exc:
             self._release(failed=True, why=exc)
             raise
         if self.cfg.ssh.wait and not self.sub.mlflow_keys.synchronous:
             self._release(failed=False)
         return submitted
+
+    def _ssh_config(self, hosts: list[HostSpec]):
+        return dataclasses.replace(
+            self.cfg.ssh, hosts=tuple(hosts), strict_host_key_checking=True,
+            known_hosts_file=str(self.state / "known_hosts"),
+            process_count_per_node=self.cfg.process_count_per_node)
+
+    def _wait_ready(self, hosts: list[HostSpec]) -> None:
+        wait_ssh(hosts, self._ssh_config(hosts).access, self.cfg.ssh_timeout)
+        self.ready = True
+
+    def _launch_with_recovery(self):
+        """SshLaunch; after a failure in which instances went away (spot), replace them and
+        run again in the same run, from its checkpoint (:mod:`.ec2_recovery`)."""
+        sub = self.sub
+        for attempt in range(self.cfg.max_recoveries + 1):
+            launch = Ec2Launch(sub, self._ssh_config(self._hosts()), backend="ec2",
+                               on_end=self._end)
+            launch.on_record = self._on_record
+            try:
+                return launch.run()  # waits for the run unless "wait": false / synchronous
+            except RemoteError:
+                lost = lost_instances(self.cluster.ec2, self.instances)
+                if not lost or self.run_id is None or attempt == self.cfg.max_recoveries:
+                    raise
+            self._replace(lost, attempt + 1)
+            sub = resumed_submission(self.sub, self.run_id)
+        raise AssertionError("unreachable")
+
+    def _replace(self, lost: list[tuple[int, dict]], n: int) -> None:
+        """New instances for the lost nodes, ready for SSH; the run's tags say so."""
+        _logger.warning("recovery %d of %d: %s gone; replacing and resuming run %s", n,
+                        self.cfg.max_recoveries, describe_loss(lost), self.run_id)
+        fresh = {rank: self._launch_node(rank) for rank, _ in lost}
+        running = self.cluster.wait_running([iid for iid, _ in fresh.values()])
+        for (rank, (_, host_key)), inst in zip(fresh.items(), running):
+            self.instances[rank] = inst
+            add_known_host(self.state / "known_hosts", self._address(inst), host_key.public)
+        self._wait_ready(self._hosts())
+        run_lifecycle.set_tags(self.sub.tracking_uri, self.run_id, {
+            "ec2.recoveries": str(n), f"ec2.recovery.{n}": json.dumps({
+                "lost": describe_loss(lost),
+                "replacements": [i["InstanceId"] for i in running]})})
+
+    def _launch_node(self, rank: int) -> tuple[str, HostKey]:
+        host_key = HostKey.generate(f"fowlflow-{self.name}-node{rank}")
+        iid = self.cluster.launch(self.cfg, self.plan, rank, user_data(host_key, self.cfg),
+                                  *self.launch_args)
+        return iid, host_key
 
     def _base_tags(self) -> dict:
         return {**self.cfg.tags, TAG_PREFIX + "cluster": self.name,
@@ -100,6 +143,9 @@ class Ec2Run:
                          ", ".join(i["InstanceId"] for i in live))
             self.instances = cluster.wait_running([i["InstanceId"] for i in live])
             self.ready = True  # it ran before: not torn down on failure unless down says so
+            self.launch_args = (live[0]["KeyName"],
+                                [g["GroupId"] for g in live[0]["SecurityGroups"]],
+                                self._base_tags())
             return self._hosts()
         _logger.info("launching cluster %s in %s: %s, image %s", self.name, plan.region,
                      describe(cfg.instance_type, cfg.node_count, plan.price, cfg.spot),
@@ -107,14 +153,9 @@ class Ec2Run:
         tags = self._base_tags()
         key = client_key(self.state)
         key_name = cluster.ensure_key_pair(key.with_suffix(".pub").read_text(), tags)
-        groups = cluster.ensure_security_group(cfg, tags)
-        host_keys, ids = {}, []
-        for rank in range(cfg.node_count):
-            host_key = HostKey.generate(f"fowlflow-{self.name}-node{rank}")
-            ids.append(cluster.launch(cfg, plan, rank, user_data(host_key, cfg), key_name,
-                                      groups, tags))
-            host_keys[ids[-1]] = host_key
-        self.instances = cluster.wait_running(ids)
+        self.launch_args = (key_name, cluster.ensure_security_group(cfg, tags), tags)
+        host_keys = dict(self._launch_node(rank) for rank in range(cfg.node_count))
+        self.instances = cluster.wait_running(list(host_keys))
         for inst in self.instances:
             add_known_host(self.state / "known_hosts", self._address(inst),
                            host_keys[inst["InstanceId"]].public)

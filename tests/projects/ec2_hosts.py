@@ -6,7 +6,8 @@ installs the SSH host key from it, authorizes the key pair's public key, and sta
 a network namespace of its own at the instance's private address, on the bridge of
 tests/projects/conftest.py (``BRIDGE``; moto's subnet is the bridge's /24). When
 moto says an instance is terminated, its sshd is stopped and its namespace deleted (the
-machine is gone). Setup commands and the autostop service in the user data are not run here
+machine is gone: its processes are killed and, with ``disk`` set, that folder is deleted, as
+the instance's disk would be). Setup commands and the autostop service in the user data are not run here
 (the watchdog has its own test). Every namespace and link is deleted by name at the end.
 """
 
@@ -66,6 +67,7 @@ class FakeCloud:
         self.ec2, self.workdir, self.boot_delay = ec2, workdir, boot_delay
         self.booted: dict[str, Booted] = {}
         self.errors: list[str] = []
+        self.disk: Path | None = None  # a folder that goes with a halted machine
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -122,6 +124,8 @@ class FakeCloud:
             except (ProcessLookupError, ValueError):
                 pass
         _delete_namespace(booted.netns, booted.veth)
+        if self.disk is not None:  # the namespaces share this machine's disk; an instance's
+            shutil.rmtree(self.disk, ignore_errors=True)  # own disk goes with it
 
     def close(self) -> None:
         self._stop.set()

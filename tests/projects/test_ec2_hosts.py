@@ -21,6 +21,7 @@ from tests.conftest import ROOT, TINY_PARAMS
 from tests.projects.conftest import NS_IFACE
 from tests.projects.ec2_hosts import FakeCloud
 from tests.projects.ec2_moto import aws, ec2_config, moto_url  # noqa: F401
+from tests.net import wait_until
 from tests.projects.helpers import STANDIN, finish, fowlflow, mlflow_cli
 
 
@@ -104,3 +105,37 @@ def test_trainer_failure_and_a_python_without_mlflow_leave_nothing(server_store,
         in str(err.value)
     assert aws.leftovers() == {}
     assert len(server_store.runs()) == 1  # the second failed before any run existed
+
+
+def test_spot_interruption_replaces_the_instance_and_resumes_the_run(server_store, cloud, aws,
+                                                                      tmp_path):
+    """moto terminates the spot instance once the first epoch's checkpoint is in the run's
+    artifacts (a spot interruption); the backend launches a replacement, which resumes the
+    same run from that checkpoint: 3 epochs, each epoch's metrics once."""
+    cloud.disk = tmp_path / "remote"  # the instance's disk goes with it
+    params = {**TINY_PARAMS, "data": "synthetic", "output_dir": "outputs", "num_epochs": "3",
+              "image_size": "64"}
+    cfg = host_config(aws, tmp_path, spot=True, reconnect_timeout=3, max_recoveries=1)
+    proc = mlflow_cli(ROOT, "ec2", cfg, params)
+    run = server_store.wait_for_run(proc, timeout=300)
+    client = server_store.client
+    wait_until(lambda: client.list_artifacts(run.info.run_id, "checkpoints"),
+               what="the first checkpoint artifact", timeout=300, interval=0.2, proc=proc)
+    first = aws.instances(("running",))
+    assert len(first) == 1 and first[0].get("InstanceLifecycle") == "spot"
+    aws.ec2.terminate_instances(InstanceIds=[first[0]["InstanceId"]])
+    code, out, err = finish(proc, timeout=500)
+    assert code == 0, out[-3000:] + err[-4000:]
+    run = server_store.only_run()
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["fowlflow.ec2.recoveries"] == "1"
+    recovery = json.loads(tags["fowlflow.ec2.recovery.1"])
+    assert first[0]["InstanceId"] in recovery["lost"]
+    assert recovery["replacements"] == json.loads(tags["fowlflow.ec2.instances"])
+    assert recovery["replacements"] != [first[0]["InstanceId"]]
+    assert tags["resumed_from"] == f"runs:/{run.info.run_id}/checkpoints/checkpoint.pt"
+    for key in ("val_acc", "train_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3], (key, steps)
+    assert aws.leftovers() == {}
