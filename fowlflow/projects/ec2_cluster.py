@@ -160,6 +160,19 @@ class Cluster:
             time.sleep(delay)
             delay = min(delay * 2, 5)
 
+    def _delete_group(self, group: str, timeout: float) -> None:
+        """Delete a security group; AWS refuses (DependencyViolation) while the network
+        interfaces of just-terminated instances are still being detached: retry a while."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return call("delete_security_group", self.ec2.delete_security_group,
+                            GroupId=group)
+            except RemoteError as exc:
+                if "DependencyViolation" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(5)
+
     def down(self, timeout: float = 600) -> dict:
         """Terminate the cluster's instances, then delete its security group and key pair.
 
@@ -176,7 +189,7 @@ class Cluster:
         groups = [g["GroupId"] for g in
                   self.ec2.describe_security_groups(Filters=self.filter)["SecurityGroups"]]
         for group in groups:
-            call("delete_security_group", self.ec2.delete_security_group, GroupId=group)
+            self._delete_group(group, timeout)
         keys = [k["KeyName"] for k in self.ec2.describe_key_pairs(Filters=self.filter)["KeyPairs"]]
         for key in keys:
             call("delete_key_pair", self.ec2.delete_key_pair, KeyName=key)

@@ -15,10 +15,13 @@ cluster is removed at the end of the run unless it is kept (``cluster_name`` wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 import uuid
 
@@ -218,7 +221,9 @@ class Ec2Run:
                          self.name)
 
     def _release(self, failed: bool, why: BaseException | None = None) -> None:
-        """Remove the cluster when it is not kept, or when it never became usable."""
+        """Remove the cluster when it is not kept, or when it never became usable. Ctrl-C is
+        ignored meanwhile (a second one would leave half a cluster); after a failure, a
+        teardown error is logged with the fix and the first error is the one raised."""
         if self.released or self.cluster is None:
             return
         if not (self.cfg.terminate_at_end or (failed and not self.ready)):
@@ -227,9 +232,31 @@ class Ec2Run:
             return
         self.released = True
         if failed:
-            _logger.error("launch failed (%s); removing cluster %s", why, self.name)
-        removed = self.cluster.down()
+            _logger.error("launch failed (%s); removing cluster %s (Ctrl-C is ignored until "
+                          "it is gone)", why, self.name)
+        try:
+            with _sigint_ignored():
+                removed = self.cluster.down()
+        except Exception as exc:
+            if not failed:
+                raise
+            _logger.error("removing cluster %s failed: %s; fix: run `fowlflow ec2 down %s`",
+                          self.name, exc, self.name)
+            return
         shutil.rmtree(self.state, ignore_errors=True)
         _logger.info("cluster %s removed: %d instance(s), %d security group(s), %d key pair(s)",
                      self.name, len(removed["instances"]), len(removed["security_groups"]),
                      len(removed["key_pairs"]))
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in the block (only the main thread may change signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
