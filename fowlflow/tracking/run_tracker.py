@@ -108,11 +108,17 @@ class RunTracker:
         self._log_async([Metric(k, float(v), now, epoch) for k, v in metrics.items()])
         self._landed, self._queued = self._queued, []
 
-    def log_step_losses(self, losses: list[float], first_step: int, key: str = "train_loss_step") -> None:
+    def log_steps(self, first_step: int, losses: list[float], images_per_sec: float) -> None:
+        """Queue (async) the losses of the global steps ``first_step, first_step + 1, ...`` as
+        ``train_loss_step`` and, at the last of them, ``train_images_per_sec_step`` (the images/s
+        of all ranks since the previous report): called while an epoch runs."""
         if not self.enabled or not losses:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(losses)]
+        batch = [Metric("train_loss_step", float(v), now, first_step + i)
+                 for i, v in enumerate(losses)]
+        batch.append(Metric("train_images_per_sec_step", float(images_per_sec), now,
+                            first_step + len(losses) - 1))
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
             self._log_async(batch[i:i + 1000])
 
@@ -152,7 +158,14 @@ class RunTracker:
                 mlflow.log_dict(data, artifact_file)
 
     def log_model(self, model, input_example, metadata: dict[str, Any]) -> str | None:
-        """Log the PyTorch model (pt2, dynamic batch) with signature and input example."""
+        """Log the PyTorch model (pt2, dynamic batch) with signature and input example.
+
+        Two things MLflow does by default are skipped, ~10 s on a 2-core CPU (issue 14):
+        inferring the pip requirements (a second Python process that loads the model and
+        watches its imports; a pt2 model needs torch, and MLflow's defaults say so) and
+        loading the saved model back to predict the input example (a failure there is only
+        logged as a warning, never raised).
+        """
         if not self.enabled:
             return None
         import numpy as np
@@ -167,24 +180,26 @@ class RunTracker:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_cls))]))
         with artifact_upload("model"):
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
-                                            signature=signature, input_example=example,
-                                            metadata=metadata)
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pt2", signature=signature,
+                input_example=example, metadata=metadata,
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                validate_serving_input=False)
         return info.model_uri
 
     def flush(self) -> None:
-        """Write everything queued. Raises FowlflowError if MLflow refused a metric batch."""
+        """Wait until every queued batch is written. Raises FowlflowError if MLflow refused one.
+
+        Waits on the batches themselves: ``mlflow.flush_async_logging`` would also stop and
+        restart MLflow's logging thread, which polls its queue once a second (~1 s each).
+        """
         if self.enabled:
-            mlflow.flush_async_logging()
             self._check(self._landed)
             self._check(self._queued)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if not self.enabled or self.run_id is None:
-            return
-        try:
-            mlflow.flush_async_logging()
-        finally:
+        """End the run (``mlflow.end_run`` writes what is still queued first)."""
+        if self.enabled and self.run_id is not None:
             mlflow.end_run(status)
 
 

@@ -1,10 +1,13 @@
 """One training epoch and one evaluation pass over in-memory image caches.
 
-    stats, step_losses = train_epoch(model, optimizer, train_cache, setup, epoch)
+    stats = train_epoch(model, optimizer, train_cache, setup, epoch, on_steps=report)
     result = evaluate(model, val_cache, setup)
 
-Host syncs are kept out of the step: losses and hit counts accumulate on the device and are
-read once per epoch.
+Host syncs are kept out of the step: losses and hit counts accumulate on the device. The step
+losses are read back only at report points (the epoch's first step, then at most every
+``setup.report_seconds``, and the epoch's end), one host sync each, and handed to
+``on_steps(first_global_step, losses, images_per_sec)``: that is how they reach MLflow while
+the epoch runs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,12 @@ from fowlflow.trainer.image_cache import ImageCache
 SHUFFLE_SEED_STRIDE = 100_003     # the epoch's shared shuffle: seed * this + epoch
 AUGMENT_SEED_STRIDE = 1_000_003   # this rank's augmentation and dropout: seed * this
 AUGMENT_EPOCH_STRIDE = 1_009      #   + epoch * this + rank
+REPORT_SECONDS = 10.0  # step losses are read back and reported at most this often (and at
+                       # each epoch's first and last step)
+
+# on_steps(first_global_step, losses, images_per_sec): the losses of consecutive steps and the
+# images/s of all ranks over them.
+StepCallback = Callable[[int, list, float], None]
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class LoopSetup:
     seed: int
     amp: bool  # bf16 autocast
     progress: bool
+    report_seconds: float = REPORT_SECONDS
 
     def autocast(self):
         if not self.amp:
@@ -87,8 +98,39 @@ def _seed_epoch(setup: LoopSetup, epoch: int) -> torch.Generator:
     return torch.Generator(device=setup.device).manual_seed(seed)
 
 
+class _StepReporter:
+    """Reads the epoch's step losses back at report points (one host sync each) and hands them
+    to ``on_steps`` and the progress bar; does nothing when neither wants them."""
+
+    def __init__(self, losses: torch.Tensor, sizes: list[int], setup: LoopSetup, step0: int,
+                 on_steps: StepCallback | None, bar):
+        self.losses, self.sizes, self.step0 = losses, sizes, step0
+        self.on_steps, self.bar, self.every = on_steps, bar, setup.report_seconds
+        self.world = setup.ctx.world_size
+        self.active = on_steps is not None or setup.progress
+        self.done = 0  # steps of this epoch reported so far
+        self.last = time.perf_counter()
+
+    def after(self, step: int, end: bool = False) -> None:
+        """Called after ``step``: report the steps not yet reported if a report point is due."""
+        if not self.active or step < self.done:
+            return
+        if not end and self.done > 0 and time.perf_counter() - self.last < self.every:
+            return
+        values = self.losses[self.done:step + 1].tolist()  # the host sync
+        now = time.perf_counter()
+        images = sum(self.sizes[self.done:step + 1]) * self.world
+        if self.on_steps is not None:
+            self.on_steps(self.step0 + self.done, values, images / max(now - self.last, 1e-9))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values[-1]:.3f}")
+        self.done, self.last = step + 1, now
+
+
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache: ImageCache,
-                setup: LoopSetup, epoch: int) -> tuple[EpochStats, list[float]]:
+                setup: LoopSetup, epoch: int, on_steps: StepCallback | None = None) -> EpochStats:
+    """Train one epoch; ``on_steps`` gets its step losses while it runs (see the module doc).
+    Global steps count from 0 at epoch 1's first step."""
     model.train()
     gen = _seed_epoch(setup, epoch)
     batches = epoch_batches(len(cache), setup, epoch)
@@ -97,6 +139,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache:
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch} train", unit="batch", disable=not setup.progress,
                leave=False, mininterval=1.0)
+    sizes = [len(b) for b in batches]
+    reporter = _StepReporter(losses, sizes, setup, (epoch - 1) * len(batches), on_steps,
+                             bar if setup.progress else None)
     for step, idx in enumerate(bar):
         raise_if_stopping()
         idx = idx.to(setup.device, non_blocking=True)
@@ -111,17 +156,16 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache:
         optimizer.step()
         losses[step] = loss.detach()
         hits += (logits.argmax(1) == y).sum()
-        if setup.progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[step].item():.3f}")
-    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float32, device=setup.device)
-    totals = torch.stack([(losses * sizes).sum(), hits.float(), sizes.sum()])
+        reporter.after(step)
+    reporter.after(len(batches) - 1, end=True)
+    sizes_t = torch.tensor(sizes, dtype=torch.float32, device=setup.device)
+    totals = torch.stack([(losses * sizes_t).sum(), hits.float(), sizes_t.sum()])
     setup.ctx.all_reduce_sum(totals)
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
     seconds = time.perf_counter() - start
     loss_sum, hit_sum, n = totals.tolist()
-    stats = EpochStats(loss_sum / max(n, 1), hit_sum / max(n, 1), int(n), seconds)
-    return stats, losses.tolist()
+    return EpochStats(loss_sum / max(n, 1), hit_sum / max(n, 1), int(n), seconds)
 
 
 @torch.inference_mode()

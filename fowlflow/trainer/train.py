@@ -38,7 +38,7 @@ from fowlflow.trainer.checkpoint import (check_classes, check_output_dir, load_c
 from fowlflow.trainer.config import TrainConfig
 from fowlflow.trainer.distributed import DistContext
 from fowlflow.trainer.image_cache import decode_split, resize_size
-from fowlflow.trainer.loop import LoopSetup, evaluate, train_epoch
+from fowlflow.trainer.loop import EvalResult, LoopSetup, evaluate, train_epoch
 from fowlflow.trainer.model import build_model
 
 log = logging.getLogger("fowlflow.trainer")
@@ -110,9 +110,12 @@ def _log_inputs(tracker: RunTracker, cfg: TrainConfig, layout, source: DataSourc
         tracker.log_dict(layout.skipped, "data/skipped_files.json")
 
 
-def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, data_uri) -> None:
-    """Final evaluation of the best weights: figures, per-class table, the model."""
-    result = evaluate(model, val_cache, setup, shard=False)
+def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, data_uri,
+                 result: EvalResult | None) -> None:
+    """The best weights' evaluation (``result``, or evaluated here when None): figures,
+    per-class table, the model."""
+    if result is None or result.predictions is None:
+        result = evaluate(model, val_cache, setup, shard=False)
     cm = result.confusion.numpy()
     fig = figures.confusion_matrix_figure(cm, layout.classes)
     tracker.log_figure(fig, "confusion_matrix.png")
@@ -224,7 +227,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
         return summary
     finish_start = time.perf_counter()
     t.model.load_state_dict(t.best_state)
-    _log_results(tracker, t.model, val_cache, setup, layout, cfg, t.best_acc, source.uri)
+    _log_results(tracker, t.model, val_cache, setup, layout, cfg, t.best_acc, source.uri,
+                 t.best_result)
     if after is not None and tracker.run_id:
         tracker.flush()
         after(TrainedRun(tracker.run_id, source))
@@ -243,6 +247,7 @@ class _Training:
     start_epoch: int = 1
     best_acc: float = -1.0
     best_state: dict | None = None
+    best_result: EvalResult | None = None  # the best epoch's validation, when in this run
     stopped_at: int | None = None  # the epoch an on_epoch callback stopped training after
 
     @classmethod
@@ -282,13 +287,14 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
     speeds = []
     for epoch in range(t.start_epoch, cfg.num_epochs + 1):
         lr = t.optimizer.param_groups[0]["lr"]
-        stats, step_losses = train_epoch(t.train_model, t.optimizer, train_cache, setup, epoch)
+        stats = train_epoch(t.train_model, t.optimizer, train_cache, setup, epoch,
+                            on_steps=tracker.log_steps if tracker.enabled else None)
         t.scheduler.step()  # after the optimizer steps (the sample stepped it first)
         val = evaluate(t.model, val_cache, setup)
         if val.acc > t.best_acc:
             t.best_acc, t.best_state = val.acc, copy.deepcopy(t.model.state_dict())
+            t.best_result = val  # the final figures need no second pass over the same weights
         speeds.append(stats.images_per_sec)
-        tracker.log_step_losses(step_losses, first_step=(epoch - 1) * len(step_losses))
         metrics = {"train_loss": stats.loss, "train_acc": stats.acc, "val_loss": val.loss,
                    "val_acc": val.acc, "lr": lr, "momentum": cfg.momentum,
                    "best_val_acc": t.best_acc, "train_images_per_sec": stats.images_per_sec,
