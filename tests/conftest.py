@@ -70,6 +70,8 @@ SLOW: dict[str, str] = {
     "test_outage.py::test_eight_clients_ride_out_an_outage":
         "eight clients logging through a 90 s server outage",
     "test_faults.py": "team stack components killed and restarted mid-logging (~3 min)",
+    "test_ec2_hosts.py": "mlflow run -b ec2 on sshd hosts booted at moto's addresses: two "
+                         "nodes, a kept cluster, a failing trainer, a spot interruption",
     "test_ui.py": "mlflow run through the team stack, then Chromium on the UI",
     # Single tests.
     "test_docs_commands.py::test_make_train_offline_with_shipped_imagenet_weights":
@@ -106,10 +108,13 @@ SLOW: dict[str, str] = {
         "the team stack stopped and started again (~45 s)",
     "test_stack.py::test_stop_then_start_keeps_runs_artifacts_and_ports":
         "the team stack stopped and started again (~45 s)",
+    "test_ec2_commands.py::test_gc_finds_planted_orphans_dry_run_first":
+        "three fowlflow CLI starts against moto (~30 s)",
     "test_sweep.py::test_a_bad_learning_rate_is_pruned_and_its_run_says_so":
         "a real sweep: trials train through python -m fowlflow.tune (~55 s)",
     "test_trainer_hook.py::test_on_epoch_sees_each_epoch_and_can_stop_training":
-        "real training epochs (~35 s)",    "test_checkpoint_artifact.py::test_checkpoint_artifact_is_kept_and_resumed_from_exactly":
+        "real training epochs (~35 s)",
+    "test_checkpoint_artifact.py::test_checkpoint_artifact_is_kept_and_resumed_from_exactly":
         "three in-process training runs, each logging a model (~45-80 s)",
     "test_worker.py::test_a_sweep_and_a_worker_share_the_study_without_duplicates":
         "a sweep and a tune worker on a real PostgreSQL cluster (~50-110 s)",

@@ -65,6 +65,9 @@ from tests.net import free_port, wait_until
 # (trailing comment dropped, whitespace collapsed).
 
 INTERNET = "needs the internet: "
+AWS = ("needs an AWS account (credentials, a GPU quota) and the internet; the emulated path "
+       "(moto for EC2/SSM, sshd hosts at the addresses it assigns) runs in "
+       "tests/projects/test_ec2_hosts.py")
 NOT_RUNNABLE: dict[str, str] = {
     # README "Set up and run"
     "make train":
@@ -91,6 +94,11 @@ NOT_RUNNABLE: dict[str, str] = {
         "hosts.json names the real remote hosts gpu-a and gpu-b",
     """mlflow run . -b torchrun --env-manager local -c '{"free_gpus": 2}' -P num_epochs=10""":
         "needs two idle NVIDIA GPUs (and the internet for the default data and weights)",
+    # README "Launch on GPUs" and docs/ec2.md
+    """mlflow run . -b ec2 -c '{"instance_type": "g6e.xlarge", "node_count": 2, "spot": true}' -P num_epochs=10""": AWS,
+    """mlflow run . -b ec2 -c '{"instance_type": "g6e.xlarge"}' -P num_epochs=10""": AWS,
+    """mlflow run . -b ec2 -c '{"instance_type": "g6e.xlarge", "node_count": 2, "spot": true}'""": AWS,
+    """mlflow run . -b ec2 -c '{"cluster_name": "gpu-cluster", "instance_type": "g5.12xlarge"}'""": AWS,
     # README "Team tracking server" and docs/deployment.md
     "mlflow run . --env-manager local -P data=...":
         INTERNET + "the defaults (ResNet18, weights=imagenet, 25 epochs at 224 px) download "
