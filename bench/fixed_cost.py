@@ -89,14 +89,17 @@ def _child(argv: list[str], out: str) -> None:
     getattr(entry, "exit_now", sys.exit)(code)  # as `python -m fowlflow.train` ends
 
 
-def _first_metric_delay(uri: str, born: float) -> float | None:
+def _first_metric_delays(uri: str, born: float) -> dict[str, float | None]:
+    """Seconds from the process start to the first metric, and to the first step loss."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     (run,) = client.search_runs(["0"])
-    times = [m.timestamp for key in run.data.metrics if not key.startswith("system/")
-             for m in client.get_metric_history(run.info.run_id, key)]
-    return min(times) / 1000 - born if times else None
+    times = {key: min(m.timestamp for m in client.get_metric_history(run.info.run_id, key))
+             for key in run.data.metrics if not key.startswith("system/")}
+    step = times.get("train_loss_step")
+    return {"first_metric_after_start_seconds": min(times.values()) / 1000 - born if times else None,
+            "first_train_loss_step_after_start_seconds": step / 1000 - born if step else None}
 
 
 def fowlflow(args) -> dict:
@@ -120,7 +123,7 @@ def fowlflow(args) -> dict:
     phases["other (unaccounted in process)"] = phases["in process total"] - named - phases["imports (interpreter start to trainer imported)"]
     result = {"wall_seconds": wall, "epoch_seconds": epochs, "fixed_seconds": wall - epochs,
               "phases": {k: round(v, 2) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
-              "first_metric_after_start_seconds": _first_metric_delay(uri, child["born"]),
+              **_first_metric_delays(uri, child["born"]),
               "peak_rss_trainer_mb": child["maxrss_mb"],
               "peak_rss_mb_rose_in": child["peak_rss_mb_rose_in"],
               "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
