@@ -114,6 +114,8 @@ SLOW: dict[str, str] = {
         "a real sweep: trials train through python -m fowlflow.tune (~55 s)",
     "test_trainer_hook.py::test_on_epoch_sees_each_epoch_and_can_stop_training":
         "real training epochs (~35 s)",
+    "test_live_metrics.py::test_a_step_metric_is_in_the_store_before_the_first_epoch_ends":
+        "an in-process training run into a SQLite store, model logged (~15-40 s)",
     "test_checkpoint_artifact.py::test_checkpoint_artifact_is_kept_and_resumed_from_exactly":
         "three in-process training runs, each logging a model (~45-80 s)",
     "test_worker.py::test_a_sweep_and_a_worker_share_the_study_without_duplicates":
