@@ -125,6 +125,17 @@ NOT_RUNNABLE: dict[str, str] = {
     ".venv/bin/python bench/train_speed.py accuracy --data ../shared/datasets/hymenoptera_data":
         "benchmark: 2 x 10 epochs of efficientnet_lite0 at 224 px, many minutes; arguments "
         "checked against --help",
+    ".venv/bin/python bench/fixed_cost.py --data ../shared/datasets/hymenoptera_data --epochs 3":
+        "benchmark: 3 epochs of 224 px training in a fresh interpreter, minutes; arguments "
+        "checked against --help",
+    ".venv/bin/python bench/train_speed.py bare --data ../shared/datasets/hymenoptera_data "
+    "--epochs 2 --repeats 2":
+        "benchmark: 2 x 2 epochs of 224 px training against the bare step, minutes; arguments "
+        "checked against --help",
+    ".venv/bin/python bench/ec2_overhead.py --repeat 3":
+        "benchmark: 6 launches through -b ssh and -b ec2 (moto, network-namespace hosts, an "
+        "mlflow server), minutes; the same paths run in tests/projects/test_ec2_hosts.py; "
+        "arguments checked against --help",
     ".venv/bin/python bench/gpu_torchrun.py --epochs 30 --batch-size 256":
         "needs an NVIDIA GPU (arguments checked against its --help)",
     ".venv/bin/python bench/onnx_vs_torch.py":
