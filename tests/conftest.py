@@ -123,6 +123,13 @@ SLOW: dict[str, str] = {
     "test_objective.py::test_a_sweep_minimizes_the_validation_loss": "a real sweep (~45 s)",
     "test_objective.py::test_the_metrics_a_sweep_can_optimize_are_those_the_trainer_reports":
         "real training epochs (~15 s)",
+    "test_backends.py::test_torchrun_trials_are_nested_child_runs_and_the_best_is_registered":
+        "the module's mlflow run -e tune -P backend=torchrun sweep: 2 trials, ONNX registration",
+    "test_backends.py::test_a_pruned_torchrun_trial_is_cancelled_and_marked_as_local_ones":
+        "shares that sweep (runs it when selected alone)",
+    "test_backends.py::test_a_stopped_sweep_cancels_its_running_torchrun_trials":
+        "a torchrun trial stopped by SIGTERM (~45-85 s)",
+    "tune/test_backends_ssh.py": "two sshd hosts, an mlflow server, 2 ssh trials at once",
     "tune/test_docs.py": "docs/tune.md's sweep through mlflow run: 2 trials, ONNX registration",
     "test_sweep.py::test_a_stopped_sweep_resumes_without_repeating_finished_trials":
         "a real sweep stopped by SIGTERM mid-trial, then resumed (~60-100 s)",
@@ -201,11 +208,16 @@ SHARED_HOST_FIXTURES = frozenset({"network", "hosts", "loopback_sshd", "tracking
 
 def xdist_group(item) -> str:
     """The test's group for ``pytest -n N --dist loadgroup`` (what ``make test`` runs): one
-    group for every test of :data:`SHARED_HOST_FIXTURES`, otherwise its file (its module and
-    package fixtures are then built once per worker that runs the file, not once per test)."""
+    group for every test of :data:`SHARED_HOST_FIXTURES`, one for tests/server (they share one
+    session-wide team stack: started once, not once per worker), otherwise its file (its module
+    and package fixtures are then built once per worker that runs the file, not once per
+    test)."""
     if SHARED_HOST_FIXTURES & set(getattr(item, "fixturenames", ())):
         return "shared-hosts"
-    return item.nodeid.split("::")[0]
+    path = item.nodeid.split("::")[0]
+    if path.startswith("tests/server/"):
+        return "team-stack"  # one session-wide team stack, started once, on one worker
+    return path
 
 
 _FIRST_SLOW = pytest.StashKey[object]()

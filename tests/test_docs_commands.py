@@ -136,6 +136,9 @@ NOT_RUNNABLE: dict[str, str] = {
         "benchmark: 6 launches through -b ssh and -b ec2 (moto, network-namespace hosts, an "
         "mlflow server), minutes; the same paths run in tests/projects/test_ec2_hosts.py; "
         "arguments checked against --help",
+    ".venv/bin/python bench/tune_sweep.py --data ../shared/datasets/hymenoptera_data":
+        "benchmark: two 8-trial efficientnet_lite0 sweeps at 224 px, 20-60 min on 2 CPU cores; "
+        "arguments checked against --help",
     ".venv/bin/python bench/gpu_torchrun.py --epochs 30 --batch-size 256":
         "needs an NVIDIA GPU (arguments checked against its --help)",
     ".venv/bin/python bench/onnx_vs_torch.py":
