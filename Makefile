@@ -25,10 +25,11 @@ train: $(VENV)/.installed
 
 # The whole suite in two passes, fast tests first (tests/conftest.py SLOW lists the slow ones):
 # a failed fast test stops make before the slow pass. Each pass runs on $(WORKERS) pytest-xdist
-# workers; tests of one file, and all tests of the shared sshd/netns hosts, stay on one worker
-# (conftest.xdist_group). --durations=15: each pass's 15 slowest tests. Exit 5 = nothing selected.
+# workers, the tests of one file on one worker (--dist loadfile: module fixtures built once);
+# each worker's session has its own network-namespace hosts (tests/projects/conftest.py slots).
+# --durations=15: each pass's 15 slowest tests. Exit 5 = nothing selected.
 WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup --durations=15
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --durations=15
 test: test-fast
 	$(PYTEST) -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

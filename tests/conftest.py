@@ -200,26 +200,6 @@ def pytest_sessionstart(session):
             "TMPDIR at a disk with room.")
 
 
-# Fixtures of one machine-wide resource: the netns bridge and hosts (fixed names and
-# addresses), sshds whose hosts share this machine's ~/.fowlflow, ssh ControlMasters counted
-# machine-wide. Tests that use them run one after another on one xdist worker.
-SHARED_HOST_FIXTURES = frozenset({"network", "hosts", "loopback_sshd", "tracking_server"})
-
-
-def xdist_group(item) -> str:
-    """The test's group for ``pytest -n N --dist loadgroup`` (what ``make test`` runs): one
-    group for every test of :data:`SHARED_HOST_FIXTURES`, one for tests/server (they share one
-    session-wide team stack: started once, not once per worker), otherwise its file (its module
-    and package fixtures are then built once per worker that runs the file, not once per
-    test)."""
-    if SHARED_HOST_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return "shared-hosts"
-    path = item.nodeid.split("::")[0]
-    if path.startswith("tests/server/"):
-        return "team-stack"  # one session-wide team stack, started once, on one worker
-    return path
-
-
 _FIRST_SLOW = pytest.StashKey[object]()
 
 
@@ -236,8 +216,6 @@ def pytest_collection_modifyitems(session, config, items):
         name = getattr(item, "originalname", item.name)
         if is_listed_slow(Path(item.path), name) and not item.get_closest_marker("slow"):
             item.add_marker(slow_mark)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
     fast = [i for i in items if not i.get_closest_marker("slow")]
     slow = [i for i in items if i.get_closest_marker("slow")]
     items[:] = fast + slow

@@ -30,14 +30,20 @@ from tests.projects.helpers import STANDIN, finish, fowlflow, marked_processes, 
 pytestmark = pytest.mark.slow
 
 
-def _shared_connection_masters() -> list[str]:
-    """fowlflow's ControlMaster processes on this machine (ssh renames itself "ssh: PATH
-    [mux]")."""
+def _shared_connection_masters(sshd) -> list[str]:
+    """fowlflow's ControlMaster processes connected to ``sshd`` (ssh renames itself "ssh: PATH
+    [mux]"); masters of other tests' sshds (another xdist worker's) don't count."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         line = " ".join(p.info["cmdline"] or [])
         if "/tmp/fowlflow-ssh-" in line and "[mux]" in line:
-            found.append(line)
+            try:
+                conns = getattr(p, "net_connections", None) or p.connections  # psutil < 6
+                ports = {c.raddr.port for c in conns("tcp") if c.raddr}
+            except psutil.Error:
+                continue
+            if sshd.port in ports:
+                found.append(line)
     return found
 
 
@@ -84,7 +90,8 @@ def test_one_host_streams_logs_and_keeps_credentials_off_command_lines(
     # probe, copy, start, streaming and every status poll shared one SSH connection (without
     # sharing: one connection per command, a dozen and more)
     assert loopback_sshd.log.read_text().count("Accepted publickey") - logins == 1
-    wait_until(lambda: not _shared_connection_masters(), what="the shared SSH connection to "
+    wait_until(lambda: not _shared_connection_masters(loopback_sshd),
+               what="the shared SSH connection to "
                "close when `mlflow run` ended", timeout=30)
 
 
@@ -341,8 +348,8 @@ def test_another_backend_reuses_the_ssh_launch_with_its_own_hosts(server_store, 
                        on_end=lambda: ended.append(launch.shared.closed))
     submitted = launch.run()
     assert ended == [True]  # called once, after the shared connections were closed
-    wait_until(lambda: not _shared_connection_masters(), what="no shared connection left",
-               timeout=30)
+    wait_until(lambda: not _shared_connection_masters(loopback_sshd),
+               what="no shared connection left", timeout=30)
     run = server_store.client.get_run(submitted.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["fowlflow.backend"] == "provisioned"
     record = LaunchRecord.load(server_store.client, submitted.run_id)
