@@ -19,7 +19,6 @@ it refuses (:class:`ConfigError`) stops the sweep there.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fowlflow.errors import ConfigError
+from fowlflow.tune.space import read_json_option
 
 BACKENDS = ("local", "torchrun", "ssh")
 # Keys the sweep sets itself in each trial's backend config.
@@ -82,18 +82,8 @@ def _read_config(text: str) -> dict:
     text = (text or "").strip()
     if text.lower() in ("", "none"):
         return {}
-    source = "-P backend_config"
-    if not text.startswith("{"):
-        from fowlflow.local_paths import find_local
-
-        path = find_local(text, "Backend config file", ConfigError,
-                          'give a JSON file or inline JSON such as {"hosts": ["gpu-a"]}.')
-        text, source = Path(path).read_text(), str(path)
-    try:
-        user = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{source} is not valid JSON ({exc}); expected an object such as "
-                          '{"hosts": ["gpu-a", "gpu-b"]}.') from None
+    user, source = read_json_option(text, "-P backend_config", "Backend config file",
+                                    '{"hosts": ["gpu-a", "gpu-b"]}')
     if not isinstance(user, dict):
         raise ConfigError(f"{source} must be a JSON object, got {user!r}.")
     return user

@@ -80,24 +80,35 @@ def parse_space(text: str) -> list[Dimension]:
     if text.lower() in ("", "none"):
         raw: Any = DEFAULT_SPACE
     else:
-        source = "-P search_space"
-        if not text.startswith("{"):
-            from fowlflow.local_paths import find_local
-
-            path = find_local(text, "Search space file", ConfigError,
-                              "give a JSON file or inline JSON such as "
-                              '{"learning_rate": {"type": "float", "low": 0.0005, "high": 0.005}}.')
-            text, source = Path(path).read_text(), str(path)
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source} is not valid JSON ({exc}); expected an object such as "
-                              '{"learning_rate": {"type": "float", "low": 0.0005, "high": 0.005}}.'
-                              ) from None
+        raw, _ = read_json_option(
+            text, "-P search_space", "Search space file",
+            '{"learning_rate": {"type": "float", "low": 0.0005, "high": 0.005}}')
     if not isinstance(raw, dict) or not raw:
         raise ConfigError("The search space must be a non-empty JSON object of "
                           '"<trainer parameter>": {"type": ..., ...}.')
     return [_dimension(name, spec) for name, spec in raw.items()]
+
+
+def read_json_option(text: str, option: str, what: str, example: str) -> tuple[Any, str]:
+    """An option's JSON, given inline (it starts with ``{``) or as a file found by
+    :func:`fowlflow.local_paths.find_local`; returns ``(value, source)`` (the option or the
+    file's path, for messages).
+
+    Raises:
+        ConfigError: a file that doesn't exist, or text that is not JSON.
+    """
+    source = option
+    if not text.startswith("{"):
+        from fowlflow.local_paths import find_local
+
+        path = find_local(text, what, ConfigError,
+                          f"give a JSON file or inline JSON such as {example}.")
+        text, source = Path(path).read_text(), str(path)
+    try:
+        return json.loads(text), source
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} is not valid JSON ({exc}); expected an object such as "
+                          f"{example}.") from None
 
 
 def _dimension(name: str, spec: Any) -> Dimension:
