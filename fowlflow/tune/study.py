@@ -61,7 +61,7 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.RDBSto
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
     except Exception as exc:  # SQLAlchemy's URL, driver and connection errors alike
         message = str(exc).replace(url, masked(url)).splitlines()[0]
         password = re.search(r"//[^/@:]*:([^/@]*)@", url)
@@ -71,6 +71,31 @@ def open_storage(url: str, *, heartbeat: bool = False) -> optuna.storages.RDBSto
                           f"{type(exc).__name__}: {message}. Give a reachable database URL "
                           "(sqlite:///path/optuna.db, postgresql://user@host/db with the "
                           "password in PGPASSWORD) or none for the default.") from None
+    if url.startswith("sqlite"):
+        _lock_on_begin(storage.engine)
+    return storage
+
+
+def _lock_on_begin(engine) -> None:
+    """Make each SQLite transaction take the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    Optuna pops a waiting (enqueued) trial by reading it, then writing RUNNING under ``SELECT
+    ... FOR UPDATE``, which SQLite ignores: two threads of a ``-P parallel`` sweep (or two
+    processes) could both pop the same trial and run it twice, leaving another waiting. With
+    the lock taken at ``BEGIN`` the read and the write are one step (SQLAlchemy's pysqlite
+    recipe); the 60 s ``timeout`` above is how long a transaction waits for it.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # pysqlite's own BEGIN is off; ours is below
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners are closed
 
 
 def driver_url(url: str) -> str:
