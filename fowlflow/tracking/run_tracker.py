@@ -58,7 +58,16 @@ def log_new_params(run_id: str, params: dict[str, Any]) -> dict[str, str]:
 
 
 class RunTracker:
-    """Rank-0 MLflow logging; every method is a no-op when ``enabled`` is false."""
+    """Rank-0 MLflow logging; every method is a no-op when ``enabled`` is false.
+
+    A metric is logged at most once per step. When :meth:`start` attaches to a run that already
+    has metrics (the ssh/ec2 backends start the entry point again in the same run after a lost
+    node, resuming from the last checkpoint that reached the artifact store), it reads once, per
+    key, the highest step already stored; a value at that step or below is not logged again.
+    The checkpoint is uploaded after its epoch's metrics are logged, so a replacement can resume
+    from an epoch before the last logged one; resume is exact, so the values it recomputes for
+    those epochs (and their ``train_loss_step``) are the ones already stored.
+    """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -66,6 +75,7 @@ class RunTracker:
         self._client: MlflowClient | None = None
         self._queued: list[tuple[list[str], Any]] = []  # (keys, RunOperations) since log_epoch
         self._landed: list[tuple[list[str], Any]] = []  # those queued before the last log_epoch
+        self._stored: dict[str, int] = {}  # key -> highest step the run had when attached
 
     def start(self, node_id: str | None = None, run_name: str | None = None) -> str | None:
         if not self.enabled:
@@ -77,6 +87,11 @@ class RunTracker:
         self.run_id = run.info.run_id
         self._client = MlflowClient()
         log.info("MLflow run %s (tracking URI %s)", self.run_id, mlflow.get_tracking_uri())
+        self._stored = stored_steps(self._client, self.run_id)
+        if self._stored:
+            log.info("Run %s already has metrics (a run started again); values at steps it "
+                     "has are not logged twice: %s", self.run_id,
+                     ", ".join(f"{k} <= {v}" for k, v in sorted(self._stored.items()))[:2000])
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -105,7 +120,9 @@ class RunTracker:
             return
         self._check(self._landed)  # queued an epoch ago: long written (no wait in practice)
         now = int(time.time() * 1000)
-        self._log_async([Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        batch = self._unstored([Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        if batch:
+            self._log_async(batch)
         self._landed, self._queued = self._queued, []
 
     def log_steps(self, first_step: int, losses: list[float], images_per_sec: float) -> None:
@@ -119,8 +136,15 @@ class RunTracker:
                  for i, v in enumerate(losses)]
         batch.append(Metric("train_images_per_sec_step", float(images_per_sec), now,
                             first_step + len(losses) - 1))
+        batch = self._unstored(batch)
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
             self._log_async(batch[i:i + 1000])
+
+    def _unstored(self, batch: list[Metric]) -> list[Metric]:
+        """``batch`` less the values at steps the run had when the tracker attached."""
+        if not self._stored:
+            return batch
+        return [m for m in batch if m.step > self._stored.get(m.key, -1)]
 
     def _log_async(self, batch: list[Metric]) -> None:
         ops = self._client.log_batch(self.run_id, metrics=batch, synchronous=False)
@@ -201,6 +225,13 @@ class RunTracker:
         """End the run (``mlflow.end_run`` writes what is still queued first)."""
         if self.enabled and self.run_id is not None:
             mlflow.end_run(status)
+
+
+def stored_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The highest step of each metric ``run_id`` has (MLflow's latest value of a key is the one
+    at its highest step), system metrics (``system/...``, MLflow's own monitor) left out."""
+    metrics = client.get_run(run_id).data.to_proto().metrics
+    return {m.key: m.step for m in metrics if not m.key.startswith("system/")}
 
 
 def metric_names(names: list[str]) -> dict[str, str]:
