@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "fowlflow.projects.commands",
     "fowlflow.projects.ec2_commands",
     "fowlflow.tune.commands",
+    "fowlflow.data.commands",
 )
 
 

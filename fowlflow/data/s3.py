@@ -1,9 +1,13 @@
 """Mirror an ``s3://bucket/prefix`` data source into the cache: a folder of images, or one ``.zip``.
 
     root = download_s3("s3://bucket/fowl")   # the ImageFolder root inside the cache
+    bucket, prefix = split_s3_uri("s3://bucket/fowl")
+    with s3_errors("s3://bucket/fowl", "write"):   # boto3 errors -> DataError with the fix
+        s3_client().upload_file("a.tar", bucket, f"{prefix}/a.tar")
 
 boto3 reads the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_PROFILE``) and ``MLFLOW_S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL``) for a non-AWS server.
+``AWS_PROFILE``) and ``MLFLOW_S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``, which boto3 reads itself) for a non-AWS server.
 Objects are downloaded again only when their ETag changed; a folder mirror is rebuilt in a
 temporary folder and swapped in whole, and a ``.zip`` object is checked before it is cached.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -22,12 +28,46 @@ from fowlflow.data.downloads import cache_dir, key, zip_problem
 from fowlflow.errors import DataError
 
 
-def _s3_client():
+def s3_client():
+    """A boto3 S3 client: ``MLFLOW_S3_ENDPOINT_URL`` as its endpoint if set, else boto3's own
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` handling."""
     import boto3
 
-    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     # A fresh session each time: boto3's default session caches the first credentials it saw.
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> ``("bucket", "some/prefix")``.
+
+    Raises:
+        DataError: the URI names no bucket.
+    """
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise DataError(f"{uri!r} names no bucket; expected s3://bucket/prefix. {FIX}")
+    return bucket, prefix.strip("/")
+
+
+@contextmanager
+def s3_errors(uri: str, action: str = "read") -> Iterator[None]:
+    """Turn boto3's errors inside the block into a :class:`DataError` that names the cause
+    (no or refused credentials, no bucket, S3 unreachable) and the fix; ``action`` is
+    ``read`` or ``write``."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except NoCredentialsError as exc:
+        raise DataError(f"No AWS credentials to {action} {uri}. Set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE).") from exc
+    except ClientError as exc:
+        raise _client_error(exc, uri, split_s3_uri(uri)[0], action) from exc
+    except BotoCoreError as exc:
+        raise DataError(f"Could not reach S3 to {action} {uri} ({exc}). Check "
+                        f"MLFLOW_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network. "
+                        f"{FIX}") from exc
 
 
 def download_s3(uri: str) -> Path:
@@ -38,31 +78,20 @@ def download_s3(uri: str) -> Path:
         DataError: no bucket, nothing under the prefix, no or refused credentials, S3
             unreachable, or an unusable ``.zip`` object; the message says which.
     """
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise DataError(f"{uri!r} names no bucket; expected s3://bucket/prefix. {FIX}")
+    split_s3_uri(uri)  # names no bucket: refused
     target = cache_dir() / "s3" / key(uri)
-    try:
-        s3 = _s3_client()
-        objects = _list_objects(s3, bucket, prefix)
+    with s3_errors(uri):
+        s3 = s3_client()
+        objects = list_objects(s3, bucket, prefix)
         if not objects:
             raise DataError(f"No objects under {uri}. Check the bucket and prefix. {FIX}")
         if len(objects) == 1 and objects[0]["Key"].endswith(".zip"):
             return _mirror_zip(s3, bucket, objects[0], target, uri)
         return _mirror_folder(s3, bucket, prefix, objects, target, uri)
-    except NoCredentialsError as exc:
-        raise DataError(f"No AWS credentials to read {uri}. Set AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE).") from exc
-    except ClientError as exc:
-        raise _client_error(exc, uri, bucket) from exc
-    except BotoCoreError as exc:
-        raise DataError(f"Could not reach S3 for {uri} ({exc}). Check MLFLOW_S3_ENDPOINT_URL "
-                        f"and the network. {FIX}") from exc
 
 
-def _list_objects(s3, bucket: str, prefix: str) -> list[dict]:
+def list_objects(s3, bucket: str, prefix: str) -> list[dict]:
     """Every object (not folder marker) under ``prefix``."""
     objects = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -118,7 +147,7 @@ def _mirror_folder(s3, bucket: str, prefix: str, objects: list[dict], target: Pa
     return find_imagefolder_root(mirror)
 
 
-def _client_error(exc, uri: str, bucket: str) -> DataError:
+def _client_error(exc, uri: str, bucket: str, action: str) -> DataError:
     """The DataError for an S3 ``ClientError``: refused credentials, no bucket, or other."""
     code = exc.response.get("Error", {}).get("Code", "")
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
@@ -128,4 +157,4 @@ def _client_error(exc, uri: str, bucket: str) -> DataError:
                          "MLFLOW_S3_ENDPOINT_URL for a non-AWS server).")
     if code in ("NoSuchBucket", "404"):
         return DataError(f"S3 bucket {bucket!r} does not exist ({uri}). {FIX}")
-    return DataError(f"S3 error reading {uri}: {code or exc}. {FIX}")
+    return DataError(f"S3 error ({action}) at {uri}: {code or exc}. {FIX}")

