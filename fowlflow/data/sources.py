@@ -22,6 +22,8 @@ one). Archives are unpacked into the cache by :mod:`fowlflow.data.archives`.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -131,7 +133,10 @@ def _shards_root(location: str, allow_shards: bool) -> Path | None:
         return Path(location)
     root = cache_dir() / "shards" / key(location)
     root.mkdir(parents=True, exist_ok=True)
-    (root / INDEX_NAME).write_text(text, encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".index-")  # other local ranks may read it
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, root / INDEX_NAME)
     return root
 
 

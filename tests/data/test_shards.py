@@ -14,7 +14,8 @@ from fowlflow.data.pack import pack
 from fowlflow.data.shards import INDEX_NAME, iter_split, open_shards, rank_shards
 from fowlflow.data.sources import resolve_data
 from fowlflow.errors import DataError
-from tests.conftest import BIN, HYMENOPTERA, make_imagefolder
+from tests.conftest import BIN, HYMENOPTERA, ROOT, make_imagefolder
+from tests.docs_commands import python_blocks
 from tests.test_docs_commands import documented
 
 
@@ -175,3 +176,8 @@ def test_documented_pack_of_hymenoptera(tmp_path):
     assert index.digest == scan_imagefolder(HYMENOPTERA).digest
     helped = run(documented("fowlflow data pack --help"))
     assert helped.returncode == 0 and "--shard-size N" in helped.stdout
+    snippet = {b.heading: b.commands[0].text for b in python_blocks(ROOT / "docs" / "data.md")}
+    read = subprocess.run([str(BIN / "python"), "-c", snippet["Reading shards"]], cwd=tmp_path,
+                          capture_output=True, text=True)  # the docs' Python, as written
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.startswith("['ants', 'bees'] {'train': 244, 'val': 153} ")
