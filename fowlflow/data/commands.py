@@ -24,6 +24,8 @@ def register(sub) -> None:
     pack.add_argument("--shard-size", type=_positive, default=1000, metavar="N",
                       help="at most N images per shard (default 1000); use a size that gives "
                            "each split at least as many shards as ranks x loader workers")
+    pack.add_argument("--workers", type=_positive, default=None, metavar="N",
+                      help="threads that read and decode-check images (default: one per CPU)")
     pack.add_argument("--overwrite", action="store_true",
                       help="replace the shard set DEST already holds")
     pack.set_defaults(func=_pack)
@@ -38,7 +40,8 @@ def _positive(text: str) -> int:
 def _pack(args) -> int:
     from fowlflow.data.pack import pack
 
-    index = pack(args.src, args.dest, shard_size=args.shard_size, overwrite=args.overwrite)
+    index = pack(args.src, args.dest, shard_size=args.shard_size, overwrite=args.overwrite,
+                 workers=args.workers)
     shards = {s: len(v) for s, v in index.shards.items()}
     print(f"Packed {index.counts['train']} train and {index.counts['val']} val images "
           f"({shards['train']} + {shards['val']} shards, {len(index.classes)} classes, data "

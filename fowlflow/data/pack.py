@@ -27,6 +27,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
+from multiprocessing.pool import ThreadPool
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,8 +44,11 @@ PACK_SEED = 0
 
 
 def pack(src: str, dest: str, *, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-         progress: bool = True) -> ShardIndex:
+         workers: int | None = None, progress: bool = True) -> ShardIndex:
     """Pack the ImageFolder ``src`` names into shards at ``dest``; return the written index.
+
+    ``workers`` threads read and decode-check the images (default: one per CPU; PIL decodes
+    without the GIL); the shards are written in order by the calling thread.
 
     Raises:
         DataError: the source can't be resolved or has no usable layout, ``dest`` already holds
@@ -62,8 +66,9 @@ def pack(src: str, dest: str, *, shard_size: int = DEFAULT_SHARD_SIZE, overwrite
         layout = scan_imagefolder(resolve_data(src).root)
         if overwrite:
             target.clear()
-        splits = {name: _write_split(layout, name, target, shard_size, written, progress)
-                  for name in SPLITS}
+        with ThreadPool(workers or os.cpu_count() or 1) as pool:
+            splits = {name: _write_split(layout, name, target, shard_size, written, pool,
+                                         progress) for name in SPLITS}
         check_nonempty(layout)
         doc = {"format": FORMAT, "version": VERSION, "library": "webdataset",
                "source": _public(data_location(src)), "classes": layout.classes,
@@ -83,7 +88,7 @@ def pack(src: str, dest: str, *, shard_size: int = DEFAULT_SHARD_SIZE, overwrite
 
 
 def _write_split(layout: Layout, name: str, target, shard_size: int, written: list[str],
-                 progress: bool) -> dict:
+                 pool: ThreadPool, progress: bool) -> dict:
     """Write one split's shards; drop its unreadable images from ``layout``; its index entry."""
     from webdataset import TarWriter
 
@@ -98,19 +103,20 @@ def _write_split(layout: Layout, name: str, target, shard_size: int, written: li
     with tempfile.TemporaryDirectory(prefix="fowlflow-pack-") as tmp:
         for s in range(n_shards):
             part = Path(tmp) / f"shard-{s:06d}.tar"
-            count = 0
+            count, members = 0, order[bounds[s]:bounds[s + 1]]
+            # One shard's images at a time: memory stays bounded while a shard uploads.
+            checked = pool.imap(_read_checked, [split.paths[i] for i in members], chunksize=4)
             with part.open("wb") as f, TarWriter(f, encoder=False, mtime=0) as sink:
-                for i in order[bounds[s]:bounds[s + 1]]:
+                for i, (data, problem) in zip(members, checked):
                     path = split.paths[i]
                     key = PurePosixPath(path.relative_to(layout.root)).as_posix()
-                    data, problem = _read_checked(path)
                     bar.update()
                     if problem:
                         layout.skipped.append({"path": key, "reason": problem})
                         kept.discard(i)
                         continue
-                    sink.write({"__key__": f"{count:06d}", "json": json.dumps({"path": key}).encode(),
-                                "cls": str(split.labels[i]).encode(),
+                    sink.write({"__key__": f"{count:06d}", "cls": str(split.labels[i]).encode(),
+                                "json": json.dumps({"path": key}).encode(),
                                 _extension(path): data})
                     count += 1
             if count == 0:
