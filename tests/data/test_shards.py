@@ -35,6 +35,8 @@ def test_pack_then_read_back_gives_the_files_bytes_labels_and_digest(src, tmp_pa
     index = pack(str(src), str(tmp_path / "shards"), shard_size=3, progress=False)
     again = open_shards(str(tmp_path / "shards"))
     assert again == index
+    one = pack(str(src), str(tmp_path / "one-worker"), shard_size=3, workers=1, progress=False)
+    assert one.shards == index.shards  # the same bytes (sha256) whatever the thread count
     assert index.classes == ["ants", "bees"]
     assert index.counts == {"train": 12, "val": 8}
     assert [len(index.shards[s]) for s in ("train", "val")] == [4, 3]
