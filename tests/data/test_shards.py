@@ -14,6 +14,7 @@ from fowlflow.data.pack import pack
 from fowlflow.data.shards import INDEX_NAME, iter_split, open_shards, rank_shards
 from fowlflow.data.sources import resolve_data
 from fowlflow.errors import DataError
+from fowlflow.tracking.run_tracker import _dataset_source
 from tests.conftest import BIN, HYMENOPTERA, ROOT, make_imagefolder
 from tests.docs_commands import python_blocks
 from tests.test_docs_commands import documented
@@ -159,6 +160,7 @@ def test_data_param_recognizes_a_shard_folder(src, tmp_path):
     assert (source.kind, source.root, source.uri, source.name) == ("shards", dest, str(dest),
                                                                    "shards")
     assert not source.is_remote
+    assert _dataset_source(source).to_dict() == {"uri": str(dest)}  # what tracking logs
     assert resolve_data(str(src), allow_shards=True).kind == "folder"  # no index: as before
 
 

@@ -14,6 +14,7 @@ from fowlflow.data.pack import pack
 from fowlflow.data.shards import INDEX_NAME, iter_split, open_shards
 from fowlflow.data.sources import resolve_data
 from fowlflow.errors import DataError
+from fowlflow.tracking.run_tracker import _dataset_source
 from tests.conftest import BIN, HYMENOPTERA, make_imagefolder
 from tests.data.test_shards import files_of
 from tests.test_docs_commands import documented
@@ -48,6 +49,7 @@ def test_pack_to_s3_then_stream_each_rank_its_part(s3, s3_env, src):
     source = resolve_data("s3://data/sets/fowl", allow_shards=True)
     assert (source.kind, source.uri, source.is_remote) == ("shards", "s3://data/sets/fowl", True)
     assert (source.root / INDEX_NAME).is_file() and source.root.is_relative_to(s3_env)
+    assert _dataset_source(source).to_dict() == {"uri": "s3://data/sets/fowl"}  # tracking's
 
 
 def test_a_changed_s3_shard_is_refused(s3, s3_env, src, tmp_path):
