@@ -111,3 +111,14 @@ def test_documented_pack_of_hymenoptera_to_s3(s3, s3_env, tmp_path):
     assert "Packed 244 train and 153 val images (1 + 1 shards" in done.stdout
     index = open_shards("s3://data/hymenoptera-shards")
     assert sum(1 for _ in iter_split(index, "val")) == 153
+
+
+def test_pack_reads_an_s3_imagefolder_and_an_s3_zip(s3, s3_env, tmp_path):
+    """The fixture's bucket holds the same 20 images as a folder (fowl/) and as one .zip."""
+    from_folder = pack("s3://data/fowl", "s3://data/sets/from-folder", progress=False)
+    from_zip = pack("s3://data/zipped/fowl_data.zip", str(tmp_path / "from-zip"), progress=False)
+    assert from_folder.counts == from_zip.counts == {"train": 12, "val": 8}
+    assert from_folder.digest == from_zip.digest  # same relative paths and bytes
+    assert from_folder.source == "s3://data/fowl"
+    assert ({k: d for k, d, _ in iter_split(from_folder, "val")}
+            == {k: d for k, d, _ in iter_split(from_zip, "val")})
