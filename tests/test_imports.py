@@ -49,7 +49,8 @@ ALLOWED = {
     "tracking": {"tracking", "data", "bottom", "errors"},
     "trainer": {"trainer", "tracking", "data", "bottom", "errors"},
     "registry": {"registry", "tracking", "data", "bottom", "errors"},
-    "tune": {"tune", "trainer", "registry", "tracking", "data", "bottom", "errors"},
+    "tune": {"tune", "trainer", "registry", "projects", "tracking", "data", "bottom",
+             "errors"},  # projects: the backends' config parsers (-P backend_config)
     "projects": {"projects", "bottom", "errors"},
     "server": {"server", "errors"},
     "entry": set(LAYERS.values()),

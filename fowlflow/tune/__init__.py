@@ -6,7 +6,7 @@ Modules: :mod:`.space` (the search space, checked against the trainer's flags), 
 (``bandit``, ``median``, ``hyperband``, ``none``), :mod:`.study` (samplers, the Optuna
 storage, the study), :mod:`.sweep` (the parent process: one child MLflow run and one trial
 process per trial), :mod:`.trial` (the trial process: the trainer with a reporting hook),
-:mod:`.backends` (trials through ``-P backend=torchrun|ssh``, watched from the sweep),
+:mod:`.backends` (trials through ``-P backend=torchrun|ssh|ec2``, watched from the sweep),
 :mod:`.summary` (the parent run's summary and the best trial's registration). See docs/tune.md.
 """
 

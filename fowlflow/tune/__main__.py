@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=METRIC, help="the per-epoch metric trials optimize")
     p.add_argument("--direction", default="maximize", choices=DIRECTIONS)
     p.add_argument("--backend", default="none",
-                   help="run each trial through this fowlflow backend: torchrun or ssh "
+                   help="run each trial through this fowlflow backend: torchrun, ssh or ec2 "
                         "(none: a process on this machine)")
     p.add_argument("--backend_config", default="none",
                    help="the backend's config: inline JSON or a .json file (as mlflow run -c)")
@@ -95,7 +95,8 @@ def _main(argv: list[str] | None) -> int:
             "space": spaces.as_json(plan.space), "config": asdict(plan.config),
             "pruner": plan.pruner.as_dict(), "sampler": opts.sampler, "n_trials": opts.n_trials,
             "metric": opts.metric, "direction": opts.direction,
-            "parent_run_id": run_id, "tracking_uri": masked(mlflow.get_tracking_uri())})
+            "parent_run_id": run_id, "tracking_uri": masked(mlflow.get_tracking_uri()),
+            "backend": plan.backend.name, "backend_config": plan.backend.config})
         print(f"fowlflow: study {study.study_name} in {masked(url)}; parent run {run_id}",
               flush=True)
         sweep = Sweep(study, plan.space, plan.config, url, plan.pruner, run_id, client, Path(work),

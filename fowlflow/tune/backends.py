@@ -1,4 +1,4 @@
-"""Trials through a fowlflow backend: ``-P backend=torchrun|ssh -P backend_config=...``.
+"""Trials through a fowlflow backend: ``-P backend=torchrun|ssh|ec2 -P backend_config=...``.
 
     spec = parse_backend("ssh", '{"hosts": ["gpu-a", "gpu-b"]}', parallel=2)   # before any trial
     outcome = RemoteTrial(spec, slot=0, ...).run(trial, run_id, config)
@@ -8,17 +8,20 @@ child run the sweep created (MLflow's ``_mlflow_local_backend_run_id`` key: the 
 create no run of their own then), launched detached (``"wait": false``). The sweep then reads
 the trial's per-epoch metric from the tracking store, reports each new epoch to the Optuna
 trial and, when the pruner says so, cancels the launched run with ``fowlflow cancel RUN_ID``
-(the public CLI: the tune layer does not import :mod:`fowlflow.projects`, whose backends
-MLflow loads). ``parallel`` trials at once each get their
-own hosts (``ssh``: the ``hosts`` list cut into ``parallel`` equal groups) or GPUs
-(``torchrun``: ``gpus``, or this machine's GPUs, cut the same way; on a CPU-only machine every
-trial runs its CPU processes here). What the sweep relies on is checked here, before any
-trial; the backend checks the rest of its config when the first trial launches, and a config
-it refuses (:class:`ConfigError`) stops the sweep there.
+(the public CLI, as a user would). ``parallel`` trials at once each get their own hosts
+(``ssh``: the ``hosts`` list cut into ``parallel`` equal groups), GPUs (``torchrun``: ``gpus``,
+or this machine's GPUs, cut the same way; on a CPU-only machine every trial runs its CPU
+processes here) or instances (``ec2``: ``cluster_name`` NAME becomes one cluster per slot,
+NAME-0, NAME-1, ...; without one every trial gets fresh instances, which the sweep removes
+with ``fowlflow ec2 down`` when the trial ends). The whole config and each slot's are checked
+by the backend's own parser (:data:`PARSERS`, what ``mlflow run -b NAME -c`` runs) before the
+sweep creates its parent run or any trial; what only the launch can find out (an ec2 instance
+type the region lacks) is a :class:`ConfigError` at the first launch, which stops the sweep.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -27,11 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fowlflow.errors import ConfigError
+from fowlflow.projects.config import parse_ssh_config, parse_torchrun_config
+from fowlflow.projects.ec2_config import parse_ec2_config
 from fowlflow.tune.space import read_json_option
 
-BACKENDS = ("local", "torchrun", "ssh")
-# Keys the sweep sets itself in each trial's backend config.
-SWEEP_KEYS = ("wait", "stream", "node_count")
+# Each backend's own config parser (what `mlflow run -b NAME -c` runs), run on the whole config
+# and on each slot's before any run or trial exists.
+PARSERS = {"torchrun": parse_torchrun_config, "ssh": parse_ssh_config, "ec2": parse_ec2_config}
+BACKENDS = ("local", *PARSERS)
+# Keys the sweep sets itself in each trial's backend config (ssh: node_count follows the hosts
+# cut for each slot).
+SWEEP_KEYS = {"torchrun": ("wait", "stream"), "ssh": ("wait", "stream", "node_count"),
+              "ec2": ("wait", "stream")}
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the fowlflow project (its MLproject)
 
@@ -43,16 +53,23 @@ class BackendSpec:
     name: str = "local"  # local: a trial process on this machine, no backend
     slots: tuple[dict, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    config: dict = field(default_factory=dict)  # the user's config, as given
 
     @property
     def remote(self) -> bool:
         return self.name != "local"
 
+    def down_after_trial(self, slot: int) -> bool:
+        """ec2: whether the slot's instances go when its trial ends (no ``cluster_name``, or
+        ``"down": true``); a detached run can't remove them itself."""
+        return self.name == "ec2" and parse_ec2_config(self.slots[slot]).terminate_at_end
+
 
 def parse_backend(name: str, config_text: str, parallel: int, gpu_count: int | None = None
                   ) -> BackendSpec:
-    """Check ``-P backend`` and ``-P backend_config`` (inline JSON or a ``.json`` file) as the
-    backend itself would, and give each of the ``parallel`` trial slots its hosts or GPUs.
+    """Check ``-P backend`` and ``-P backend_config`` (inline JSON or a ``.json`` file) with the
+    backend's own config parser (:data:`PARSERS`), and give each of the ``parallel`` trial
+    slots its hosts, GPUs or ec2 cluster.
 
     Raises:
         ConfigError: an unknown backend, a config the backend refuses, keys a sweep sets itself,
@@ -67,15 +84,31 @@ def parse_backend(name: str, config_text: str, parallel: int, gpu_count: int | N
     if name == "local":
         if user:
             raise ConfigError("-P backend_config is given but -P backend is local; add "
-                              "-P backend=torchrun or -P backend=ssh.")
+                              "-P backend=torchrun, ssh or ec2.")
         return BackendSpec()
-    given = sorted(k for k in SWEEP_KEYS if k in user)
+    given = sorted(k for k in SWEEP_KEYS[name] if k in user)
     if given:
         raise ConfigError(f"-P backend_config: the sweep sets {', '.join(given)} for each trial "
                           "itself (trials are launched detached and watched); remove them.")
+    cfg = _parsed(name, user)
     if name == "ssh":
-        return BackendSpec(name, *_ssh_slots(user, parallel))
-    return BackendSpec(name, *_torchrun_slots(user, parallel, gpu_count))
+        slots, notes = _ssh_slots(user, cfg, parallel)
+    elif name == "ec2":
+        slots, notes = _ec2_slots(user, cfg, parallel)
+    else:
+        slots, notes = _torchrun_slots(user, cfg, parallel, gpu_count)
+    for k, slot in enumerate(slots):
+        _parsed(name, slot, f" (as trial slot {k} gets it: {json.dumps(slot)})")
+    return BackendSpec(name, slots, notes, user)
+
+
+def _parsed(name: str, user: dict, where: str = ""):
+    """The backend's own parse of ``user`` as each trial is launched (detached)."""
+    try:
+        return PARSERS[name]({**user, "wait": False})
+    except ConfigError as exc:
+        raise ConfigError(f"-P backend_config: the {name} backend refuses it{where}: "
+                          f"{exc}") from None
 
 
 def _read_config(text: str) -> dict:
@@ -89,18 +122,10 @@ def _read_config(text: str) -> dict:
     return user
 
 
-def _ssh_slots(user: dict, parallel: int) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+def _ssh_slots(user: dict, cfg, parallel: int) -> tuple[tuple[dict, ...], tuple[str, ...]]:
     import mlflow
 
-    hosts = user.get("hosts")
-    hosts = [hosts] if isinstance(hosts, str) else hosts
-    if not isinstance(hosts, list) or not hosts or not all(
-            (isinstance(h, str) and h.strip()) or (isinstance(h, dict) and "host" in h)
-            for h in hosts):
-        raise ConfigError('-P backend_config for the ssh backend needs "hosts": a list of host '
-                          'names (or {"host": ..., "port": ...} objects), e.g. '
-                          '{"hosts": ["gpu-a", "gpu-b"]}.')
-    if user.get("tunnel"):
+    if cfg.tunnel:
         raise ConfigError('-P backend_config: "tunnel" needs a client attached to each run, and '
                           "a sweep launches its trials detached; serve the tracking server on "
                           "an address the hosts reach (mlflow server --host 0.0.0.0).")
@@ -110,6 +135,7 @@ def _ssh_slots(user: dict, parallel: int) -> tuple[tuple[dict, ...], tuple[str, 
                           f"MLFLOW_TRACKING_URI is {uri!r} (a store on this machine); start an "
                           "http(s) tracking server the hosts reach (mlflow server --host "
                           "0.0.0.0) and set MLFLOW_TRACKING_URI to it.")
+    hosts = user["hosts"] if isinstance(user["hosts"], list) else [user["hosts"]]
     if len(hosts) < parallel:
         raise ConfigError(f"-P parallel={parallel} needs at least {parallel} hosts in "
                           f"-P backend_config (each trial runs on hosts of its own); it lists "
@@ -122,23 +148,46 @@ def _ssh_slots(user: dict, parallel: int) -> tuple[tuple[dict, ...], tuple[str, 
     return slots, notes
 
 
-def _torchrun_slots(user: dict, parallel: int, gpu_count: int | None
+def _ec2_slots(user: dict, cfg, parallel: int) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+    """Each slot its own instances: ``cluster_name`` NAME becomes NAME-0, NAME-1, ... (one
+    cluster per slot, kept between its trials unless ``"down": true``); without one, each
+    trial gets fresh instances, removed when it ends."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        raise ConfigError(f"-P backend=ec2: the instances log to the tracking server, but "
+                          f"MLFLOW_TRACKING_URI is {uri!r} (a store on this machine); use an "
+                          "http(s) tracking server the instances reach and set "
+                          "MLFLOW_TRACKING_URI to it.")
+    if cfg.ssh.tunnel:
+        raise ConfigError('-P backend_config: "tunnel" needs a client attached to each run, and '
+                          "a sweep launches its trials detached; give the instances a tracking "
+                          "server they reach.")
+    if cfg.cluster_name is None:
+        return tuple(dict(user) for _ in range(parallel)), ()
+    slots = tuple({**user, "cluster_name": f"{cfg.cluster_name}-{k}"} for k in range(parallel))
+    names = ", ".join(s["cluster_name"] for s in slots)
+    if cfg.terminate_at_end:
+        return slots, (f"ec2 clusters {names}: one per trial slot, removed after each trial "
+                       '("down": true)',)
+    return slots, (f"ec2 clusters {names}: one per trial slot, reused by its next trial and "
+                   f"kept after the sweep (they stop themselves after {cfg.idle_minutes} idle "
+                   "minutes; `fowlflow ec2 down NAME` removes one)",)
+
+
+def _torchrun_slots(user: dict, cfg, parallel: int, gpu_count: int | None
                     ) -> tuple[tuple[dict, ...], tuple[str, ...]]:
-    given = user.get("gpus")
-    if given is not None and (not isinstance(given, list) or not given or not all(
-            isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in given)):
-        raise ConfigError(f"-P backend_config: gpus must be a non-empty list of GPU indices "
-                          f"like [0, 1], got {given!r}.")
-    if user.get("free_gpus") is not None and parallel > 1:
+    if cfg.free_gpus is not None and parallel > 1:
         raise ConfigError('-P backend_config: "free_gpus" with -P parallel > 1 would let trials '
                           'started at once take the same idle GPUs; list them instead, e.g. '
                           '"gpus": [0, 1, 2, 3] (each trial gets its own share).')
-    if given is None and gpu_count is None:
+    if cfg.gpus is None and gpu_count is None:
         from fowlflow.tune.sweep import _gpu_count
 
         gpu_count = _gpu_count()
-    gpus = list(given) if given is not None else list(range(gpu_count))
-    if not gpus or user.get("free_gpus") is not None:  # CPU processes (gloo), or free_gpus
+    gpus = list(cfg.gpus) if cfg.gpus is not None else list(range(gpu_count))
+    if not gpus or cfg.free_gpus is not None:  # CPU processes (gloo), or free_gpus
         return tuple(dict(user) for _ in range(parallel)), ()
     if len(gpus) < parallel:
         raise ConfigError(f"-P parallel={parallel} needs at least {parallel} GPUs (each trial "
@@ -186,7 +235,18 @@ class RemoteTrial:
                             backend_config={**self.backend.slots[self.slot], "wait": False,
                                             "_mlflow_local_backend_run_id": run_id},
                             synchronous=False)
-        return self._watch(trial, run_id)
+        try:
+            return self._watch(trial, run_id)
+        finally:
+            if self.backend.down_after_trial(self.slot):
+                self._down(run_id)
+
+    def _down(self, run_id: str) -> None:
+        """``fowlflow ec2 down`` the trial's cluster (named in its run's tags)."""
+        tags = self.client.get_run(run_id).data.tags
+        cluster, region = tags.get("fowlflow.ec2.cluster"), tags.get("fowlflow.ec2.region")
+        if cluster:
+            _fowlflow("ec2", "down", cluster, *(["--region", region] if region else []))
 
     def _watch(self, trial, run_id: str) -> dict:
         last_check = time.monotonic()
@@ -226,11 +286,12 @@ class RemoteTrial:
                 "state": status}
 
 
-def _fowlflow(command: str, run_id: str) -> None:
+def _fowlflow(*args: str) -> None:
     """``fowlflow cancel|status RUN_ID`` (the launched run's supervisors, from its launch
-    record); a failure is shown, not raised: the watch goes on and asks the store again."""
-    proc = subprocess.run([sys.executable, "-m", "fowlflow.cli", command, run_id],
-                          capture_output=True, text=True, timeout=300)
+    record), ``fowlflow ec2 down NAME``; a failure is shown, not raised: the watch goes on and
+    asks the store again (a cluster left behind is named, and ``fowlflow ec2 gc`` finds it)."""
+    proc = subprocess.run([sys.executable, "-m", "fowlflow.cli", *args],
+                          capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        print(f"fowlflow: `fowlflow {command} {run_id}` failed (exit {proc.returncode}): "
+        print(f"fowlflow: `fowlflow {' '.join(args)}` failed (exit {proc.returncode}): "
               f"{proc.stderr.strip()[-1000:]}", file=sys.stderr, flush=True)

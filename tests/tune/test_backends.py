@@ -54,7 +54,7 @@ def test_ssh_hosts_are_split_between_parallel_trials(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("backend, config, parallel, message", [
-    ("slurm", "none", 1, "-P backend=slurm is unknown; use one of local, torchrun, ssh"),
+    ("slurm", "none", 1, "-P backend=slurm is unknown; use one of local, torchrun, ssh, ec2"),
     ("none", '{"gpus": [0]}', 1, "-P backend_config is given but -P backend is local"),
     ("torchrun", '{"gpus": [0], "wait": true}', 1, "the sweep sets wait for each trial"),
     ("torchrun", '{"gpus": "0,1"}', 1, "gpus must be a non-empty list of GPU indices"),
@@ -64,7 +64,20 @@ def test_ssh_hosts_are_split_between_parallel_trials(monkeypatch, tmp_path):
     ("torchrun", "nowhere.json", 1, "nowhere.json"),
     ("ssh", '{"hosts": ["a"]}', 2, "-P parallel=2 needs at least 2 hosts"),
     ("ssh", '{"hosts": ["a"], "tunnel": true}', 1, '"tunnel" needs a client attached'),
-    ("ssh", '{"process_count_per_node": 2}', 1, 'for the ssh backend needs "hosts"'),
+    ("ssh", '{"process_count_per_node": 2}', 1,
+     '-P backend_config: the ssh backend refuses it: the ssh backend needs "hosts"'),
+    ("torchrun", '{"gpu": [0]}', 1, "-P backend_config: the torchrun backend refuses it: "
+                                    "unknown torchrun backend config key(s) ['gpu']"),
+    ("ssh", '{"hosts": ["a"], "identity_file": "/nonexistent/key"}', 1,
+     "the ssh backend refuses it: identity_file '/nonexistent/key' does not exist"),
+    ("ec2", '{"instance_type": "g6e.xlarge", "spot": "yes"}', 1,
+     "the ec2 backend refuses it: spot must be true or false, got 'yes'"),
+    ("ec2", '{"cluster_name": "a-cluster-name-of-forty-characters-long"}', 2,
+     "the ec2 backend refuses it (as trial slot 0 gets it: {\"cluster_name\": "
+     "\"a-cluster-name-of-forty-characters-long-0\"}): cluster_name "),
+    ("ec2", '{"idle_minutes": 0}', 1, '"wait": false with "idle_minutes": 0'),
+    ("ec2", '{"tunnel": true}', 1, '"tunnel" needs a client attached'),
+    ("ec2", '{"wait": true}', 1, "the sweep sets wait for each trial"),
 ])
 def test_a_bad_backend_config_is_refused(monkeypatch, backend, config, parallel, message):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
@@ -86,24 +99,39 @@ def test_ssh_trials_need_a_tracking_server_the_hosts_reach(tracking_uri, client,
     assert optuna.get_all_study_names(storage) == []
 
 
-def test_a_config_the_backend_refuses_stops_the_sweep_at_the_first_launch(tracking_uri, client,
-                                                                         tmp_path):
-    """Keys only the backend knows are checked by the backend itself (the tune layer does not
-    import fowlflow.projects): its ConfigError at the first launch ends the sweep, exit 2."""
+def test_a_config_the_backend_refuses_is_refused_before_any_run_or_trial(tracking_uri, client,
+                                                                          tmp_path):
+    """The backend's own config parser runs before the sweep starts: a key only the torchrun
+    backend knows is wrong ends the sweep with exit 2 and the backend's message, and no parent
+    run, trial run or study exists."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = subprocess.run([sys.executable, "-m", "fowlflow.tune", *TINY, "--backend", "torchrun",
                            "--backend_config", '{"gpu": [0]}', "--n_trials", "3",
                            "--parallel", "1", "--storage", storage, "--study_name", "bad"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "-P backend_config: the torchrun backend refused it when trial 0 was launched: " \
-           "unknown torchrun backend config key(s) ['gpu']" in proc.stderr
-    (trial,) = optuna.load_study(study_name="bad", storage=storage).trials  # no other launched
-    assert trial.state.name == "FAIL"
-    run = client.get_run(trial.user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED" and run.data.tags["fowlflow.trial_state"] == "FAIL"
-    (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
-    assert parent.info.status == "FAILED"
+    assert "-P backend_config: the torchrun backend refuses it: unknown torchrun backend " \
+           "config key(s) ['gpu']; valid keys are: env, free_gpus, gpus" in proc.stderr
+    assert client.search_runs(["0"]) == []
+    assert optuna.get_all_study_names(storage) == []
+
+
+def test_ec2_trials_get_instances_of_their_own(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    named = parse_backend("ec2", '{"cluster_name": "sweep", "node_count": 2}', parallel=2)
+    assert [s["cluster_name"] for s in named.slots] == ["sweep-0", "sweep-1"]
+    assert {s["node_count"] for s in named.slots} == {2}  # instances per trial
+    assert not named.down_after_trial(0)  # kept: the slot's next trial reuses it
+    assert "sweep-0, sweep-1: one per trial slot, reused by its next trial and kept" \
+        in named.notes[0]
+    down = parse_backend("ec2", '{"cluster_name": "sweep", "down": true}', parallel=2)
+    assert down.down_after_trial(1)
+    fresh = parse_backend("ec2", '{"spot": true}', parallel=3)
+    assert fresh.slots == ({"spot": True},) * 3 and fresh.down_after_trial(2)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///here.db")
+    with pytest.raises(ConfigError, match="-P backend=ec2: the instances log to the tracking "
+                                          "server, but MLFLOW_TRACKING_URI is 'sqlite:///"):
+        parse_backend("ec2", "none", parallel=1)
 
 
 # --- a real sweep through -P backend=torchrun -------------------------------------------------

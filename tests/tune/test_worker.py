@@ -124,3 +124,69 @@ def test_a_worker_refuses_an_unknown_study_an_unreachable_storage_and_a_password
     assert "can't be used as the Optuna study storage" in message and "OperationalError" in message
     message = worker("nope", storage.replace("mlflow@", "mlflow:s3cret@"))
     assert "don't put the password on the command line" in message and "s3cret" not in message
+
+
+# --- a worker's trials through the sweep's backend ---------------------------------------------
+
+def test_a_worker_uses_the_sweeps_backend_but_not_its_hosts_or_kept_cluster(monkeypatch):
+    from fowlflow.errors import ConfigError
+    from fowlflow.tune.worker import worker_backend
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    torchrun = {"backend": "torchrun", "backend_config": {"process_count_per_node": 1}}
+    spec = worker_backend(torchrun, None, None, parallel=2)
+    assert spec.name == "torchrun" and spec.slots[0]["process_count_per_node"] == 1
+    assert not worker_backend(torchrun, "none", None, parallel=1).remote  # a process here
+    assert not worker_backend({}, None, None, parallel=1).remote  # an older sweep's study
+    ssh = {"backend": "ssh", "backend_config": {"hosts": ["gpu-a", "gpu-b"]}}
+    with pytest.raises(ConfigError, match="on its hosts; give this worker its own with "
+                                          "--backend_config"):
+        worker_backend(ssh, None, None, parallel=1)
+    own = worker_backend(ssh, None, '{"hosts": ["gpu-c"]}', parallel=1)
+    assert own.slots == ({"hosts": ["gpu-c"]},)
+    kept = {"backend": "ec2", "backend_config": {"cluster_name": "sweep"}}
+    with pytest.raises(ConfigError, match="on its ec2 cluster_name 'sweep'"):
+        worker_backend(kept, None, None, parallel=1)
+    fresh = worker_backend({"backend": "ec2", "backend_config": {"spot": True}}, None, None, 1)
+    assert fresh.slots == ({"spot": True},)
+    with pytest.raises(ConfigError, match="the torchrun backend refuses it: unknown"):
+        worker_backend(torchrun, None, '{"gpu": [0]}', parallel=1)
+
+
+def test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend(tracking_uri, client,
+                                                                          tmp_path):
+    """A sweep with ``--backend torchrun`` (CPU processes, SQLite study) and a worker that
+    joins it: the worker's trial is a torchrun run too, without the worker naming a backend."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    run_dir = tmp_path / "runs"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "fowlflow.tune", *TINY, "--num_epochs", "1", "--n_trials", "2",
+         "--parallel", "1", "--pruner", "none", "--storage", storage, "--study_name", "shared",
+         "--registered_model_name", "none", "--output_dir", str(tmp_path / "out"),
+         "--backend", "torchrun",
+         "--backend_config", f'{{"process_count_per_node": 1, "run_dir": "{run_dir}"}}'],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep_out: list[str] = []
+    for line in sweep.stdout:
+        sweep_out.append(line)
+        if "parent run" in line:
+            break
+    sweep_reader = _collect(sweep, sweep_out)
+    worker = subprocess.run([str(BIN / "fowlflow"), "tune", "worker", "--study", "shared",
+                             "--storage", storage], capture_output=True, text=True, timeout=600)
+    assert sweep.wait(timeout=600) == 0, "".join(sweep_out)[-4000:]
+    sweep_reader.join(timeout=10)
+    worker_text = worker.stdout + worker.stderr
+    assert worker.returncode == 0, worker_text[-4000:]
+    assert "trials through torchrun" in worker.stdout
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    (mine,) = [t for t in study.trials if f"trial {t.number} started through torchrun"
+               in worker.stdout]
+    run = client.get_run(mine.user_attrs["mlflow_run_id"])
+    assert run.data.tags["fowlflow.backend"] == "torchrun"  # launched by the backend
+    assert run.data.params["backend"] == "torchrun" and run.info.status == "FINISHED"
+    assert (run_dir / run.info.run_id / "node0.log").is_file()  # the sweep's run_dir
+    (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.metrics["trials_complete"] == 2
