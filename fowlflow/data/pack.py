@@ -37,6 +37,7 @@ from fowlflow.data.imagefolder import Layout, Split, check_nonempty, scan_imagef
 from fowlflow.data.shards import (FORMAT, INDEX_NAME, SPLITS, VERSION, ShardIndex, parse_index,
                                   read_index_text)
 from fowlflow.errors import DataError
+from fowlflow.stopping import sigterm_unwinds
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 1000
@@ -55,15 +56,23 @@ def pack(src: str, dest: str, *, shard_size: int = DEFAULT_SHARD_SIZE, overwrite
             shards (without ``overwrite``), or ``dest`` can't be written (the message names
             the cause; nothing is left behind).
     """
-    from fowlflow.data.sources import data_location, resolve_data
-
     if shard_size < 1:
         raise DataError(f"--shard-size must be at least 1 image; got {shard_size}.")
     target = _destination(dest)
-    written: list[str] = []
+    with sigterm_unwinds():  # a SIGTERM removes what was written, as a failure does
+        return _pack(src, target, shard_size, overwrite, workers, progress)
+
+
+def _pack(src: str, target, shard_size: int, overwrite: bool, workers: int | None,
+          progress: bool) -> ShardIndex:
+    from fowlflow.data.sources import data_location, resolve_data
+
+    written: list[str] = []  # shard paths in place at the destination, removed on failure
     try:
         target.check(overwrite)
-        layout = scan_imagefolder(resolve_data(src).root)
+        source = resolve_data(src)
+        target.refuse_inside(source.root)
+        layout = scan_imagefolder(source.root)
         if overwrite:
             target.clear()
         with ThreadPool(workers or os.cpu_count() or 1) as pool:
@@ -206,6 +215,12 @@ class _FolderDestination:
             raise DataError(f"Can't write to {self.root} ({exc.strerror}); give a writable "
                             "folder.") from None
 
+    def refuse_inside(self, source: Path) -> None:
+        source = Path(source).resolve()
+        if self.root.resolve().is_relative_to(source):
+            raise DataError(f"The destination {self.root} is inside the source ImageFolder "
+                            f"{source}; give a folder outside it.")
+
     def _existing(self) -> list[str]:
         found = [INDEX_NAME] if (self.root / INDEX_NAME).is_file() else []
         return found + [f"{s}/{p.name}" for s in SPLITS
@@ -272,6 +287,9 @@ class _S3Destination:
         probe = self._key(f".fowlflow-probe-{os.getpid()}")
         self._call(lambda s3: s3.put_object(Bucket=self.bucket, Key=probe, Body=b""))
         self._call(lambda s3: s3.delete_object(Bucket=self.bucket, Key=probe))
+
+    def refuse_inside(self, source: Path) -> None:
+        pass  # a local source can't contain an s3:// destination
 
     def clear(self) -> None:
         for rel in [INDEX_NAME] + [r for r in self.existing if r != INDEX_NAME]:

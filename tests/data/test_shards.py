@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,29 @@ def test_documented_pack_of_hymenoptera(tmp_path):
                           capture_output=True, text=True)  # the docs' Python, as written
     assert read.returncode == 0, read.stderr
     assert read.stdout.startswith("['ants', 'bees'] {'train': 244, 'val': 153} ")
+
+
+def test_sigterm_while_packing_leaves_nothing(tmp_path):
+    """A pack stopped by SIGTERM once its first shard is in place removes it on the way out."""
+    (tmp_path / "hymenoptera_data").symlink_to(HYMENOPTERA)
+    dest = tmp_path / "out" / "shards"
+    proc = subprocess.Popen([str(BIN / "fowlflow"), "data", "pack", "hymenoptera_data",
+                             str(dest), "--shard-size", "10", "--workers", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (dest / "train" / "shard-000001.tar").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_destination_inside_the_source_is_refused(src):
+    with pytest.raises(DataError, match="inside the source ImageFolder"):
+        pack(str(src), str(src / "shards"), progress=False)
+    assert not (src / "shards").exists()
