@@ -36,6 +36,9 @@ def s3():
         client.upload_file(str(archive), "data", "zipped/fowl_data.zip")
         yield server
     finally:
+        from fowlflow.data.s3 import _client
+
+        _client.cache_clear()  # its open connections would hold SeaweedFS's shutdown 30 s
         server.stop(record)
         shutil.rmtree(state, ignore_errors=True)
 
