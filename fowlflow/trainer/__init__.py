@@ -1,4 +1,5 @@
-"""The payload: in-memory image caches -> model -> train/eval loop (DDP-ready), tracked.
+"""The payload: images (cached in memory or streamed, one part per DDP rank) -> model ->
+train/eval loop (DDP-ready), tracked; data paths: docs/trainer.md.
 
     summary = run(parse_args(["--data", "synthetic", "--num_epochs", "2"]))  # trainer.train
 

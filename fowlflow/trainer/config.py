@@ -17,6 +17,7 @@ from fowlflow.errors import ConfigError
 SAMPLE_DATA_URL = "https://azuremlexamples.blob.core.windows.net/datasets/fowl_data.zip"
 AMP_CHOICES = ("auto", "bf16", "off")
 CHECKPOINT_ARTIFACT_CHOICES = ("auto", "true", "false")
+DATA_PATH_CHOICES = ("auto", "cache", "stream")  # fowlflow.trainer.data_path
 # Set (to the backend's name) by the ssh backend, and backends built on it, in the environment
 # of the command it starts on a host: there the run's folder is removed by `fowlflow gc`, so
 # checkpoint_artifact=auto keeps the checkpoint in the run's artifacts.
@@ -40,6 +41,8 @@ class TrainConfig:
     freeze_backbone: bool = False
     amp: str = "auto"
     workers: int = 2
+    data_path: str = "auto"
+    memory_budget_gb: float = 0.0
     seed: int = 42
     output_dir: str = "outputs"
     resume: str = ""
@@ -98,7 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only the new classification head")
     p.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="bf16 autocast: auto (on CUDA and CPUs with native bf16), bf16, off")
-    p.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="image decoding processes (once on the cached path, every epoch when "
+                        "streaming)")
+    p.add_argument("--data_path", default=d.data_path, type=lambda text: text.strip().lower(),
+                   choices=DATA_PATH_CHOICES,
+                   help="auto: decode the set once into memory when this process's part fits "
+                        "-P memory_budget_gb, else stream it (decode every epoch); cache; stream")
+    p.add_argument("--memory_budget_gb", type=float, default=d.memory_budget_gb,
+                   help="memory (GiB, per process) the decoded images may take on the cached "
+                        "path; 0: 60%% of the host's available memory (50%% of the GPU's free "
+                        "memory on CUDA)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints and local outputs")
     p.add_argument("--resume", default=d.resume, type=optional,
@@ -136,6 +149,8 @@ def checked(cfg: TrainConfig) -> TrainConfig:
         (cfg.batch_size >= 1, "batch_size", cfg.batch_size, "at least 1"),
         (cfg.image_size >= 16, "image_size", cfg.image_size, "at least 16"),
         (cfg.workers >= 0, "workers", cfg.workers, "0 or more"),
+        (cfg.memory_budget_gb >= 0, "memory_budget_gb", cfg.memory_budget_gb,
+         "0 (automatic) or more"),
     ]
     for ok, name, value, want in checks:
         if not ok:

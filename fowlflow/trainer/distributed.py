@@ -53,6 +53,19 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (picklable, small), in rank order; ``[obj]`` for one process."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @property
+    def local_world_size(self) -> int:
+        """The processes on this node (torchrun's ``LOCAL_WORLD_SIZE``): they share its memory."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.distributed else 1
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -1,7 +1,11 @@
-"""One training epoch and one evaluation pass over in-memory image caches.
+"""One training epoch and one evaluation pass over this rank's images, cached or streamed.
 
-    stats = train_epoch(model, optimizer, train_cache, setup, epoch, on_steps=report)
-    result = evaluate(model, val_cache, setup)
+    stats = train_epoch(model, optimizer, train_data, setup, epoch, on_steps=report)
+    result = evaluate(model, val_data, setup)
+
+The data is an :class:`~fowlflow.trainer.image_cache.ImageCache` or a
+:class:`~fowlflow.trainer.streaming.StreamedSplit` (both hand out uint8 batches in the order
+:mod:`fowlflow.trainer.sharding` draws); the augmentation and everything after it are the same.
 
 Host syncs are kept out of the step: losses and hit counts accumulate on the device. The step
 losses are read back only at report points (the epoch's first step, then at most every
@@ -17,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -24,13 +29,12 @@ from tqdm import tqdm
 from fowlflow.stopping import raise_if_stopping
 from fowlflow.trainer.augment import eval_batch, train_batch
 from fowlflow.trainer.distributed import DistContext
-from fowlflow.trainer.image_cache import ImageCache
 
 
 # Every random stream is seeded from (seed, epoch, rank), so a resumed run repeats an
 # uninterrupted one exactly. The multipliers are primes that keep the streams of different
-# seeds, epochs and ranks apart (seed 1 epoch 2 is not seed 2 epoch 1).
-SHUFFLE_SEED_STRIDE = 100_003     # the epoch's shared shuffle: seed * this + epoch
+# seeds, epochs and ranks apart (seed 1 epoch 2 is not seed 2 epoch 1). The epoch's order of
+# images is fowlflow.trainer.sharding's.
 AUGMENT_SEED_STRIDE = 1_000_003   # this rank's augmentation and dropout: seed * this
 AUGMENT_EPOCH_STRIDE = 1_009      #   + epoch * this + rank
 REPORT_SECONDS = 10.0  # step losses are read back and reported at most this often (and at
@@ -39,6 +43,7 @@ REPORT_SECONDS = 10.0  # step losses are read back and reported at most this oft
 # on_steps(first_global_step, losses, images_per_sec): the losses of consecutive steps and the
 # images/s of all ranks over them.
 StepCallback = Callable[[int, list, float], None]
+FIGURE_IMAGES = 16  # misclassified validation images kept for the run's figure
 
 
 @dataclass(frozen=True)
@@ -72,24 +77,21 @@ class EpochStats:
 
 
 @dataclass
+class Predictions:
+    """The whole validation split's labels and predictions (all ranks'), in split order, and
+    the images of its first misclassified rows: what the run's figures need."""
+
+    true: np.ndarray  # int64 (N,)
+    pred: np.ndarray  # int64 (N,)
+    images: dict[int, np.ndarray]  # position in ``true`` -> uint8 (3, H, W)
+
+
+@dataclass
 class EvalResult:
     loss: float
     acc: float
     confusion: torch.Tensor  # int64 (C, C), rows = true class
-    predictions: torch.Tensor | None  # for the evaluated rows, when not sharded
-
-
-def epoch_batches(n: int, setup: LoopSetup, epoch: int) -> list[torch.Tensor]:
-    """This rank's index batches: one shared shuffle per epoch, equal shards per rank."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(
-        setup.seed * SHUFFLE_SEED_STRIDE + epoch))
-    ctx = setup.ctx
-    per_rank = n // ctx.world_size
-    mine = perm[ctx.rank::ctx.world_size][:per_rank]
-    batches = list(mine.split(setup.batch_size))
-    if batches and len(batches[-1]) < 2 and len(batches) > 1:  # BatchNorm can't train on 1 image
-        batches.pop()
-    return batches
+    predictions: Predictions | None  # None when not asked for (keep_images=0)
 
 
 def _seed_epoch(setup: LoopSetup, epoch: int) -> torch.Generator:
@@ -127,27 +129,29 @@ class _StepReporter:
         self.done, self.last = step + 1, now
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache: ImageCache,
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data,
                 setup: LoopSetup, epoch: int, on_steps: StepCallback | None = None) -> EpochStats:
-    """Train one epoch; ``on_steps`` gets its step losses while it runs (see the module doc).
-    Global steps count from 0 at epoch 1's first step."""
+    """Train one epoch on ``data`` (an ImageCache or a StreamedSplit); ``on_steps`` gets its
+    step losses while it runs (see the module doc). Global steps count from 0 at epoch 1's
+    first step."""
     model.train()
     gen = _seed_epoch(setup, epoch)
-    batches = epoch_batches(len(cache), setup, epoch)
-    losses = torch.zeros(len(batches), device=setup.device)
+    sizes, batches = data.train_batches(setup, epoch)
+    losses = torch.zeros(len(sizes), device=setup.device)
     hits = torch.zeros((), dtype=torch.int64, device=setup.device)
     start = time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch} train", unit="batch", disable=not setup.progress,
-               leave=False, mininterval=1.0)
-    sizes = [len(b) for b in batches]
-    reporter = _StepReporter(losses, sizes, setup, (epoch - 1) * len(batches), on_steps,
+    bar = tqdm(total=len(sizes), desc=f"epoch {epoch} train", unit="batch",
+               disable=not setup.progress, leave=False, mininterval=1.0)
+    reporter = _StepReporter(losses, sizes, setup, (epoch - 1) * len(sizes), on_steps,
                              bar if setup.progress else None)
-    for step, idx in enumerate(bar):
+    for step, (images, aspect, y) in enumerate(batches):
         raise_if_stopping()
-        idx = idx.to(setup.device, non_blocking=True)
-        x = train_batch(cache.images[idx], cache.aspect[idx], setup.image_size, gen)
+        bar.update(1)
+        sizes[step] = len(y)  # fewer when a streamed file failed to decode
+        if sizes[step] == 0:
+            continue
+        x = train_batch(images, aspect, setup.image_size, gen)
         x = x.contiguous(memory_format=torch.channels_last)
-        y = cache.labels[idx]
         with setup.autocast():
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -157,7 +161,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache:
         losses[step] = loss.detach()
         hits += (logits.argmax(1) == y).sum()
         reporter.after(step)
-    reporter.after(len(batches) - 1, end=True)
+    reporter.after(len(sizes) - 1, end=True)
+    bar.close()
     sizes_t = torch.tensor(sizes, dtype=torch.float32, device=setup.device)
     totals = torch.stack([(losses * sizes_t).sum(), hits.float(), sizes_t.sum()])
     setup.ctx.all_reduce_sum(totals)
@@ -169,34 +174,50 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cache:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, cache: ImageCache, setup: LoopSetup,
-             shard: bool = True) -> EvalResult:
-    """Loss, accuracy and confusion matrix on ``cache`` (sharded over ranks unless told not)."""
+def evaluate(model: torch.nn.Module, data, setup: LoopSetup,
+             keep_images: int = FIGURE_IMAGES) -> EvalResult:
+    """Loss, accuracy and confusion matrix on ``data`` (each rank evaluates the part it holds;
+    the sums are reduced over ranks). With ``keep_images``, also the whole split's
+    :class:`Predictions` (gathered from every rank) with that many misclassified images."""
     model.eval()
     ctx = setup.ctx
-    rows = torch.arange(len(cache))
-    if shard and ctx.distributed:
-        rows = rows[ctx.rank::ctx.world_size]
     c = setup.num_classes
     confusion = torch.zeros(c * c, dtype=torch.int64, device=setup.device)
     loss_sum = torch.zeros((), device=setup.device)
-    preds = []
-    for idx in rows.split(max(setup.batch_size, 64)):
+    rows, trues, preds, wrong = [], [], [], {}
+    for row, images, y in data.eval_batches(max(setup.batch_size, 64)):
         raise_if_stopping()
-        idx = idx.to(setup.device)
-        x = eval_batch(cache.images[idx]).contiguous(memory_format=torch.channels_last)
-        y = cache.labels[idx]
+        if len(y) == 0:
+            continue
+        x = eval_batch(images).contiguous(memory_format=torch.channels_last)
         with setup.autocast():
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         pred = logits.argmax(1)
         confusion += torch.bincount(y * c + pred, minlength=c * c)
-        preds.append(pred)
-    if shard:
-        totals = torch.cat([confusion.float(), loss_sum.view(1)])
-        ctx.all_reduce_sum(totals)
-        confusion, loss_sum = totals[:-1].round().long(), totals[-1]
+        if keep_images:
+            rows.append(row)
+            trues.append(y.cpu())
+            preds.append(pred.cpu())
+            for i in (pred != y).nonzero().flatten().tolist()[:keep_images - len(wrong)]:
+                wrong[int(row[i])] = images[i].cpu().numpy()
+    totals = torch.cat([confusion.float(), loss_sum.view(1)])
+    ctx.all_reduce_sum(totals)
+    confusion, loss_sum = totals[:-1].round().long(), totals[-1]
     confusion = confusion.view(c, c).cpu()
     n = int(confusion.sum())
+    predictions = None
+    if keep_images:
+        empty = torch.zeros(0, dtype=torch.int64)
+        mine = (torch.cat(rows) if rows else empty, torch.cat(trues) if trues else empty,
+                torch.cat(preds) if preds else empty, wrong)
+        parts = ctx.all_gather_object(mine)
+        all_rows = torch.cat([p[0] for p in parts])
+        order = all_rows.argsort()
+        sorted_rows = all_rows[order]  # a file that failed to decode leaves a gap in the rows
+        images = {int(torch.searchsorted(sorted_rows, row)): image
+                  for part in parts for row, image in part[3].items()}
+        predictions = Predictions(torch.cat([p[1] for p in parts])[order].numpy(),
+                                  torch.cat([p[2] for p in parts])[order].numpy(), images)
     return EvalResult(float(loss_sum) / max(n, 1), float(confusion.trace()) / max(n, 1),
-                      confusion, None if shard and ctx.distributed else torch.cat(preds).cpu())
+                      confusion, predictions)

@@ -12,6 +12,7 @@ alone talks to MLflow).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import tempfile
@@ -37,8 +38,11 @@ from fowlflow.trainer.checkpoint import (check_classes, check_output_dir, load_c
                                          save_checkpoint)
 from fowlflow.trainer.config import TrainConfig
 from fowlflow.trainer.distributed import DistContext
+from fowlflow.trainer import sharding
+from fowlflow.trainer.data_path import DataPlan, agree, choose_data_path
 from fowlflow.trainer.image_cache import decode_split, resize_size
-from fowlflow.trainer.loop import EvalResult, LoopSetup, evaluate, train_epoch
+from fowlflow.trainer.loop import FIGURE_IMAGES, EvalResult, LoopSetup, evaluate, train_epoch
+from fowlflow.trainer.streaming import StreamedSplit
 from fowlflow.trainer.model import build_model
 
 log = logging.getLogger("fowlflow.trainer")
@@ -70,8 +74,21 @@ class TrainedRun:
     data: DataSource  # what the model was trained on; its ``root / "val"`` the validation set
 
 
-def _load_data(cfg: TrainConfig, ctx: DistContext):
-    """The layout, both image caches, and the resolved data source."""
+@dataclass
+class _Data:
+    """What :func:`_load_data` hands the run: the layout (less the files found unreadable),
+    this rank's training and validation data, where they came from and how they are held."""
+
+    layout: Any
+    train: Any  # ImageCache or StreamedSplit
+    val: Any
+    source: DataSource
+    plan: DataPlan
+    per_rank: dict[str, list[int]]  # images each rank holds, per split
+
+
+def _load_data(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> _Data:
+    """Resolve and scan the data, choose the data path, and load this rank's part of it."""
     location = data_location(cfg.data)
     if ctx.local_rank == 0:
         source = resolve_data(location)
@@ -79,30 +96,75 @@ def _load_data(cfg: TrainConfig, ctx: DistContext):
     if ctx.local_rank != 0:
         source = resolve_data(location)
     layout = scan_imagefolder(source.root)
-    progress = ctx.is_main
-    caches = {}
-    for name, split in (("train", layout.train), ("val", layout.val)):
-        cache, failures = decode_split(split.paths, split.labels, name, cfg.image_size,
-                                       cfg.workers, progress, desc=f"decode {name}")
-        layout.skipped += [{"path": str(p.relative_to(layout.root)), "reason": r} for p, r in failures]
-        setattr(layout, name, Split(cache.kept, cache.labels.tolist()))
-        caches[name] = cache
+    rows = {"train": sharding.train_rows(len(layout.train.paths), cfg.seed, ctx.rank,
+                                         ctx.world_size).tolist(),
+            "val": sharding.val_rows(len(layout.val.paths), ctx.rank, ctx.world_size).tolist()}
+    plan = choose_data_path(cfg.data_path, len(rows["train"]), len(rows["val"]), cfg.image_size,
+                            device, cfg.memory_budget_gb, ctx.local_world_size)
+    plan = agree(ctx.all_gather_object(plan), ctx.rank)
+    if ctx.is_main:
+        print(f"Data path: {plan.path} ({plan.reason})", flush=True)
+    if plan.path == "cache":
+        train, val = _decode(cfg, ctx, layout, rows)
+    else:
+        # Every rank trains on as many images per epoch as the smallest part holds.
+        per_rank = len(layout.train.paths) // ctx.world_size
+        train, val = (StreamedSplit([getattr(layout, name).paths[r] for r in rows[name]],
+                                    [getattr(layout, name).labels[r] for r in rows[name]],
+                                    rows[name], name, cfg.image_size, cfg.workers, device,
+                                    per_rank=per_rank if name == "train" else 0)
+                      for name in ("train", "val"))
     check_nonempty(layout)
     if layout.skipped and ctx.is_main:
         log.warning("Skipped %d unreadable file(s) (training goes on without them):\n  %s",
                     len(layout.skipped),
                     "\n  ".join(f"{s['path']}: {s['reason']}" for s in layout.skipped))
-    return layout, caches["train"], caches["val"], source
+    counts = ctx.all_gather_object((len(train), len(val)))
+    per_rank = {"train": [c[0] for c in counts], "val": [c[1] for c in counts]}
+    print(f"Rank {ctx.rank}/{ctx.world_size} holds {len(train)} of {len(layout.train.paths)} "
+          f"training and {len(val)} of {len(layout.val.paths)} validation images "
+          f"({plan.path})", flush=True)
+    return _Data(layout, train, val, source, plan, per_rank)
 
 
-def _log_inputs(tracker: RunTracker, cfg: TrainConfig, layout, source: DataSource, ctx, device,
+def _decode(cfg: TrainConfig, ctx: DistContext, layout, rows: dict[str, list[int]]):
+    """The cached path: decode this rank's rows of both splits; the files any rank could not
+    decode are taken out of the layout (and listed in ``layout.skipped``) on every rank."""
+    caches, failed = {}, []
+    for name in ("train", "val"):
+        split = getattr(layout, name)
+        cache, failures = decode_split([split.paths[r] for r in rows[name]],
+                                       [split.labels[r] for r in rows[name]], name,
+                                       cfg.image_size, cfg.workers, ctx.is_main,
+                                       desc=f"decode {name}", rows=rows[name])
+        caches[name] = cache
+        failed += [(name, str(p), reason) for p, reason in failures]
+    failed = [f for part in ctx.all_gather_object(failed) for f in part]
+    if failed:
+        gone = {path for _, path, _ in failed}
+        for name in ("train", "val"):
+            split = getattr(layout, name)
+            keep = [i for i, p in enumerate(split.paths) if str(p) not in gone]
+            setattr(layout, name, Split([split.paths[i] for i in keep],
+                                        [split.labels[i] for i in keep]))
+        layout.skipped += [{"path": str(Path(p).relative_to(layout.root)), "reason": r}
+                           for _, p, r in failed]
+    # Every rank trains on as many images per epoch as the smallest part holds.
+    caches["train"].per_rank = min(ctx.all_gather_object(len(caches["train"])))
+    return caches["train"], caches["val"]
+
+
+def _log_inputs(tracker: RunTracker, cfg: TrainConfig, data: _Data, ctx, device,
                 bf16: bool, params: dict[str, Any]) -> None:
+    layout, source = data.layout, data.source
     tracker.log_params({**cfg.as_params(), **params, "data_digest": layout.digest,
                         "num_classes": len(layout.classes), "train_images": len(layout.train.paths),
                         "val_images": len(layout.val.paths), "world_size": ctx.world_size,
                         "bf16": bf16})
     tracker.set_tags({**lineage_tags(device), "class_names": ", ".join(layout.classes),
-                      "data_digest": layout.digest, "data_root": str(layout.root)})
+                      "data_digest": layout.digest, "data_root": str(layout.root),
+                      "data_path": data.plan.path, "data_path_reason": data.plan.reason,
+                      "data_per_rank": json.dumps(data.per_rank)})
     tracker.log_dataset(source, "train", layout.train_digest, "training")
     tracker.log_dataset(source, "val", layout.val_digest, "validation")
     tracker.log_epoch({"skipped_files": len(layout.skipped)}, 0)
@@ -110,12 +172,10 @@ def _log_inputs(tracker: RunTracker, cfg: TrainConfig, layout, source: DataSourc
         tracker.log_dict(layout.skipped, "data/skipped_files.json")
 
 
-def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, data_uri,
-                 result: EvalResult | None) -> None:
-    """The best weights' evaluation (``result``, or evaluated here when None): figures,
+def _log_results(tracker, model, val, layout, cfg, best_acc, data_uri,
+                 result: EvalResult) -> None:
+    """The best weights' evaluation (``result``, with the whole split's predictions): figures,
     per-class table, the model."""
-    if result is None or result.predictions is None:
-        result = evaluate(model, val_cache, setup, shard=False)
     cm = result.confusion.numpy()
     fig = figures.confusion_matrix_figure(cm, layout.classes)
     tracker.log_figure(fig, "confusion_matrix.png")
@@ -127,12 +187,13 @@ def _log_results(tracker, model, val_cache, setup, layout, cfg, best_acc, data_u
     tracker.log_epoch({f"val_recall_{names[c]}": r for c, r in zip(table["class"], table["recall"])}
                       | {f"val_precision_{names[c]}": p
                          for c, p in zip(table["class"], table["precision"])}, cfg.num_epochs)
-    fig = figures.misclassified_grid(val_cache.images.cpu().numpy(),
-                                     val_cache.labels.cpu().numpy(), result.predictions.numpy(),
-                                     layout.classes)
+    # Only the images the grid shows came back from the ranks that hold them.
+    predictions = result.predictions
+    fig = figures.misclassified_grid(predictions.images, predictions.true, predictions.pred,
+                                     layout.classes, max_images=FIGURE_IMAGES)
     tracker.log_figure(fig, "misclassified_val_images.png")
     figures.close(fig)
-    example = eval_batch(val_cache.images[:2]).cpu().numpy()
+    example = eval_batch(val.example(2)).cpu().numpy()
     metadata = {"class_names": layout.classes, "image_size": cfg.image_size,
                 "resize_size": resize_size(cfg.image_size), "mean": list(IMAGENET_MEAN),
                 "std": list(IMAGENET_STD), "arch": cfg.arch, "data_uri": data_uri,
@@ -193,14 +254,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
     state = _load_resume(cfg)
     device = ctx.device()
     bf16 = use_bf16(cfg.amp, device)
-    layout, train_cache, val_cache, source = _load_data(cfg, ctx)
+    data = _load_data(cfg, ctx, device)
+    layout, source = data.layout, data.source
     if state is not None:
         check_classes(state, cfg.resume, layout.classes)
-    if len(train_cache) < 2 * ctx.world_size:
-        raise DataError(f"Only {len(train_cache)} readable training images for "
+    if len(layout.train.paths) < 2 * ctx.world_size:
+        raise DataError(f"Only {len(layout.train.paths)} readable training images for "
                         f"{ctx.world_size} process(es); add images.")
-    _log_inputs(tracker, cfg, layout, source, ctx, device, bf16, params)
-    train_cache, val_cache = train_cache.to(device), val_cache.to(device)
+    _log_inputs(tracker, cfg, data, ctx, device, bf16, params)
+    train_data, val_data = data.train, data.val
+    if data.plan.path == "cache":
+        train_data, val_data = train_data.to(device), val_data.to(device)
     t = _Training.build(cfg, ctx, device, len(layout.classes), state, tracker)
     setup = LoopSetup(device, ctx, cfg.batch_size, cfg.image_size, len(layout.classes),
                       cfg.seed, bf16, progress=ctx.is_main)
@@ -211,7 +275,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
         log.info("Each epoch's checkpoint is also kept as runs:/%s/checkpoints/checkpoint.pt",
                  tracker.run_id)
     try:
-        speeds = _epochs(t, cfg, ctx, tracker, setup, train_cache, val_cache, layout, on_epoch,
+        speeds = _epochs(t, cfg, ctx, tracker, setup, train_data, val_data, layout, on_epoch,
                          uploader)
     except BaseException:
         if uploader is not None:
@@ -223,12 +287,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
                "train_images_per_sec": float(np.median(speeds)) if speeds else 0.0,
                "loop_seconds": time.perf_counter() - loop_start, "run_id": tracker.run_id,
                "classes": layout.classes}
-    if not ctx.is_main:
-        return summary
     finish_start = time.perf_counter()
     t.model.load_state_dict(t.best_state)
-    _log_results(tracker, t.model, val_cache, setup, layout, cfg, t.best_acc, source.uri,
-                 t.best_result)
+    result = t.best_result
+    if result is None:  # the best epoch was before a resume: every rank evaluates its part
+        result = evaluate(t.model, val_data, setup)
+    if not ctx.is_main:
+        return summary
+    _log_results(tracker, t.model, val_data, layout, cfg, t.best_acc, source.uri, result)
     if after is not None and tracker.run_id:
         tracker.flush()
         after(TrainedRun(tracker.run_id, source))
@@ -279,7 +345,7 @@ class _Training:
 
 
 def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracker,
-            setup: LoopSetup, train_cache, val_cache, layout,
+            setup: LoopSetup, train_data, val_data, layout,
             on_epoch: Callable[[int, dict[str, float]], None] | None = None,
             uploader: CheckpointUploader | None = None) -> list[float]:
     """Train the remaining epochs, logging and checkpointing each; returns images/s per epoch."""
@@ -287,10 +353,10 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
     speeds = []
     for epoch in range(t.start_epoch, cfg.num_epochs + 1):
         lr = t.optimizer.param_groups[0]["lr"]
-        stats = train_epoch(t.train_model, t.optimizer, train_cache, setup, epoch,
+        stats = train_epoch(t.train_model, t.optimizer, train_data, setup, epoch,
                             on_steps=tracker.log_steps if tracker.enabled else None)
         t.scheduler.step()  # after the optimizer steps (the sample stepped it first)
-        val = evaluate(t.model, val_cache, setup)
+        val = evaluate(t.model, val_data, setup)
         if val.acc > t.best_acc:
             t.best_acc, t.best_state = val.acc, copy.deepcopy(t.model.state_dict())
             t.best_result = val  # the final figures need no second pass over the same weights
