@@ -1,6 +1,6 @@
 """``fowlflow ec2 ls | down NAME | gc``: the clusters the ec2 backend made, by their tags.
 
-    fowlflow ec2 ls                    # clusters: instances, state, age, price, keep, last run
+    fowlflow ec2 ls                    # clusters: instances, state, age, idle, price, keep, run
     fowlflow ec2 down gpu-cluster      # terminate it, delete its security group and key pair
     fowlflow ec2 gc [--yes]            # what belongs to no live run or kept cluster (dry run)
 
@@ -9,6 +9,12 @@ and its run has ended (the run id tag, looked up in the tracking store); when it
 id and was created more than ``--grace-minutes`` ago (a client that died while provisioning);
 or when only its security group and key pair are left (its instances stopped themselves).
 A run this tracking store does not know counts as live.
+
+``ls``'s IDLE is what the launching side knows: the time since the cluster's last run
+(its ``fowlflow:run-id`` tag) ended in the tracking store, ``run on`` while that run is not
+ended, the time since the newest instance's launch when the cluster never ran one, ``?`` when
+the store does not know the run. AUTOSTOP is the watchdog's limit (``fowlflow:idle-minutes``
+tag); the watchdog on the instance counts from the last fowlflow process it saw there.
 """
 
 from __future__ import annotations
@@ -54,6 +60,11 @@ class ClusterInfo:
         return self.tags.get(TAG_PREFIX + "run-id")
 
     @property
+    def autostop(self) -> str:
+        minutes = self.tags.get(TAG_PREFIX + "idle-minutes")
+        return "-" if minutes is None else "off" if minutes == "0" else f"{minutes}m"
+
+    @property
     def age_s(self) -> float:
         return time.time() - min(self.created) if self.created else 0.0
 
@@ -75,16 +86,39 @@ def clusters(ec2) -> dict[str, ClusterInfo]:
     return dict(sorted(found.items()))
 
 
-def _run_status(run_id: str | None) -> str | None:
+def _run_info(run_id: str | None):
+    """The run's RunInfo, None without a run id, "UNKNOWN" when the store does not know it."""
     if run_id is None:
         return None
     from mlflow.exceptions import MlflowException
 
     from fowlflow.projects.run_lifecycle import client
     try:
-        return client(None).get_run(run_id).info.status
+        return client(None).get_run(run_id).info
     except MlflowException:
         return "UNKNOWN"
+
+
+def _run_status(run_id: str | None) -> str | None:
+    info = _run_info(run_id)
+    return info if info is None or info == "UNKNOWN" else info.status
+
+
+def idle_time(info: ClusterInfo, now: float | None = None) -> str:
+    """``ls``'s IDLE (see the module docstring): e.g. ``12m``, ``run on``, ``?``, ``-``."""
+    if not info.instances:
+        return "-"
+    now = time.time() if now is None else now
+    run = _run_info(info.run_id)
+    if run is None:
+        since = max(i["LaunchTime"].timestamp() for i in info.instances)
+    elif run == "UNKNOWN":
+        return "?"
+    elif run.status not in ("FINISHED", "FAILED", "KILLED") or not run.end_time:
+        return "run on"
+    else:
+        since = run.end_time / 1000
+    return f"{max(now - since, 0) / 60:.0f}m"
 
 
 def garbage_reason(info: ClusterInfo, grace_s: float) -> str | None:
@@ -106,14 +140,16 @@ def _ls(args) -> int:
     if not found:
         print("no fowlflow clusters")
         return 0
-    print(f"{'NAME':<20} {'INSTANCES':<22} {'STATE':<10} {'AGE':>7} {'$/H':>7} KEEP  LAST RUN")
+    print(f"{'NAME':<20} {'INSTANCES':<22} {'STATE':<10} {'AGE':>7} {'IDLE':>7} {'AUTOSTOP':>8} "
+          f"{'$/H':>7} KEEP  LAST RUN")
     for info in found.values():
         types = {i["InstanceType"] for i in info.instances}
         what = f"{len(info.instances)} x {', '.join(sorted(types))}" if types else "-"
         states = ",".join(sorted({i["State"]["Name"] for i in info.instances})) or "gone"
         prices = [hourly_price(i["InstanceType"]) for i in info.instances]
         price = f"{sum(prices):.2f}" if prices and None not in prices else "?"
-        print(f"{info.name:<20} {what:<22} {states:<10} {info.age_s / 60:>6.0f}m {price:>7} "
+        print(f"{info.name:<20} {what:<22} {states:<10} {info.age_s / 60:>6.0f}m "
+              f"{idle_time(info):>7} {info.autostop:>8} {price:>7} "
               f"{'yes' if info.kept else 'no':<5} {info.run_id or '-'}")
     return 0
 
@@ -152,7 +188,8 @@ def register(subparsers) -> None:
     text = "the AWS EC2 clusters the ec2 backend launched (ls, down NAME, gc)"
     ec2 = subparsers.add_parser("ec2", help=text, description=text)
     sub = ec2.add_subparsers(dest="ec2_command", required=True)
-    helps = {"ls": "list the clusters: instances, state, age, price, kept, last run",
+    helps = {"ls": "list the clusters: instances, state, age, idle time, autostop, price, "
+                   "kept, last run",
              "down": "terminate a cluster's instances, delete its security group and key pair",
              "gc": "remove clusters that belong to no live run or kept cluster (dry run "
                    "unless --yes)"}

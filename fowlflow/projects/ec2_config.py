@@ -58,6 +58,7 @@ class Ec2Config:
     ssh_timeout: int = 900
     setup: tuple[str, ...] | None = None
     max_recoveries: int = 3
+    watch_seconds: int = 10
     ssh: SshConfig = field(default_factory=lambda: parse_ssh_config({"hosts": ["-"]}))
 
     @property
@@ -167,6 +168,7 @@ def parse_ec2_config(user: dict) -> Ec2Config:
         user=_str(user, "user", "ubuntu"),
         ssh_timeout=_int(user, "ssh_timeout", 900, minimum=1),
         setup=_str_list(user, "setup"), max_recoveries=_int(user, "max_recoveries", 3),
+        watch_seconds=_int(user, "watch_seconds", 10, minimum=0),
         ssh=ssh, **_checked(user))
 
 

@@ -33,7 +33,8 @@ from fowlflow.projects.ec2_cluster import Cluster, tag_specs
 from fowlflow.projects.ec2_config import TAG_PREFIX, Ec2Config, state_dir
 from fowlflow.projects.ec2_prices import cost_usd, describe
 from fowlflow.projects.ec2_ready import wait_ssh
-from fowlflow.projects.ec2_recovery import describe_loss, lost_instances, resumed_submission
+from fowlflow.projects.ec2_recovery import (InterruptionWatch, describe_loss, lost_instances,
+                                             resumed_submission)
 from fowlflow.projects.ec2_userdata import HostKey, add_known_host, client_key, user_data
 from fowlflow.projects.run_lifecycle import Submission
 from fowlflow.projects.ssh_launch import SshLaunch
@@ -67,6 +68,7 @@ class Ec2Run:
         self.run_id: str | None = None
         self.started = time.time()
         self.launch_args: tuple = ()  # key pair, security groups, tags: for replacements
+        self.early: dict[int, tuple[str, HostKey]] = {}  # rank -> replacement launched on notice
 
     def run(self):
         session = aws_session(self.cfg.region)
@@ -100,21 +102,62 @@ class Ec2Run:
             launch = Ec2Launch(sub, self._ssh_config(self._hosts()), backend="ec2",
                                on_end=self._end)
             launch.on_record = self._on_record
+            recover = attempt < self.cfg.max_recoveries
+            watch = InterruptionWatch(self.cluster.ec2, self.instances,
+                                      self.cfg.watch_seconds if recover else 0, self._on_notice)
             try:
+                watch.start()
                 return launch.run()  # waits for the run unless "wait": false / synchronous
             except RemoteError:
+                watch.stop()
                 lost = lost_instances(self.cluster.ec2, self.instances)
-                if not lost or self.run_id is None or attempt == self.cfg.max_recoveries:
+                if not lost or self.run_id is None or not recover:
+                    self._drop_early()
                     raise
-            self._replace(lost, attempt + 1)
+            except BaseException:
+                watch.stop()
+                self._drop_early()
+                raise
+            finally:
+                watch.stop()
+            self._replace(lost, attempt + 1, watch.noticed)
             sub = resumed_submission(self.sub, self.run_id)
         raise AssertionError("unreachable")
 
-    def _replace(self, lost: list[tuple[int, dict]], n: int) -> None:
-        """New instances for the lost nodes, ready for SSH; the run's tags say so."""
+    def _on_notice(self, rank: int, inst: dict, what: str) -> None:
+        """EC2 says node ``rank``'s instance ended or is about to (the interruption watch's
+        thread): say so, tag the run, and launch its replacement now."""
+        if self.run_id is None:  # still starting: a failure now is not recovered
+            return
+        _logger.warning("node%d %s: EC2 reports %s; launching its replacement now (run %s "
+                        "resumes on it once the SSH stream gives the node up, reconnect_timeout "
+                        "%d s)", rank, inst["InstanceId"], what, self.run_id,
+                        self.cfg.ssh.reconnect_timeout)
+        run_lifecycle.set_tags(self.sub.tracking_uri, self.run_id, {
+            "ec2.interrupted": f"node{rank} {inst['InstanceId']}: {what} at "
+                               f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"})
+        self.early[rank] = self._launch_node(rank)
+
+    def _drop_early(self) -> None:
+        """Terminate replacements launched on a notice that no recovery will use."""
+        if self.early:
+            ids = [iid for iid, _ in self.early.values()]
+            self.early.clear()
+            _logger.info("terminating unused replacement(s) %s", ", ".join(ids))
+            self.cluster.ec2.terminate_instances(InstanceIds=ids)
+
+    def _replace(self, lost: list[tuple[int, dict]], n: int,
+                 noticed: dict[int, str] | None = None) -> None:
+        """New instances for the lost nodes (those launched on a notice, else now), ready
+        for SSH; the run's tags say so."""
+        marked = [(rank, self.instances[rank]) for rank in self.early
+                  if rank not in {r for r, _ in lost}]  # noticed, not yet gone: soon will be
+        if marked:
+            self.cluster.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for _, i in marked])
+        lost = sorted([*lost, *marked], key=lambda pair: pair[0])
         _logger.warning("recovery %d of %d: %s gone; replacing and resuming run %s", n,
                         self.cfg.max_recoveries, describe_loss(lost), self.run_id)
-        fresh = {rank: self._launch_node(rank) for rank, _ in lost}
+        fresh = {rank: self.early.pop(rank, None) or self._launch_node(rank) for rank, _ in lost}
         running = self.cluster.wait_running([iid for iid, _ in fresh.values()])
         for (rank, (_, host_key)), inst in zip(fresh.items(), running):
             self.instances[rank] = inst
@@ -123,7 +166,8 @@ class Ec2Run:
         run_lifecycle.set_tags(self.sub.tracking_uri, self.run_id, {
             "ec2.recoveries": str(n), f"ec2.recovery.{n}": json.dumps({
                 "lost": describe_loss(lost),
-                "replacements": [i["InstanceId"] for i in running]})})
+                "replacements": [i["InstanceId"] for i in running],
+                "noticed": {f"node{rank}": what for rank, what in (noticed or {}).items()}})})
 
     def _launch_node(self, rank: int) -> tuple[str, HostKey]:
         host_key = HostKey.generate(f"fowlflow-{self.name}-node{rank}")
@@ -134,6 +178,7 @@ class Ec2Run:
     def _base_tags(self) -> dict:
         return {**self.cfg.tags, TAG_PREFIX + "cluster": self.name,
                 TAG_PREFIX + "keep": str(self.cfg.kept).lower(),
+                TAG_PREFIX + "idle-minutes": str(self.cfg.idle_minutes),
                 TAG_PREFIX + "created": str(int(time.time()))}
 
     def _provision(self) -> list[HostSpec]:

@@ -42,6 +42,7 @@ def test_config_defaults_and_ssh_keys_pass_through():
     named = parse_ec2_config({"cluster_name": "gpu-cluster"})
     assert named.kept and parse_ec2_config({"cluster_name": "c", "down": True}).terminate_at_end
     assert "mlflow==3.17" in parse_ec2_config({}).setup_commands[0]
+    assert cfg.watch_seconds == 10 and parse_ec2_config({"watch_seconds": 0}).watch_seconds == 0
 
 
 @pytest.mark.parametrize("user, needle", [
@@ -168,3 +169,39 @@ def test_ctrl_c_while_waiting_for_ssh_leaves_nothing(aws, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         launch(aws, tmp_path, node_count=2, ssh_timeout=60)
     assert aws.leftovers() == {}
+
+
+# --- interruptions ----------------------------------------------------------------------------
+
+def test_interruption_watch_reports_an_ended_instance_once(aws):
+    """The watch a run has while it is on: moto terminates node 1 (moto does not link spot
+    requests to RunInstances, so only instance states are emulated); reported once, with
+    its rank and EC2's state."""
+    from fowlflow.projects.ec2_recovery import InterruptionWatch
+
+    ids = [aws.ec2.run_instances(ImageId=aws.image_id, InstanceType="g6e.xlarge", MinCount=1,
+                                 MaxCount=1, SubnetId=aws.subnet_id)["Instances"][0]["InstanceId"]
+           for _ in range(2)]
+    instances = [i for r in aws.ec2.describe_instances(InstanceIds=ids)["Reservations"]
+                 for i in r["Instances"]]
+    instances.sort(key=lambda i: ids.index(i["InstanceId"]))
+    seen = []
+    watch = InterruptionWatch(aws.ec2, instances, 0.1,
+                              lambda rank, inst, what: seen.append((rank, inst["InstanceId"], what)))
+    watch.start()
+    try:
+        time.sleep(0.5)
+        assert seen == []
+        aws.ec2.terminate_instances(InstanceIds=[ids[1]])
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # a few more polls: still once
+    finally:
+        watch.stop()
+    assert [(rank, iid) for rank, iid, _ in seen] == [(1, ids[1])]
+    assert seen[0][2].split(" (")[0] in ("state shutting-down", "state terminated")
+    assert list(watch.noticed) == [1] and seen[0][2] in watch.noticed[1]
+    off = InterruptionWatch(aws.ec2, instances, 0, lambda *a: seen.append(a)).start()
+    off.stop()  # interval 0: no thread, nothing polled
+    assert len(seen) == 1

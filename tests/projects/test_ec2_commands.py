@@ -9,6 +9,7 @@ them, and the CLI finds them through ``AWS_ENDPOINT_URL_EC2``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,10 +28,13 @@ def sh(command: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
 
 
-def plant(aws, cluster: str, *, keep=False, run_id=None, age_min=60.0, instance=True):
+def plant(aws, cluster: str, *, keep=False, run_id=None, age_min=60.0, instance=True,
+          idle_minutes=None):
     """What a launch leaves: a tagged key pair, security group and (optionally) instance."""
     tags = {"fowlflow:cluster": cluster, "fowlflow:keep": str(keep).lower(),
             "fowlflow:created": str(int(time.time() - age_min * 60))}
+    if idle_minutes is not None:
+        tags["fowlflow:idle-minutes"] = str(idle_minutes)
     if run_id:
         tags["fowlflow:run-id"] = run_id
     spec = lambda kind: [{"ResourceType": kind,  # noqa: E731
@@ -85,6 +89,32 @@ def test_gc_finds_planted_orphans_dry_run_first(aws, tmp_path, monkeypatch):
     assert [line.split()[0] for line in listing.stdout.splitlines()[1:]] == \
         ["elsewhere", "kept", "running", "starting"]
     assert "1 x g6e.xlarge" in listing.stdout and "1.86" in listing.stdout
+
+
+def test_ls_shows_idle_time_from_the_last_run(aws, tmp_path, monkeypatch):
+    """IDLE: since the last run ended in the tracking store, ``run on`` while it runs, since
+    launch without a run, ``?`` for a run the store does not know; AUTOSTOP from the tag."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    ended = client.create_run("0").info.run_id
+    client.set_terminated(ended, "FINISHED", end_time=int((time.time() - 42 * 60) * 1000))
+    live = client.create_run("0").info.run_id
+    plant(aws, "ended", keep=True, run_id=ended, idle_minutes=60)
+    plant(aws, "busy", keep=True, run_id=live, idle_minutes=0)
+    plant(aws, "never-ran", keep=True, idle_minutes=30)
+    plant(aws, "elsewhere", run_id="0123456789abcdef0123456789abcdef")
+    plant(aws, "stopped-itself", instance=False)
+    listing = sh("fowlflow ec2 ls")
+    assert listing.returncode == 0, listing.stderr
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert "IDLE" in lines["NAME"] and "AUTOSTOP" in lines["NAME"]
+    expected = {"ended": r"4[23]m +60m", "busy": "run on +off", "never-ran": "[01]m +30m",
+                "elsewhere": r"\? +-", "stopped-itself": "- +-"}
+    for name, idle in expected.items():
+        assert re.search(rf"^{name} .*m +{idle} ", lines[name]), (name, listing.stdout)
 
 
 def test_down_removes_a_cluster_and_names_an_unknown_one(aws):

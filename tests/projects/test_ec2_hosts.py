@@ -109,18 +109,23 @@ def test_trainer_failure_and_a_python_without_mlflow_leave_nothing(server_store,
 
 def test_spot_interruption_replaces_the_instance_and_resumes_the_run(server_store, cloud, aws,
                                                                       tmp_path):
-    """moto terminates the spot instance once the first epoch's checkpoint is in the run's
-    artifacts (a spot interruption); the backend launches a replacement, which resumes the
-    same run from that checkpoint: 3 epochs, each epoch's metrics once."""
+    """moto terminates the spot instance once epoch 2's metrics are in the run and a
+    checkpoint is in its artifacts (a spot interruption; epoch 2's checkpoint may still be on
+    its way up, so the replacement may resume from epoch 1's). The interruption watch sees it
+    in EC2 and launches the replacement before the SSH stream gives up; the replacement
+    resumes the same run from the checkpoint: 3 epochs, every metric once per step."""
     cloud.disk = tmp_path / "remote"  # the instance's disk goes with it
     params = {**TINY_PARAMS, "data": "synthetic", "output_dir": "outputs", "num_epochs": "3",
               "image_size": "64"}
-    cfg = host_config(aws, tmp_path, spot=True, reconnect_timeout=3, max_recoveries=1)
+    cfg = host_config(aws, tmp_path, spot=True, reconnect_timeout=20, max_recoveries=1,
+                      watch_seconds=1)
     proc = mlflow_cli(ROOT, "ec2", cfg, params)
     run = server_store.wait_for_run(proc, timeout=300)
     client = server_store.client
-    wait_until(lambda: client.list_artifacts(run.info.run_id, "checkpoints"),
-               what="the first checkpoint artifact", timeout=300, interval=0.2, proc=proc)
+    wait_until(lambda: client.list_artifacts(run.info.run_id, "checkpoints") and 2 in
+               [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")],
+               what="epoch 2's metrics and a checkpoint artifact", timeout=400, interval=0.2,
+               proc=proc)
     first = aws.instances(("running",))
     assert len(first) == 1 and first[0].get("InstanceLifecycle") == "spot"
     aws.ec2.terminate_instances(InstanceIds=[first[0]["InstanceId"]])
@@ -134,8 +139,17 @@ def test_spot_interruption_replaces_the_instance_and_resumes_the_run(server_stor
     assert first[0]["InstanceId"] in recovery["lost"]
     assert recovery["replacements"] == json.loads(tags["fowlflow.ec2.instances"])
     assert recovery["replacements"] != [first[0]["InstanceId"]]
+    # the watch saw it in EC2 (state shutting-down/terminated) and launched the replacement
+    assert tags["fowlflow.ec2.interrupted"].startswith(f"node0 {first[0]['InstanceId']}: state ")
+    assert list(recovery["noticed"]) == ["node0"]
+    assert "launching its replacement now" in err
     assert tags["resumed_from"] == f"runs:/{run.info.run_id}/checkpoints/checkpoint.pt"
-    for key in ("val_acc", "train_loss"):
+    keys = [k for k in run.data.metrics if not k.startswith("system/")]
+    assert "train_loss_step" in keys and any(k.startswith("val_recall_") for k in keys), keys
+    for key in keys:  # every epoch, step and per-class metric: one value per step
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, sorted(steps))
+    for key in ("val_acc", "train_loss", "best_val_acc", "lr", "epoch_seconds"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [1, 2, 3], (key, steps)
     assert aws.leftovers() == {}
