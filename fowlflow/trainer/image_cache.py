@@ -86,18 +86,21 @@ class DecodeImages(torch.utils.data.Dataset):
         return len(self.sources)
 
     def __getitem__(self, i: int):
-        source = self.sources[i]
+        return (i, *self.decode(self.sources[i]))
+
+    def decode(self, source: Source):
+        """``(uint8 CHW tensor or None, aspect, error or None)`` for one source."""
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 if self.mode == "train":
                     arr, aspect = train_transform(img, self.image_size, self.max_pixels)
                 else:
                     arr, aspect = eval_transform(img, self.image_size, self.max_pixels), 1.0
-            return i, torch.from_numpy(arr.copy()).permute(2, 0, 1), aspect, None
+            return torch.from_numpy(arr.copy()).permute(2, 0, 1), aspect, None
         except ImageDecodeError as exc:  # over the pixel limit
-            return i, None, 1.0, f"too large: {exc.message}"
+            return None, 1.0, f"too large: {exc.message}"
         except Exception as exc:  # any decoder failure is a per-file problem, reported
-            return i, None, 1.0, f"cannot decode: {type(exc).__name__}: {exc}"
+            return None, 1.0, f"cannot decode: {type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -147,10 +150,14 @@ class ImageCache:
 
 def decode_split(paths: list[Path], labels: list[int], mode: str, image_size: int,
                  workers: int, progress: bool = True, desc: str = "decode",
-                 rows: list[int] | None = None) -> tuple[ImageCache, list[tuple[Path, str]]]:
+                 rows: list[int] | None = None, names: list | None = None
+                 ) -> tuple[ImageCache, list[tuple[Path, str]]]:
     """Decode ``paths`` into an :class:`ImageCache`; also return ``(path, reason)`` failures.
-    ``rows``: the paths' indices in the whole split (this rank's part of it), kept with them.
-    Whether it fits in memory is :mod:`fowlflow.trainer.data_path`'s question, asked first."""
+    ``rows``: the paths' indices in the whole split (this rank's part of it), kept with them;
+    ``paths`` may also be encoded images (``bytes``), then ``names`` name them (failures and
+    ``kept`` list the names). Whether it fits in memory is :mod:`fowlflow.trainer.data_path`'s
+    question, asked first."""
+    names = names if names is not None else paths
     side = resize_size(image_size) if mode == "train" else image_size
     images = torch.empty((len(paths), 3, side, side), dtype=torch.uint8)
     aspect = torch.ones(len(paths), dtype=torch.float32)
@@ -165,11 +172,11 @@ def decode_split(paths: list[Path], labels: list[int], mode: str, image_size: in
                 if error is None:
                     images[i], aspect[i], ok[i] = tensor, asp, True
                 else:
-                    failures.append((paths[i], error))
+                    failures.append((names[i], error))
             bar.update(len(batch))
     keep = ok.nonzero().flatten()
     cache = ImageCache(images[keep].contiguous(),
                        torch.tensor(labels, dtype=torch.int64)[keep], aspect[keep],
-                       [paths[i] for i in keep.tolist()],
+                       [names[i] for i in keep.tolist()],
                        [rows[i] for i in keep.tolist()] if rows is not None else [])
     return cache, failures

@@ -144,8 +144,10 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data,
                disable=not setup.progress, leave=False, mininterval=1.0)
     reporter = _StepReporter(losses, sizes, setup, (epoch - 1) * len(sizes), on_steps,
                              bar if setup.progress else None)
+    taken = 0
     for step, (images, aspect, y) in enumerate(batches):
         raise_if_stopping()
+        taken = step + 1
         bar.update(1)
         sizes[step] = len(y)  # fewer when a streamed file failed to decode
         if sizes[step] == 0:
@@ -161,6 +163,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data,
         losses[step] = loss.detach()
         hits += (logits.argmax(1) == y).sum()
         reporter.after(step)
+    sizes[taken:] = [0] * (len(sizes) - taken)  # a stream that ran short (unreadable files)
     reporter.after(len(sizes) - 1, end=True)
     bar.close()
     sizes_t = torch.tensor(sizes, dtype=torch.float32, device=setup.device)

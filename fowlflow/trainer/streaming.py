@@ -133,3 +133,150 @@ class StreamedSplit:
             if len(images) == k:
                 break
         return torch.stack(images).to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards written by `fowlflow data pack` (fowlflow.data.shards): read and decoded as they stream
+
+
+def shard_readers(workers: int) -> int:
+    """Readers per rank of a shard set: each DataLoader worker reads its own shards."""
+    return max(workers, 1)
+
+
+def shard_count(index, split: str, rank: int, world_size: int, readers: int, seed: int,
+                epoch: int) -> int:
+    """The samples rank ``rank`` reads of ``split`` in ``epoch`` (its readers' shards)."""
+    from fowlflow.data.shards import rank_shards
+
+    return sum(s.count for r in range(rank * readers, (rank + 1) * readers)
+               for s in rank_shards(index, split, rank=r, world_size=world_size * readers,
+                                    seed=seed, epoch=epoch))
+
+
+class _ShardItems(torch.utils.data.IterableDataset):
+    """This reader's samples of one split and epoch, decoded: ``(row, uint8 CHW tensor or
+    None, aspect, label, key, error or None)``; ``row`` is unique over all readers."""
+
+    def __init__(self, index, split: str, mode: str, image_size: int, rank: int,
+                 world_size: int, readers: int, seed: int, epoch: int, shuffle: bool):
+        super().__init__()
+        self.index, self.split, self.rank, self.world_size = index, split, rank, world_size
+        self.readers, self.seed, self.epoch, self.shuffle = readers, seed, epoch, shuffle
+        self.decoder = DecodeImages([], mode, image_size, max_image_pixels())
+
+    def __iter__(self):
+        from fowlflow.data.shards import iter_split
+
+        info = torch.utils.data.get_worker_info()
+        reader = self.rank * self.readers + (info.id if info is not None else 0)
+        samples = iter_split(self.index, self.split, rank=reader,
+                             world_size=self.world_size * self.readers, seed=self.seed,
+                             epoch=self.epoch, **({} if self.shuffle else {"shuffle_buffer": 0}))
+        for i, (key, data, label) in enumerate(samples):
+            yield ((reader << 32) + i, *self.decoder.decode(data), label, key)
+
+
+def _collate_samples(items):
+    ok = [it for it in items if it[3] is None]
+    return (torch.tensor([it[0] for it in ok], dtype=torch.int64),
+            torch.stack([it[1] for it in ok]) if ok else None,
+            torch.tensor([it[2] for it in ok], dtype=torch.float32),
+            torch.tensor([it[4] for it in ok], dtype=torch.int64),
+            [(it[5], it[3]) for it in items if it[3] is not None])
+
+
+class ShardStream:
+    """This rank's part of one split of a shard set, read and decoded again at every pass;
+    the loop's data, like :class:`StreamedSplit`.
+
+    Training: each epoch the ranks get whole shards from ``(seed, epoch)``
+    (:func:`fowlflow.data.shards.iter_split`; each DataLoader worker is a reader of its own)
+    and every rank trains on as many images as the rank with the fewest holds that epoch, so
+    all take the same number of steps. Validation: the shards are dealt once (epoch 0), in
+    stored order.
+    """
+
+    def __init__(self, index, split: str, image_size: int, workers: int, device: torch.device,
+                 rank: int, world_size: int, seed: int):
+        self.index, self.split, self.image_size, self.workers = index, split, image_size, workers
+        self.device, self.rank, self.world_size, self.seed = device, rank, world_size, seed
+        self.readers = shard_readers(workers)
+        self.failed: set[str] = set()
+
+    def count(self, rank: int, epoch: int) -> int:
+        return shard_count(self.index, self.split, rank, self.world_size, self.readers,
+                           self.seed if self.split == "train" else 0,
+                           epoch if self.split == "train" else 0)
+
+    def __len__(self) -> int:
+        """The images this rank reads (in the first epoch, for training)."""
+        return self.count(self.rank, 1 if self.split == "train" else 0)
+
+    def _samples(self, epoch: int, batch_size: int):
+        """``(rows, images, aspect, labels)`` batches as the readers hand them out."""
+        train = self.split == "train"
+        items = _ShardItems(self.index, self.split, self.split, self.image_size, self.rank,
+                            self.world_size, self.readers, self.seed if train else 0,
+                            epoch if train else 0, shuffle=train)
+        loader = torch.utils.data.DataLoader(
+            items, batch_size=batch_size, num_workers=self.workers,
+            collate_fn=_collate_samples, pin_memory=self.device.type == "cuda")
+        for rows, images, aspect, labels, failures in loader:
+            for key, reason in failures:
+                if key not in self.failed:
+                    self.failed.add(key)
+                    log.warning("Skipped %s (training goes on without it): %s", key, reason)
+            if images is not None:
+                yield rows, images, aspect, labels
+
+    def _rebatched(self, batches, sizes: list[int]):
+        """The batches cut again to ``sizes`` (the readers' batches end at shard ends)."""
+        buffer: list = []
+        held = 0
+        sizes = iter(sizes)
+        want = next(sizes, None)
+        for batch in batches:
+            buffer.append(batch)
+            held += len(batch[0])
+            while want is not None and held >= want:
+                parts = [torch.cat(t) for t in zip(*buffer)]
+                yield [p[:want] for p in parts]
+                rest = [p[want:] for p in parts]
+                buffer, held = ([rest] if len(rest[0]) else []), len(rest[0])
+                want = next(sizes, None)
+            if want is None:
+                return
+        if buffer and held:  # files that failed to decode left the stream short
+            yield [torch.cat(t) for t in zip(*buffer)]
+
+    def train_batches(self, setup, epoch: int):
+        """This epoch's batch sizes and its ``(uint8 images, aspect, labels)`` batches."""
+        per_rank = min(self.count(r, epoch) for r in range(self.world_size))
+        batches = list(torch.arange(per_rank).split(setup.batch_size))
+        if batches and len(batches[-1]) < 2 and len(batches) > 1:
+            batches.pop()  # BatchNorm can't train on one image
+        sizes = [len(b) for b in batches]
+
+        def gen():
+            for _, images, aspect, labels in self._rebatched(
+                    self._samples(epoch, setup.batch_size), sizes):
+                yield (images.to(self.device, non_blocking=True),
+                       aspect.to(self.device, non_blocking=True),
+                       labels.to(self.device, non_blocking=True))
+        return sizes, gen()
+
+    def eval_batches(self, batch_size: int):
+        """``(rows, uint8 images, labels)`` batches over this rank's validation shards."""
+        for rows, images, _, labels in self._samples(0, batch_size):
+            yield (rows, images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+    def example(self, k: int) -> torch.Tensor:
+        """The first ``k`` validation images this rank reads (the logged model's example)."""
+        images = []
+        for _, batch, _, _ in self._samples(0, k):
+            images.append(batch)
+            if sum(len(b) for b in images) >= k:
+                break
+        return torch.cat(images)[:k].to(self.device)

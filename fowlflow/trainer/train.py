@@ -17,14 +17,16 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from fowlflow.data.imagefolder import Split, check_nonempty, scan_imagefolder
+from fowlflow.data.images import IMAGE_EXTENSIONS
+from fowlflow.data.imagefolder import Layout, Split, check_nonempty, scan_imagefolder
 from fowlflow.data.sources import DataSource, data_location, resolve_data
 from fowlflow.errors import ConfigError, DataError
 from fowlflow.stopping import Terminated
@@ -38,11 +40,10 @@ from fowlflow.trainer.checkpoint import (check_classes, check_output_dir, load_c
                                          save_checkpoint)
 from fowlflow.trainer.config import TrainConfig
 from fowlflow.trainer.distributed import DistContext
-from fowlflow.trainer import sharding
+from fowlflow.trainer import sharding, streaming
 from fowlflow.trainer.data_path import DataPlan, agree, choose_data_path
 from fowlflow.trainer.image_cache import decode_split, resize_size
 from fowlflow.trainer.loop import FIGURE_IMAGES, EvalResult, LoopSetup, evaluate, train_epoch
-from fowlflow.trainer.streaming import StreamedSplit
 from fowlflow.trainer.model import build_model
 
 log = logging.getLogger("fowlflow.trainer")
@@ -85,16 +86,19 @@ class _Data:
     source: DataSource
     plan: DataPlan
     per_rank: dict[str, list[int]]  # images each rank holds, per split
+    counts: dict[str, int]  # readable images per split, all ranks together
 
 
 def _load_data(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> _Data:
     """Resolve and scan the data, choose the data path, and load this rank's part of it."""
     location = data_location(cfg.data)
     if ctx.local_rank == 0:
-        source = resolve_data(location)
+        source = resolve_data(location, allow_shards=True)
     ctx.barrier()  # the other local ranks then find the download in the cache
     if ctx.local_rank != 0:
-        source = resolve_data(location)
+        source = resolve_data(location, allow_shards=True)
+    if source.kind == "shards":
+        return _load_shards(cfg, ctx, device, source)
     layout = scan_imagefolder(source.root)
     rows = {"train": sharding.train_rows(len(layout.train.paths), cfg.seed, ctx.rank,
                                          ctx.world_size).tolist(),
@@ -109,22 +113,75 @@ def _load_data(cfg: TrainConfig, ctx: DistContext, device: torch.device) -> _Dat
     else:
         # Every rank trains on as many images per epoch as the smallest part holds.
         per_rank = len(layout.train.paths) // ctx.world_size
-        train, val = (StreamedSplit([getattr(layout, name).paths[r] for r in rows[name]],
-                                    [getattr(layout, name).labels[r] for r in rows[name]],
-                                    rows[name], name, cfg.image_size, cfg.workers, device,
-                                    per_rank=per_rank if name == "train" else 0)
-                      for name in ("train", "val"))
+        train, val = (streaming.StreamedSplit(
+            [getattr(layout, name).paths[r] for r in rows[name]],
+            [getattr(layout, name).labels[r] for r in rows[name]], rows[name], name,
+            cfg.image_size, cfg.workers, device, per_rank=per_rank if name == "train" else 0)
+            for name in ("train", "val"))
     check_nonempty(layout)
     if layout.skipped and ctx.is_main:
         log.warning("Skipped %d unreadable file(s) (training goes on without them):\n  %s",
                     len(layout.skipped),
                     "\n  ".join(f"{s['path']}: {s['reason']}" for s in layout.skipped))
-    counts = ctx.all_gather_object((len(train), len(val)))
-    per_rank = {"train": [c[0] for c in counts], "val": [c[1] for c in counts]}
-    print(f"Rank {ctx.rank}/{ctx.world_size} holds {len(train)} of {len(layout.train.paths)} "
-          f"training and {len(val)} of {len(layout.val.paths)} validation images "
+    return _loaded(ctx, layout, train, val, source, plan,
+                   {"train": len(layout.train.paths), "val": len(layout.val.paths)})
+
+
+def _loaded(ctx: DistContext, layout, train, val, source: DataSource, plan: DataPlan,
+            counts: dict[str, int]) -> _Data:
+    held = ctx.all_gather_object((len(train), len(val)))
+    per_rank = {"train": [c[0] for c in held], "val": [c[1] for c in held]}
+    print(f"Rank {ctx.rank}/{ctx.world_size} holds {len(train)} of {counts['train']} "
+          f"training and {len(val)} of {counts['val']} validation images "
           f"({plan.path})", flush=True)
-    return _Data(layout, train, val, source, plan, per_rank)
+    return _Data(layout, train, val, source, plan, per_rank, counts)
+
+
+def _load_shards(cfg: TrainConfig, ctx: DistContext, device: torch.device,
+                 source: DataSource) -> _Data:
+    """A shard set (``fowlflow data pack``): cached when this rank's shards fit the budget
+    (read once, the shards dealt to the ranks as in epoch 0; the epochs then reshuffle within
+    the cache, no S3 read after the first), else streamed from the shards every epoch."""
+    from fowlflow.data.shards import iter_split, open_shards
+
+    index = open_shards(source.uri)
+    layout = Layout(source.root, list(index.classes), Split(), Split(),
+                    [dict(s) for s in index.skipped], index.split_digests.get("train", ""),
+                    index.split_digests.get("val", ""))
+    counts = dict(index.counts)
+    readers = streaming.shard_readers(cfg.workers)
+    mine = {name: streaming.shard_count(index, name, ctx.rank, ctx.world_size, readers,
+                                        cfg.seed if name == "train" else 0,
+                                        1 if name == "train" else 0)
+            for name in ("train", "val")}
+    plan = choose_data_path(cfg.data_path, mine["train"], mine["val"], cfg.image_size, device,
+                            cfg.memory_budget_gb, ctx.local_world_size)
+    plan = agree(ctx.all_gather_object(plan), ctx.rank)
+    plan = replace(plan, reason=f"{plan.reason}; shards at {source.uri}")
+    if ctx.is_main:
+        print(f"Data path: {plan.path} ({plan.reason})", flush=True)
+    if plan.path == "stream":
+        train, val = (streaming.ShardStream(index, name, cfg.image_size, cfg.workers, device,
+                                            ctx.rank, ctx.world_size, cfg.seed)
+                      for name in ("train", "val"))
+        return _loaded(ctx, layout, train, val, source, plan, counts)
+    caches = {}
+    for name in ("train", "val"):
+        samples = list(iter_split(index, name, rank=ctx.rank, world_size=ctx.world_size,
+                                  seed=cfg.seed if name == "train" else 0, epoch=0,
+                                  shuffle_buffer=0))
+        cache, failures = decode_split(
+            [data for _, data, _ in samples], [label for _, _, label in samples], name,
+            cfg.image_size, cfg.workers, ctx.is_main, desc=f"decode {name}",
+            rows=[(ctx.rank << 32) + i for i in range(len(samples))],
+            names=[key for key, _, _ in samples])
+        del samples
+        caches[name] = cache
+        failed = [f for part in ctx.all_gather_object(failures) for f in part]
+        layout.skipped += [{"path": key, "reason": reason} for key, reason in failed]
+        counts[name] -= len(failed)
+    caches["train"].per_rank = min(ctx.all_gather_object(len(caches["train"])))
+    return _loaded(ctx, layout, caches["train"], caches["val"], source, plan, counts)
 
 
 def _decode(cfg: TrainConfig, ctx: DistContext, layout, rows: dict[str, list[int]]):
@@ -158,8 +215,8 @@ def _log_inputs(tracker: RunTracker, cfg: TrainConfig, data: _Data, ctx, device,
                 bf16: bool, params: dict[str, Any]) -> None:
     layout, source = data.layout, data.source
     tracker.log_params({**cfg.as_params(), **params, "data_digest": layout.digest,
-                        "num_classes": len(layout.classes), "train_images": len(layout.train.paths),
-                        "val_images": len(layout.val.paths), "world_size": ctx.world_size,
+                        "num_classes": len(layout.classes), "train_images": data.counts["train"],
+                        "val_images": data.counts["val"], "world_size": ctx.world_size,
                         "bf16": bf16})
     tracker.set_tags({**lineage_tags(device), "class_names": ", ".join(layout.classes),
                       "data_digest": layout.digest, "data_root": str(layout.root),
@@ -258,8 +315,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
     layout, source = data.layout, data.source
     if state is not None:
         check_classes(state, cfg.resume, layout.classes)
-    if len(layout.train.paths) < 2 * ctx.world_size:
-        raise DataError(f"Only {len(layout.train.paths)} readable training images for "
+    if data.counts["train"] < 2 * ctx.world_size:
+        raise DataError(f"Only {data.counts['train']} readable training images for "
                         f"{ctx.world_size} process(es); add images.")
     _log_inputs(tracker, cfg, data, ctx, device, bf16, params)
     train_data, val_data = data.train, data.val
@@ -297,7 +354,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
     _log_results(tracker, t.model, val_data, layout, cfg, t.best_acc, source.uri, result)
     if after is not None and tracker.run_id:
         tracker.flush()
-        after(TrainedRun(tracker.run_id, source))
+        with _with_val_folder(source) as registry_source:
+            after(TrainedRun(tracker.run_id, registry_source))
     summary["finish_seconds"] = time.perf_counter() - finish_start
     return summary
 
@@ -386,6 +444,26 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
                 print(f"Stopped after epoch {epoch}/{cfg.num_epochs}: {stop}", flush=True)
                 break
     return speeds
+
+
+@contextmanager
+def _with_val_folder(source: DataSource):
+    """``source``, whose ``root / "val"`` is an ImageFolder of the validation images (what
+    the registry checks the exported model on): for a shard set, its validation samples
+    written into a temporary folder while the ``with`` block runs."""
+    if source.kind != "shards":
+        yield source
+        return
+    from fowlflow.data.shards import iter_split, open_shards
+
+    index = open_shards(source.uri)
+    with tempfile.TemporaryDirectory(prefix="fowlflow-val-") as tmp:
+        for i, (key, data, label) in enumerate(iter_split(index, "val", shuffle_buffer=0)):
+            suffix = PurePosixPath(key).suffix.lower()
+            folder = Path(tmp) / "val" / index.classes[label]  # not the key: it is data
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:07d}{suffix if suffix in IMAGE_EXTENSIONS else ''}").write_bytes(data)
+        yield DataSource(root=Path(tmp), uri=source.uri, kind=source.kind, name=source.name)
 
 
 def _load_resume(cfg: TrainConfig) -> dict | None:

@@ -1,8 +1,10 @@
 """The two data paths (issue 14): the decoded cache when this process's part of the set fits the
-memory budget, else streaming; and one part of the set per DDP rank, on both paths.
+memory budget, else streaming; one part of the set per DDP rank, on both paths; shard sets
+written by `fowlflow data pack` (local and on SeaweedFS S3), cached or streamed.
 
 Real photos (a subset of the shared hymenoptera set), real training runs into a SQLite store,
-real gloo process groups (two processes started with torch.multiprocessing, and torchrun)."""
+real gloo process groups (two processes started with torch.multiprocessing, and torchrun).
+The choice itself, without training: test_data_path_choice.py."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fowlflow.errors import ConfigError, DataError
 from tests.conftest import BIN, HYMENOPTERA, ROOT
+from tests.data.conftest import s3, s3_env  # noqa: F401  (SeaweedFS: the data tests' S3)
 
 
 def hymenoptera_subset(root, train: int = 12, val: int = 6):
@@ -37,60 +39,6 @@ def _args(data, out, **extra) -> list[str]:
     values = {"data": data, "weights": "none", "image_size": 32, "batch_size": 4, "workers": 0,
               "num_epochs": 1, "output_dir": out, **extra}
     return [part for k, v in values.items() for part in (f"--{k}", str(v))]
-
-
-# ---------------------------------------------------------------------------------------------
-# The choice
-
-
-def test_the_choice_follows_the_budget_and_says_why():
-    from fowlflow.trainer.data_path import agree, choose_data_path
-
-    cpu = torch.device("cpu")
-    # 1000 training images at resize 37 px (4107 B) + 500 validation at 32 px (3072 B).
-    small = choose_data_path("auto", 1000, 500, 32, cpu, budget_gb=0.01, local_processes=1)
-    assert small.path == "cache" and small.need_bytes == 1000 * 4107 + 500 * 3072
-    assert small.reason.startswith("auto: this process's 1000 training + 500 validation images "
-                                   "take 5.4 MiB decoded; the budget is 10.2 MiB "
-                                   "(-P memory_budget_gb=0.01): it fits")
-    big = choose_data_path("auto", 1000, 500, 32, cpu, budget_gb=0.001, local_processes=1)
-    assert big.path == "stream" and "it does not fit, decoded every epoch" in big.reason
-    auto = choose_data_path("auto", 10, 5, 32, cpu, budget_gb=0, local_processes=2)
-    assert auto.path == "cache" and "host's" in auto.reason and "over 2 processes" in auto.reason
-    forced = choose_data_path("stream", 10, 5, 32, cpu, budget_gb=0, local_processes=1)
-    assert forced.path == "stream" and forced.reason.startswith("-P data_path=stream: ")
-    # The ranks agree: one rank that streams makes every rank stream.
-    assert agree([small, big], 0).path == "stream"
-    assert "another rank's part does not fit" in agree([small, big], 0).reason
-    assert agree([small, small], 1) == small
-    # A forced cache that does not fit is refused, naming the fixes.
-    too_big = choose_data_path("cache", 1000, 500, 32, cpu, budget_gb=0.001, local_processes=1)
-    with pytest.raises(DataError, match="-P data_path=cache, but the cache does not fit .*"
-                                        "-P memory_budget_gb"):
-        agree([small, too_big], 0)
-
-
-def test_bad_data_path_values_are_refused():
-    from fowlflow.trainer.config import parse_args
-
-    with pytest.raises(ConfigError, match="-P memory_budget_gb=-1.0 is invalid"):
-        parse_args(["--memory_budget_gb", "-1"])
-    with pytest.raises(SystemExit):
-        parse_args(["--data_path", "disk"])
-    assert parse_args(["--data_path", " Stream "]).data_path == "stream"
-
-
-def test_the_sharded_rows_of_the_ranks_are_disjoint_and_complete():
-    from fowlflow.trainer import sharding
-
-    for n, world in ((245, 2), (153, 3), (8, 8)):
-        parts = [sharding.train_rows(n, 42, r, world) for r in range(world)]
-        assert sorted(torch.cat(parts).tolist()) == list(range(n))
-        assert max(map(len, parts)) - min(map(len, parts)) <= 1
-        vals = [sharding.val_rows(n, r, world) for r in range(world)]
-        assert sorted(torch.cat(vals).tolist()) == list(range(n))
-    assert sharding.train_rows(10, 42, 0, 1).tolist() == list(range(10))
-    assert not torch.equal(sharding.train_rows(100, 1, 0, 2), sharding.train_rows(100, 2, 0, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +141,8 @@ def _rank_main(rank: int, world: int, port: int, data: str, data_path: str, out:
             epochs[epoch] = [keys[_image_key(img)] for images, _, _ in batches for img in images]
         val = [int(r) for rows, _, _ in loaded.val.eval_batches(8) for r in rows]
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"held": held, "epochs": epochs, "val": val,
-                       "per_rank": loaded.per_rank, "train_images": len(loaded.layout.train.paths)}, f)
+            json.dump({"held": held, "epochs": epochs, "val": val, "per_rank": loaded.per_rank},
+                      f)
     finally:
         ctx.shutdown()
 
@@ -248,3 +196,115 @@ def test_torchrun_two_ranks_stream_one_half_each(tracking_uri, tmp_path):
     table = json.loads(Path(local).read_text())
     support = table["columns"].index("support")
     assert sum(row[support] for row in table["data"]) == 8  # both ranks' validation photos
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards written by `fowlflow data pack`
+
+
+def test_a_shard_set_trains_cached_and_streamed_as_its_folder_does(tracking_uri, tmp_path):
+    """A folder of photos packed into shards: -P data=<shards> trains on both paths with the
+    folder's classes, digests and counts, and an accuracy in the band of the folder's run."""
+    from fowlflow.data.pack import pack
+    from fowlflow.trainer.config import parse_args
+    from fowlflow.trainer.train import run
+
+    data = hymenoptera_subset(tmp_path / "photos")
+    pack(str(data), str(tmp_path / "shards"), shard_size=5, progress=False)
+    folder = run(parse_args(_args(data, tmp_path / "a")))
+    cached = run(parse_args(_args(tmp_path / "shards", tmp_path / "b")))
+    streamed = run(parse_args(_args(tmp_path / "shards", tmp_path / "c", data_path="stream",
+                                    workers=2)))
+    client = MlflowClient(tracking_uri)
+    runs = [client.get_run(r["run_id"]).data for r in (folder, cached, streamed)]
+    assert [r.tags["data_path"] for r in runs] == ["cache", "cache", "stream"]
+    assert f"shards at {tmp_path / 'shards'}" in runs[2].tags["data_path_reason"]
+    for key in ("data_digest", "train_images", "val_images", "num_classes"):
+        assert runs[0].params[key] == runs[1].params[key] == runs[2].params[key], key
+    assert runs[0].params["train_images"] == "24" and runs[0].params["val_images"] == "12"
+    assert runs[0].tags["class_names"] == runs[2].tags["class_names"] == "ants, bees"
+    accs = [r.metrics["val_acc"] for r in runs]
+    assert max(accs) - min(accs) <= 0.35, accs
+    assert {"confusion_matrix.png", "misclassified_val_images.png"} <= {
+        f.path for f in client.list_artifacts(streamed["run_id"])}
+
+
+def _shard_rank_main(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """One gloo rank streaming a shard set: the images of two epochs, as hashes."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    from fowlflow.trainer.config import parse_args
+    from fowlflow.trainer.distributed import DistContext
+    from fowlflow.trainer.loop import LoopSetup
+    from fowlflow.trainer.train import _load_data
+
+    ctx = DistContext.from_env()
+    ctx.init()
+    try:
+        cfg = parse_args(_args(data, out, data_path="stream", workers=2))
+        loaded = _load_data(cfg, ctx, torch.device("cpu"))
+        setup = LoopSetup(torch.device("cpu"), ctx, 4, 32, 2, cfg.seed, False, progress=False)
+        epochs = {}
+        for epoch in (1, 2):
+            sizes, batches = loaded.train.train_batches(setup, epoch)
+            epochs[epoch] = [_image_key(img) for images, _, _ in batches for img in images]
+            assert len(epochs[epoch]) == sum(sizes)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"epochs": epochs, "per_rank": loaded.per_rank}, f)
+    finally:
+        ctx.shutdown()
+
+
+def test_two_gloo_ranks_stream_disjoint_shards(tmp_path):
+    """Two gloo ranks, two DataLoader workers each, stream a shard set: in each epoch the
+    ranks' images are different photos, none twice, as many on each rank."""
+    import torch.multiprocessing as mp
+    from PIL import Image
+
+    from fowlflow.data.pack import pack
+    from fowlflow.data.shards import iter_split, open_shards
+    from fowlflow.trainer.image_cache import train_transform
+
+    data = hymenoptera_subset(tmp_path / "photos", train=10, val=4)
+    pack(str(data), str(tmp_path / "shards"), shard_size=2, progress=False)  # 10 train shards
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_shard_rank_main, args=(2, _free_port(), str(tmp_path / "shards"), str(out)),
+             nprocs=2)
+    import io
+
+    photos = {}
+    for key, blob, _ in iter_split(open_shards(str(tmp_path / "shards")), "train"):
+        with Image.open(io.BytesIO(blob)) as img:
+            photos[_image_key(torch.from_numpy(train_transform(img, 32)[0].copy())
+                              .permute(2, 0, 1))] = key
+    assert len(photos) == 20
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["per_rank"]["val"] == [4, 4]  # 2 validation shards of 2 photos per rank
+    for epoch in ("1", "2"):
+        seen = [[photos[h] for h in r["epochs"][epoch]] for r in ranks]
+        assert len(seen[0]) == len(seen[1]) >= 8, [len(s) for s in seen]
+        assert len(set(seen[0] + seen[1])) == len(seen[0]) + len(seen[1])  # none twice
+    assert ranks[0]["epochs"]["1"] != ranks[0]["epochs"]["2"]
+
+
+def test_pack_to_s3_then_train_and_register_from_the_shards(tracking_uri, s3_env, tmp_path):
+    """fowlflow data pack to SeaweedFS S3, then a streamed run from s3://, its model
+    registered (the registry's check reads the validation samples out of the shards)."""
+    from fowlflow.data.pack import pack
+    from fowlflow.train import registration
+    from fowlflow.trainer.config import parse_args
+    from fowlflow.trainer.train import run
+
+    data = hymenoptera_subset(tmp_path / "photos", train=8, val=4)
+    pack(str(data), "s3://data/hym-shards", shard_size=4, progress=False)
+    summary = run(parse_args(_args("s3://data/hym-shards", tmp_path / "out",
+                                   memory_budget_gb=1e-6)), after=registration("hym-shards"))
+    client = MlflowClient(tracking_uri)
+    run_data = client.get_run(summary["run_id"]).data
+    assert run_data.tags["data_path"] == "stream"
+    assert run_data.tags["data_path_reason"].endswith("shards at s3://data/hym-shards")
+    assert run_data.params["train_images"] == "16" and run_data.params["val_images"] == "8"
+    versions = client.search_model_versions("name='hym-shards'")
+    assert [v.run_id for v in versions] == [summary["run_id"]]
