@@ -18,6 +18,7 @@ import optuna
 from tests.projects.conftest import network, server_store, tracking_server  # noqa: F401
 from tests.projects.ec2_moto import aws, moto_url  # noqa: F401
 from tests.projects.test_ec2_hosts import cloud, host_config  # noqa: F401
+from tests.tune.test_backends_ssh import loopback_server  # noqa: F401
 from tests.tune.test_sweep import TINY
 
 
@@ -82,4 +83,30 @@ def test_a_named_ec2_cluster_becomes_one_cluster_per_slot_reused_between_trials(
         down = subprocess.run([sys.executable, "-m", "fowlflow.cli", "ec2", "down", name],
                               capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr
+    assert aws.leftovers() == {}
+
+
+def test_what_only_the_launch_finds_wrong_stops_the_sweep_at_its_first_trial(
+        aws, loopback_server, tmp_path, monkeypatch):
+    """An instance type the region doesn't offer passes the config parser; the ec2 backend's
+    AWS checks refuse it when trial 0 launches: that trial fails, the sweep ends (exit 2, the
+    backend's message) instead of failing every trial, nothing is left in moto."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", loopback_server)
+    client = MlflowClient(loopback_server)
+    experiment_id = client.create_experiment(f"tune-ec2-{tmp_path.name}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    proc = sweep(tmp_path, {**host_config(aws, tmp_path), "instance_type": "g9z.nothing"},
+                 n_trials=3, parallel=1)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "-P backend_config: the ec2 backend refused it when trial 0 was launched: unknown " \
+           "instance type 'g9z.nothing' in us-east-1" in proc.stderr
+    (trial,) = optuna.load_study(study_name="ec2",
+                                 storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trial.state.name == "FAIL"
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["fowlflow.trial_state"] == "FAIL"
+    (parent,) = client.search_runs([experiment_id], "tags.`fowlflow.kind` = 'tune'")
+    assert parent.info.status == "FAILED"
     assert aws.leftovers() == {}
