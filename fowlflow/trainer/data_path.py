@@ -31,6 +31,7 @@ class DataPlan:
     reason: str        # one sentence: the sizes, the budget, the choice
     need_bytes: int    # this process's decoded images
     budget_bytes: int
+    asked: str = "auto"  # -P data_path
 
     @property
     def fits(self) -> bool:
@@ -65,10 +66,8 @@ def choose_data_path(mode: str, train_images: int, val_images: int, image_size: 
     budget, where = memory_budget(device, budget_gb, local_processes)
     sizes = (f"this process's {train_images} training + {val_images} validation images take "
              f"{_size(need)} decoded; the budget is {_size(budget)} ({where})")
-    if mode == "stream":
-        return DataPlan("stream", f"-P data_path=stream: {sizes}", need, budget)
-    if mode == "cache":
-        return DataPlan("cache", f"-P data_path=cache: {sizes}", need, budget)
+    if mode in ("stream", "cache"):
+        return DataPlan(mode, f"-P data_path={mode}: {sizes}", need, budget, mode)
     if need <= budget:
         return DataPlan("cache", f"auto: {sizes}: it fits, decoded once and cached", need, budget)
     return DataPlan("stream", f"auto: {sizes}: it does not fit, decoded every epoch", need, budget)
@@ -83,7 +82,7 @@ def agree(plans: list[DataPlan], rank: int) -> DataPlan:
     """
     mine = plans[rank]
     for other, plan in enumerate(plans):
-        if plan.path == "cache" and not plan.fits and plan.reason.startswith("-P data_path"):
+        if plan.asked == "cache" and not plan.fits:
             raise DataError(
                 f"-P data_path=cache, but the cache does not fit (rank {other}: "
                 f"{plan.reason.split(': ', 1)[1]}). Leave -P data_path=auto (it streams what "
@@ -91,5 +90,5 @@ def agree(plans: list[DataPlan], rank: int) -> DataPlan:
                 "smaller -P image_size.")
     if mine.path == "cache" and any(p.path == "stream" for p in plans):
         return DataPlan("stream", f"{mine.reason}; but another rank's part does not fit, so "
-                        "every rank streams", mine.need_bytes, mine.budget_bytes)
+                        "every rank streams", mine.need_bytes, mine.budget_bytes, mine.asked)
     return mine
