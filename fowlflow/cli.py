@@ -3,6 +3,8 @@
     fowlflow server start|stop|status      the team tracking stack (PostgreSQL + S3 + mlflow)
     fowlflow logs|attach|status|cancel ID  a run launched by a fowlflow backend
     fowlflow ec2 ls|down NAME|gc           the clusters the ec2 backend launched
+    fowlflow tune worker --study NAME      another machine joins a sweep's Optuna study
+    fowlflow data pack SRC DEST            an ImageFolder as WebDataset shards (docs/data.md)
 
 Each area adds its sub-commands through a ``register(subparsers)`` function in its own module,
 so this file stays a dispatcher. Sub-command handlers return an exit code.

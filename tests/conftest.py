@@ -133,6 +133,16 @@ SLOW: dict[str, str] = {
     "tune/test_docs.py": "docs/tune.md's sweep through mlflow run: 2 trials, ONNX registration",
     "test_sweep.py::test_a_stopped_sweep_resumes_without_repeating_finished_trials":
         "a real sweep stopped by SIGTERM mid-trial, then resumed (~60-100 s)",
+    "tune/test_backends_ec2.py": "moto + sshd instances in network namespaces, mlflow servers: "
+                                 "two ec2 sweeps of 3 trials, 2 at once, and a refused launch",
+    "test_worker.py::test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend":
+        "a -P backend=torchrun sweep and a tune worker, 2 trials (~85 s)",
+    "test_shards_train.py": "pack -> SeaweedFS S3 -> mlflow run . -P data=s3://... streamed, "
+                            "2 epochs (~100-120 s)",
+    "test_shards.py::test_documented_pack_of_hymenoptera":
+        "packs all of hymenoptera through the CLI and runs the docs' Python on it (13-52 s)",
+    "test_shards_s3.py::test_documented_pack_of_hymenoptera_to_s3":
+        "packs all of hymenoptera to SeaweedFS through the CLI (7-31 s)",
 }
 
 

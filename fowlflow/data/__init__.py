@@ -8,6 +8,9 @@ Modules: ``sources`` (the ``data`` parameter → a local ImageFolder, the one pa
 URIs), ``downloads`` (http(s) into the cache), ``s3``, ``archives`` (safe unpacking of a
 ``.zip``), ``synthetic`` (a generated two-class set), ``imagefolder`` (layout scan and check),
 ``images`` (decode + the preprocessing the trainer's validation images and the served model
-share). The trainer and the registry import this package; it imports neither of them, nor
-torch: ``images`` is shipped inside every ONNX model.
+share), ``pack`` and ``shards`` (``fowlflow data pack``: an ImageFolder as WebDataset shards,
+and reading them back per rank; ``commands`` registers the CLI). The trainer and the registry
+import this package; it imports neither of them, nor torch at import time: ``images`` is
+shipped inside every ONNX model, and ``pack``/``shards`` load webdataset (which imports torch)
+only inside their functions.
 """
