@@ -137,6 +137,8 @@ SLOW: dict[str, str] = {
                                  "two ec2 sweeps of 3 trials, 2 at once, and a refused launch",
     "test_worker.py::test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend":
         "a -P backend=torchrun sweep and a tune worker, 2 trials (~85 s)",
+    "test_data_paths.py": "real training runs on photos: cached vs streamed, streamed resume, "
+                          "shard sets (local, S3 + registration), two gloo ranks (~7-10 min)",
     "test_shards_train.py": "pack -> SeaweedFS S3 -> mlflow run . -P data=s3://... streamed, "
                             "2 epochs (~100-120 s)",
     "test_shards.py::test_documented_pack_of_hymenoptera":
