@@ -37,6 +37,8 @@ from fowlflow.projects.ec2_recovery import (InterruptionWatch, describe_loss, lo
                                              resumed_submission)
 from fowlflow.projects.ec2_userdata import HostKey, add_known_host, client_key, user_data
 from fowlflow.projects.run_lifecycle import Submission
+from fowlflow.projects.nodes import RunState
+from fowlflow.projects.submitted import SupervisedRun
 from fowlflow.projects.ssh_launch import SshLaunch
 
 _logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Ec2Run:
         self.started = time.time()
         self.launch_args: tuple = ()  # key pair, security groups, tags: for replacements
         self.early: dict[int, tuple[str, HostKey]] = {}  # rank -> replacement launched on notice
+        self.launch: Ec2Launch | None = None  # the current attempt's
 
     def run(self):
         session = aws_session(self.cfg.region)
@@ -84,9 +87,14 @@ class Ec2Run:
             self._release(failed=False)
         return submitted
 
-    def _ssh_config(self, hosts: list[HostSpec]):
+    def _ssh_config(self, hosts: list[HostSpec], attempt: int = 0):
+        """The ssh backend's config for ``hosts``; after a recovery, a folder of its own
+        under ``remote_dir`` (a surviving node still has the first attempt's run folder,
+        whose final status a restart in the same run must not read)."""
+        remote = self.cfg.ssh.remote_dir
         return dataclasses.replace(
             self.cfg.ssh, hosts=tuple(hosts), strict_host_key_checking=True,
+            remote_dir=remote if attempt == 0 else f"{remote.rstrip('/')}/recovery-{attempt}",
             known_hosts_file=str(self.state / "known_hosts"),
             process_count_per_node=self.cfg.process_count_per_node)
 
@@ -99,9 +107,10 @@ class Ec2Run:
         run again in the same run, from its checkpoint (:mod:`.ec2_recovery`)."""
         sub = self.sub
         for attempt in range(self.cfg.max_recoveries + 1):
-            launch = Ec2Launch(sub, self._ssh_config(self._hosts()), backend="ec2",
+            launch = Ec2Launch(sub, self._ssh_config(self._hosts(), attempt), backend="ec2",
                                on_end=self._end)
             launch.on_record = self._on_record
+            self.launch = launch
             recover = attempt < self.cfg.max_recoveries
             watch = InterruptionWatch(self.cluster.ec2, self.instances,
                                       self.cfg.watch_seconds if recover else 0, self._on_notice)
@@ -137,6 +146,19 @@ class Ec2Run:
             "ec2.interrupted": f"node{rank} {inst['InstanceId']}: {what} at "
                                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"})
         self.early[rank] = self._launch_node(rank)
+        self._stop_survivors(rank)
+
+    def _stop_survivors(self, lost_rank: int) -> None:
+        """Several nodes: the others would wait in their collectives for the lost one (gloo
+        or NCCL timeouts, up to 30 min): stop them now, FAILED, so the run ends and is
+        started again on every node (torchrun needs all of them) from the checkpoint."""
+        nodes = [n for rank, n in enumerate(self.launch.nodes if self.launch else [])
+                 if rank != lost_rank]
+        if nodes:
+            _logger.warning("stopping the other node(s) of run %s: the whole job restarts "
+                            "with node%d's replacement", self.run_id, lost_rank)
+            SupervisedRun(self.run_id, nodes, self.sub.tracking_uri).cancel_nodes(
+                nodes, RunState.FAILED)
 
     def _drop_early(self) -> None:
         """Terminate replacements launched on a notice that no recovery will use."""

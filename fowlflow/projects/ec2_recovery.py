@@ -19,10 +19,12 @@ What is watched, from the launching side, while a run is on (:class:`Interruptio
 ``terminated``, ``stopped``) and, for a spot instance, its spot request's status code
 (``marked-for-termination``, ``instance-terminated-by-price``, ...: the two-minute notice as EC2
 reports it). The first report is logged, tagged on the run (``fowlflow.ec2.interrupted``) and
-the replacement launched right then, while the trainer may still be finishing its epoch. Not
-watched: the instance metadata's ``spot/instance-action`` (only visible on the instance) and
-rebalance recommendations. The run itself is given up, and resumed, when the SSH stream to
-the node gives up (``reconnect_timeout``).
+the replacement launched right then, while the trainer may still be finishing its epoch; with
+several nodes, the other nodes are stopped (FAILED) at once, since they would wait in their
+collectives for the lost one, and the whole job restarts on every node. Not watched: the
+instance metadata's ``spot/instance-action`` (only visible on the instance) and rebalance
+recommendations. The run itself is given up, and resumed, when the SSH stream to node 0 ends
+or gives up (``reconnect_timeout``).
 """
 
 from __future__ import annotations

@@ -153,3 +153,43 @@ def test_spot_interruption_replaces_the_instance_and_resumes_the_run(server_stor
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [1, 2, 3], (key, steps)
     assert aws.leftovers() == {}
+
+
+def test_two_node_spot_interruption_restarts_every_node_from_the_checkpoint(
+        server_store, cloud, aws, tmp_path):
+    """2 instances x 1 process; moto terminates node 1's once a checkpoint is in the run's
+    artifacts. Node 0 would wait in its collectives for the lost peer: the interruption
+    watch stops it, node 1 gets a replacement, and the whole job (torchrun needs every node)
+    starts again in the same run from the checkpoint: every metric once per step. (The
+    stand-in hosts share this machine's disk, so node 1's folder outlives its instance.)"""
+    params = {**TINY_PARAMS, "data": "synthetic", "output_dir": "outputs", "num_epochs": "3"}
+    cfg = host_config(aws, tmp_path, node_count=2, spot=True, reconnect_timeout=20,
+                      max_recoveries=1, watch_seconds=1)
+    proc = mlflow_cli(ROOT, "ec2", cfg, params)
+    run = server_store.wait_for_run(proc, timeout=300)
+    client = server_store.client
+    wait_until(lambda: client.list_artifacts(run.info.run_id, "checkpoints"),
+               what="a checkpoint artifact", timeout=400, interval=0.2, proc=proc)
+    first = aws.instances(("running",))
+    assert len(first) == 2
+    node1 = next(i for i in first if {"Key": "fowlflow:node", "Value": "1"} in i["Tags"])
+    aws.ec2.terminate_instances(InstanceIds=[node1["InstanceId"]])
+    code, out, err = finish(proc, timeout=600)
+    assert code == 0, out[-3000:] + err[-12000:]
+    run = server_store.only_run()
+    tags = run.data.tags
+    assert run.info.status == "FINISHED" and tags["fowlflow.nodes"] == "2"
+    assert tags["fowlflow.ec2.recoveries"] == "1"
+    recovery = json.loads(tags["fowlflow.ec2.recovery.1"])
+    assert recovery["lost"].startswith(f"node1 {node1['InstanceId']}")
+    assert list(recovery["noticed"]) == ["node1"]
+    instances = json.loads(tags["fowlflow.ec2.instances"])
+    assert node1["InstanceId"] not in instances and recovery["replacements"][0] in instances
+    assert "stopping the other node(s)" in err
+    assert tags["resumed_from"] == f"runs:/{run.info.run_id}/checkpoints/checkpoint.pt"
+    for key in [k for k in run.data.metrics if not k.startswith("system/")]:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, sorted(steps))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) \
+        == [1, 2, 3]
+    assert aws.leftovers() == {}
