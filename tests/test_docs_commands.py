@@ -139,6 +139,14 @@ NOT_RUNNABLE: dict[str, str] = {
     ".venv/bin/python bench/tune_sweep.py --data ../shared/datasets/hymenoptera_data":
         "benchmark: two 8-trial efficientnet_lite0 sweeps at 224 px, 20-60 min on 2 CPU cores; "
         "arguments checked against --help",
+    ".venv/bin/python bench/data_paths.py --quick":
+        "benchmark: 4 training processes on photos, ~3 min on 2 cores, meaningful only on a quiet "
+        "machine; the same paths are trained and compared in tests/trainer/test_data_paths.py "
+        "(arguments checked against --help)",
+    ".venv/bin/python bench/gpu_stream.py": "needs an NVIDIA GPU (nvjpeg)",
+    ".venv/bin/python bench/shards_read.py --data ../shared/datasets/hymenoptera_data":
+        "benchmark: packs and reads hymenoptera 3 times each through its own SeaweedFS; pack and "
+        "read run in tests/data/test_shards*.py (arguments checked against --help)",
     ".venv/bin/python bench/gpu_torchrun.py --epochs 30 --batch-size 256":
         "needs an NVIDIA GPU (arguments checked against its --help)",
     ".venv/bin/python bench/onnx_vs_torch.py":
