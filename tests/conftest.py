@@ -71,7 +71,8 @@ SLOW: dict[str, str] = {
         "eight clients logging through a 90 s server outage",
     "test_faults.py": "team stack components killed and restarted mid-logging (~3 min)",
     "test_ec2_hosts.py": "mlflow run -b ec2 on sshd hosts booted at moto's addresses: two "
-                         "nodes, a kept cluster, a failing trainer, a spot interruption",
+                         "nodes, a kept cluster, a failing trainer, a spot interruption on one "
+                         "node and on two",
     "test_ui.py": "mlflow run through the team stack, then Chromium on the UI",
     # Single tests.
     "test_docs_commands.py::test_make_train_offline_with_shipped_imagenet_weights":
@@ -137,6 +138,10 @@ SLOW: dict[str, str] = {
                                  "two ec2 sweeps of 3 trials, 2 at once, and a refused launch",
     "test_worker.py::test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend":
         "a -P backend=torchrun sweep and a tune worker, 2 trials (~85 s)",
+    "test_resumed_run_metrics.py::test_a_run_resumed_from_an_older_checkpoint_logs_each_epoch_once":
+        "two in-process training runs into a SQLite store, a model logged twice",
+    "test_ec2_commands.py::test_ls_shows_idle_time_from_the_last_run":
+        "a fowlflow CLI start against moto (~50 s under load)",
     "test_data_paths.py": "real training runs on photos: cached vs streamed, streamed resume, "
                           "shard sets (local, S3 + registration), two gloo ranks (~7-10 min)",
     "test_shards_train.py": "pack -> SeaweedFS S3 -> mlflow run . -P data=s3://... streamed, "
