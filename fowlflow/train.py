@@ -68,12 +68,12 @@ def _main(argv: list[str] | None) -> int:
 
 def registration(name: str):
     """What runs after training when a model name is given: the registry's registration of
-    the run's model as ``name`` (and ``<name>-onnx``), on the training data's ``val/``."""
+    the run's model as ``name`` (and ``<name>-onnx``), on the training data's validation images."""
     def register(trained) -> None:
         from fowlflow.registry import register_trained_model
 
-        register_trained_model(run_id=trained.run_id, name=name,
-                               val_dir=trained.data.root / "val")
+        with trained.data.val_folder() as val:  # a shard set's val split: written out
+            register_trained_model(run_id=trained.run_id, name=name, val_dir=val)
     return register
 
 

@@ -33,6 +33,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -326,6 +327,26 @@ def _shard(entry: object, split: str, where: str) -> Shard:
         raise DataError(f"{where}: shard {path!r} needs a positive \"count\", a \"size\" and a "
                         f"64-hex \"sha256\". {REPACK}")
     return Shard(path=path, count=count, size=size, sha256=digest)
+
+
+@contextmanager
+def split_folder(location: str, split: str = "val") -> Iterator[Path]:
+    """A temporary folder of ``split``'s images, one folder per class, as packed, while the
+    ``with`` block runs (files named by sample number, not by their key: the key is data).
+
+        with split_folder("s3://data/fowl-shards", "val") as val:
+            list(val.iterdir())   # [val/ants, val/bees]
+    """
+    from fowlflow.data.images import IMAGE_EXTENSIONS
+
+    index = open_shards(location)
+    with tempfile.TemporaryDirectory(prefix=f"fowlflow-{split}-") as tmp:
+        for i, (key, data, label) in enumerate(iter_split(index, split, shuffle_buffer=0)):
+            suffix = PurePosixPath(key).suffix.lower()
+            folder = Path(tmp) / index.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:07d}{suffix if suffix in IMAGE_EXTENSIONS else ''}").write_bytes(data)
+        yield Path(tmp)
 
 
 def _inside(root: Path, relative: str, where: str) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -59,6 +60,20 @@ class DataSource:
     def is_remote(self) -> bool:
         """Fetched from a URL (or generated): ``uri`` names it; else ``root`` is the data."""
         return self.kind in ("http", "s3", "synthetic") or self.uri.startswith("s3://")
+
+    def val_folder(self) -> AbstractContextManager[Path]:
+        """A context giving the folder of validation images (``root / "val"``, one folder per
+        class): for a shard set, its ``val`` split written into a temporary folder while the
+        context runs. What the registry checks an exported model on.
+
+            with source.val_folder() as val:
+                register_trained_model(run_id=..., name=..., val_dir=val)
+        """
+        if self.kind != "shards":
+            return nullcontext(self.root / "val")
+        from fowlflow.data.shards import split_folder
+
+        return split_folder(self.uri, "val")
 
 
 def resolve_data(uri: str, *, allow_shards: bool = False) -> DataSource:

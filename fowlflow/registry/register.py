@@ -27,6 +27,8 @@ import base64
 import io
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,11 +130,11 @@ def register_model_uri(model_uri: str, name: str, val_dir: str | Path | None = N
         raise RegistryError(f"{model_uri!r} belongs to no run, so there is nowhere to log its "
                             "ONNX model; run the register entry point with `mlflow run`")
     prep = Preprocessing.from_metadata(metadata)
-    val_dir = (find_local(str(val_dir), "register: val_dir", RegistryError,
-                          "Give the ImageFolder's val/ folder (-P val_dir=...).")
-               if val_dir else training_val_dir(metadata, model_uri))
-    proto, report = _export_and_check(module, prep, val_dir, opset or DEFAULT_OPSET, atol,
-                                      max_images, client, log_run_id, model_uri)
+    with (nullcontext(find_local(str(val_dir), "register: val_dir", RegistryError,
+                                 "Give the ImageFolder's val/ folder (-P val_dir=...)."))
+          if val_dir else training_val_dir(metadata, model_uri)) as val:
+        proto, report = _export_and_check(module, prep, val, opset or DEFAULT_OPSET, atol,
+                                          max_images, client, log_run_id, model_uri)
     facts = _version_facts(metadata, prep, report, proto, opset or DEFAULT_OPSET, client,
                            source_run_id, model_uri)
     version = _register(client, register_uri, name, facts, "pytorch")
@@ -247,8 +249,11 @@ def _already_registered(client, name: str, register_uri: str,
     return None
 
 
-def training_val_dir(metadata: dict, model_uri: str) -> Path:
-    """The ``val/`` folder of the data the model was trained on (its ``data_uri`` metadata).
+@contextmanager
+def training_val_dir(metadata: dict, model_uri: str) -> Iterator[Path]:
+    """A context giving the validation images of the data the model was trained on (its
+    ``data_uri`` metadata): the ImageFolder's ``val/``, or a shard set's ``val`` split written
+    into a temporary folder while the context runs.
 
     Resolved by :func:`fowlflow.data.sources.resolve_data`, as the trainer resolved it
     (downloads are cached), so ``register`` needs no ``val_dir`` for models trained on a
@@ -261,12 +266,12 @@ def training_val_dir(metadata: dict, model_uri: str) -> Path:
     if not uri:
         raise RegistryError(f"{model_uri!r} has no data_uri in its metadata, so its validation "
                             "images are unknown; pass -P val_dir=<ImageFolder>/val")
-    val = resolve_data(uri).root / "val"
-    if not val.is_dir():
-        raise RegistryError(f"the training data {uri!r} has no val/ folder ({val}); pass "
-                            "-P val_dir=<folder of validation images>")
-    logger.info("parity images from the training data's val/: %s", val)
-    return val
+    with resolve_data(uri, allow_shards=True).val_folder() as val:
+        if not val.is_dir():
+            raise RegistryError(f"the training data {uri!r} has no val/ folder ({val}); pass "
+                                "-P val_dir=<folder of validation images>")
+        logger.info("parity images from the training data's validation set: %s", val)
+        yield val
 
 
 def _register(client, model_uri: str, name: str, facts: VersionFacts, fmt: str,

@@ -17,15 +17,13 @@ import logging
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from fowlflow.data.images import IMAGE_EXTENSIONS
 from fowlflow.data.imagefolder import Layout, Split, check_nonempty, scan_imagefolder
 from fowlflow.data.sources import DataSource, data_location, resolve_data
 from fowlflow.errors import ConfigError, DataError
@@ -72,7 +70,7 @@ class TrainedRun:
     """What :func:`run` hands its ``after`` callable on rank 0, the MLflow run still open."""
 
     run_id: str
-    data: DataSource  # what the model was trained on; its ``root / "val"`` the validation set
+    data: DataSource  # what the model was trained on; ``data.val_folder()`` its validation set
 
 
 @dataclass
@@ -354,8 +352,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, tracker: RunTracker, params: dict
     _log_results(tracker, t.model, val_data, layout, cfg, t.best_acc, source.uri, result)
     if after is not None and tracker.run_id:
         tracker.flush()
-        with _with_val_folder(source) as registry_source:
-            after(TrainedRun(tracker.run_id, registry_source))
+        after(TrainedRun(tracker.run_id, source))
     summary["finish_seconds"] = time.perf_counter() - finish_start
     return summary
 
@@ -444,26 +441,6 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
                 print(f"Stopped after epoch {epoch}/{cfg.num_epochs}: {stop}", flush=True)
                 break
     return speeds
-
-
-@contextmanager
-def _with_val_folder(source: DataSource):
-    """``source``, whose ``root / "val"`` is an ImageFolder of the validation images (what
-    the registry checks the exported model on): for a shard set, its validation samples
-    written into a temporary folder while the ``with`` block runs."""
-    if source.kind != "shards":
-        yield source
-        return
-    from fowlflow.data.shards import iter_split, open_shards
-
-    index = open_shards(source.uri)
-    with tempfile.TemporaryDirectory(prefix="fowlflow-val-") as tmp:
-        for i, (key, data, label) in enumerate(iter_split(index, "val", shuffle_buffer=0)):
-            suffix = PurePosixPath(key).suffix.lower()
-            folder = Path(tmp) / "val" / index.classes[label]  # not the key: it is data
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{i:07d}{suffix if suffix in IMAGE_EXTENSIONS else ''}").write_bytes(data)
-        yield DataSource(root=Path(tmp), uri=source.uri, kind=source.kind, name=source.name)
 
 
 def _load_resume(cfg: TrainConfig) -> dict | None:

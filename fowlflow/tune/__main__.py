@@ -143,7 +143,7 @@ def _prepare(opts: argparse.Namespace, values: dict) -> argparse.Namespace:
         print(f"fowlflow: note: {note}", flush=True)
     storage = open_storage(opts.storage, heartbeat=True)
     config = replace(config, data=data_location(config.data))
-    source = resolve_data(config.data)  # once here, not in every trial at the same time
+    source = resolve_data(config.data, allow_shards=True)  # once, not in every trial at once
     study_name = opts.study_name or default_study_name(spaces.as_json(space), asdict(config))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # fowlflow prints each trial's outcome
     study = open_study(storage, study_name, sampler, make_pruner(pruner), opts.metric,
@@ -164,8 +164,9 @@ def _register_best(study, metric: str, model_name: str | None, source) -> None:
     if model_name:
         from fowlflow.registry import register_trained_model
 
-        reg = register_trained_model(run_id=best.user_attrs["mlflow_run_id"], name=model_name,
-                                     val_dir=source.root / "val")
+        with source.val_folder() as val:
+            reg = register_trained_model(run_id=best.user_attrs["mlflow_run_id"],
+                                         name=model_name, val_dir=val)
         mlflow.set_tags({"registered_model": f"{reg.name} version {reg.version}"})
 
 

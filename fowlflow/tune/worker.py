@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     backend = worker_backend(attrs, args.backend, args.backend_config, parallel)
     for note in backend.notes:
         print(f"fowlflow: note: {note}", flush=True)
-    resolve_data(config.data)  # once here, not in every trial
+    resolve_data(config.data, allow_shards=True)  # once here, not in every trial
     where = f"; trials through {backend.name}" if backend.remote else ""
     print(f"fowlflow: worker on study {study.study_name} in {masked(storage.url)}; parent run "
           f"{attrs['parent_run_id']}{where}", flush=True)

@@ -213,3 +213,19 @@ def test_a_destination_inside_the_source_is_refused(src):
     with pytest.raises(DataError, match="inside the source ImageFolder"):
         pack(str(src), str(src / "shards"), progress=False)
     assert not (src / "shards").exists()
+
+
+def test_the_registry_checks_a_model_trained_on_shards_on_their_val_split(src, tmp_path):
+    """``-e register`` without ``val_dir`` (and a sweep's best trial) for a model whose
+    ``data_uri`` is a shard set: the val split written out, the same bytes per class, removed
+    after."""
+    from fowlflow.registry.register import training_val_dir
+
+    dest = tmp_path / "shards"
+    pack(str(src), str(dest), shard_size=3, progress=False)
+    with training_val_dir({"data_uri": str(dest)}, "runs:/x/model") as val:
+        written = {(p.parent.name, p.read_bytes()) for p in val.rglob("*") if p.is_file()}
+        assert val.is_dir() and val != dest / "val"
+    assert written == {(Path(key).parent.name, data)
+                       for key, (data, _label) in files_of(src, "val").items()}
+    assert not val.exists()  # a temporary folder, gone after the check

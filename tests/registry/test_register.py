@@ -236,10 +236,11 @@ def test_val_dir_defaults_to_the_training_data(tmp_path, monkeypatch):
     from fowlflow.registry.register import training_val_dir
 
     monkeypatch.setenv("FOWLFLOW_CACHE_DIR", str(tmp_path))
-    val = training_val_dir({"data_uri": "synthetic"}, "runs:/x/model")
-    assert val.name == "val" and list_images(val)
+    with training_val_dir({"data_uri": "synthetic"}, "runs:/x/model") as val:
+        assert val.name == "val" and list_images(val)
     with pytest.raises(RegistryError, match="no data_uri in its metadata"):
-        training_val_dir({}, "runs:/x/model")
+        with training_val_dir({}, "runs:/x/model"):
+            pass
 
 
 def test_a_relative_val_dir_follows_the_one_rule_for_local_paths(registered, use_store,
