@@ -145,7 +145,7 @@ SLOW: dict[str, str] = {
     "test_data_paths.py": "real training runs on photos: cached vs streamed, streamed resume, "
                           "shard sets (local, S3 + registration), two gloo ranks (~7-10 min)",
     "test_shards_train.py": "pack -> SeaweedFS S3 -> mlflow run . -P data=s3://... streamed, "
-                            "2 epochs (~100-120 s)",
+                            "2 epochs (~100-120 s); a 1-trial sweep on shards, registered (~60 s)",
     "test_shards.py::test_documented_pack_of_hymenoptera":
         "packs all of hymenoptera through the CLI and runs the docs' Python on it (13-52 s)",
     "test_shards_s3.py::test_documented_pack_of_hymenoptera_to_s3":
