@@ -44,6 +44,7 @@ class Ec2Config:
     image: str = DEFAULT_IMAGE
     spot: bool = False
     max_price: float | None = None
+    pricing_api: bool = True
     subnet_id: str | None = None
     security_group_ids: tuple[str, ...] = ()
     ssh_cidr: str | None = None
@@ -159,6 +160,7 @@ def parse_ec2_config(user: dict) -> Ec2Config:
         node_count=_int(user, "node_count", 1, minimum=1),
         process_count_per_node=_nproc(user),
         image=_str(user, "image", DEFAULT_IMAGE), spot=_bool(user, "spot", False),
+        pricing_api=_bool(user, "pricing_api", True),
         subnet_id=_str(user, "subnet_id"),
         security_group_ids=_str_list(user, "security_group_ids") or (),
         volume_size_gb=_int(user, "volume_size_gb", 100, minimum=8),

@@ -5,9 +5,11 @@ path, and tear down.
 
 Order: config and credentials, instance type, image and spot price are checked before anything
 is created (:func:`fowlflow.projects.ec2_cloud.preflight`); the plan and its hourly price are
-logged; the key pair, security group and instances are created, all tagged
-``fowlflow:cluster=<name>``; once every instance takes SSH logins (host keys checked against
-the keys made here), :class:`~fowlflow.projects.ssh_launch.SshLaunch` runs the entry point.
+logged (on-demand: the AWS Pricing API's, else the list price table's:
+:func:`fowlflow.projects.ec2_prices.on_demand_price`); the key pair, security group and
+instances are created, all tagged ``fowlflow:cluster=<name>``; once every instance takes SSH
+logins (host keys checked against the keys made here),
+:class:`~fowlflow.projects.ssh_launch.SshLaunch` runs the entry point.
 Failure or Ctrl-C at any point before that removes everything the cluster has; afterwards the
 cluster is removed at the end of the run unless it is kept (``cluster_name`` without
 ``"down": true``), in which case its idle watchdog stops it after ``idle_minutes``.
@@ -31,7 +33,7 @@ from fowlflow.projects.config import HostSpec
 from fowlflow.projects.ec2_cloud import Plan, aws_session, preflight
 from fowlflow.projects.ec2_cluster import Cluster, tag_specs
 from fowlflow.projects.ec2_config import TAG_PREFIX, Ec2Config, state_dir
-from fowlflow.projects.ec2_prices import cost_usd, describe
+from fowlflow.projects.ec2_prices import cost_usd, describe, on_demand_price
 from fowlflow.projects.ec2_ready import wait_ssh
 from fowlflow.projects.ec2_recovery import (InterruptionWatch, describe_loss, lost_instances,
                                              resumed_submission)
@@ -64,6 +66,7 @@ class Ec2Run:
         self.state = state_dir(self.name)
         self.cluster: Cluster | None = None
         self.plan: Plan | None = None
+        self.price_source: str | None = None  # on-demand: the Pricing API or the table
         self.instances: list[dict] = []
         self.ready = False  # every instance took an SSH login
         self.released = False
@@ -76,6 +79,10 @@ class Ec2Run:
     def run(self):
         session = aws_session(self.cfg.region)
         self.plan = preflight(session, self.cfg)
+        if not self.cfg.spot:  # spot keeps preflight's max_price / market price
+            price, self.price_source = on_demand_price(session, self.cfg.instance_type,
+                                                       self.plan.region, self.cfg.pricing_api)
+            self.plan = dataclasses.replace(self.plan, price=price)
         self.cluster = Cluster(session.client("ec2"), self.name)
         try:
             self._wait_ready(self._provision())
@@ -218,7 +225,8 @@ class Ec2Run:
                                 self._base_tags())
             return self._hosts()
         _logger.info("launching cluster %s in %s: %s, image %s", self.name, plan.region,
-                     describe(cfg.instance_type, cfg.node_count, plan.price, cfg.spot),
+                     describe(cfg.instance_type, cfg.node_count, plan.price, cfg.spot,
+                              self.price_source),
                      plan.image_id)
         tags = self._base_tags()
         key = client_key(self.state)
