@@ -106,7 +106,7 @@ def aws(moto_url, monkeypatch, tmp_path) -> Aws:
            "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
            "FOWLFLOW_EC2_HOME": str(tmp_path / "ec2-home")}
-    for service in ("EC2", "SSM", "STS"):
+    for service in ("EC2", "SSM", "STS", "PRICING"):  # moto has no Pricing API: a 500, the table
         env[f"AWS_ENDPOINT_URL_{service}"] = moto_url
     for k, v in env.items():
         monkeypatch.setenv(k, v)
