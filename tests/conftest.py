@@ -31,6 +31,13 @@ HYMENOPTERA = SHARED / "datasets" / "hymenoptera_data"
 TURKEY = SHARED / "datasets" / "fowl_sample" / "turkey.jpg"
 BIN = Path(sys.executable).parent
 
+# One OpenMP thread per process in tests (subprocesses inherit it; the sshd test hosts set it
+# too, tests/projects/conftest.py start_sshd). Two xdist workers, each with trainers, servers
+# and multi-node runs, share two cores: torch's default of one thread per core oversubscribes
+# them and OpenMP's spinning threads then wait on each other. Measured: two copies of
+# registry/test_e2e.py side by side, 95 s -> 69 s of wall time. A value set outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Tiny, fast settings for real end-to-end runs on a 2-core CPU.
 TINY_PARAMS = {
     "arch": "resnet18",

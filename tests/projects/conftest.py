@@ -164,6 +164,7 @@ AllowTcpForwarding yes
 MaxStartups 50
 MaxSessions 50
 Subsystem sftp internal-sftp
+SetEnv OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}
 """)
     log = workdir / "sshd.log"
     argv = [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(log)]
