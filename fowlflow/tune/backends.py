@@ -92,8 +92,10 @@ def parse_backend(name: str, config_text: str, parallel: int, gpu_count: int | N
                           "itself (trials are launched detached and watched); remove them.")
     cfg = _parsed(name, user)
     if name == "ssh":
-        slots, notes = _ssh_slots(user, cfg, parallel)
+        _check_remote_tracking(name, "hosts", cfg.tunnel)
+        slots, notes = _ssh_slots(user, parallel)
     elif name == "ec2":
+        _check_remote_tracking(name, "instances", cfg.ssh.tunnel)
         slots, notes = _ec2_slots(user, cfg, parallel)
     else:
         slots, notes = _torchrun_slots(user, cfg, parallel, gpu_count)
@@ -122,19 +124,25 @@ def _read_config(text: str) -> dict:
     return user
 
 
-def _ssh_slots(user: dict, cfg, parallel: int) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+def _check_remote_tracking(name: str, machines: str, tunnel: bool) -> None:
+    """Trials on other machines (``machines``: "hosts", "instances") log to the tracking server
+    themselves: it must be an http(s) server they reach, and no tunnel (a tunnel lives as long
+    as an attached client, and the sweep launches its trials detached)."""
     import mlflow
 
-    if cfg.tunnel:
+    if tunnel:
         raise ConfigError('-P backend_config: "tunnel" needs a client attached to each run, and '
                           "a sweep launches its trials detached; serve the tracking server on "
-                          "an address the hosts reach (mlflow server --host 0.0.0.0).")
+                          f"an address the {machines} reach (mlflow server --host 0.0.0.0).")
     uri = mlflow.get_tracking_uri()
     if urlparse(uri).scheme not in ("http", "https"):
-        raise ConfigError(f"-P backend=ssh: the hosts log to the tracking server, but "
+        raise ConfigError(f"-P backend={name}: the {machines} log to the tracking server, but "
                           f"MLFLOW_TRACKING_URI is {uri!r} (a store on this machine); start an "
-                          "http(s) tracking server the hosts reach (mlflow server --host "
+                          f"http(s) tracking server the {machines} reach (mlflow server --host "
                           "0.0.0.0) and set MLFLOW_TRACKING_URI to it.")
+
+
+def _ssh_slots(user: dict, parallel: int) -> tuple[tuple[dict, ...], tuple[str, ...]]:
     hosts = user["hosts"] if isinstance(user["hosts"], list) else [user["hosts"]]
     if len(hosts) < parallel:
         raise ConfigError(f"-P parallel={parallel} needs at least {parallel} hosts in "
@@ -152,18 +160,6 @@ def _ec2_slots(user: dict, cfg, parallel: int) -> tuple[tuple[dict, ...], tuple[
     """Each slot its own instances: ``cluster_name`` NAME becomes NAME-0, NAME-1, ... (one
     cluster per slot, kept between its trials unless ``"down": true``); without one, each
     trial gets fresh instances, removed when it ends."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    if urlparse(uri).scheme not in ("http", "https"):
-        raise ConfigError(f"-P backend=ec2: the instances log to the tracking server, but "
-                          f"MLFLOW_TRACKING_URI is {uri!r} (a store on this machine); use an "
-                          "http(s) tracking server the instances reach and set "
-                          "MLFLOW_TRACKING_URI to it.")
-    if cfg.ssh.tunnel:
-        raise ConfigError('-P backend_config: "tunnel" needs a client attached to each run, and '
-                          "a sweep launches its trials detached; give the instances a tracking "
-                          "server they reach.")
     if cfg.cluster_name is None:
         return tuple(dict(user) for _ in range(parallel)), ()
     slots = tuple({**user, "cluster_name": f"{cfg.cluster_name}-{k}"} for k in range(parallel))
