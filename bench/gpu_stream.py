@@ -150,33 +150,28 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize(device)
 
-    def rate(times: list[float]) -> float:
+    def timed(work, feed) -> float:
+        """images/s of ``work(next(feed))``: the median of the steps after 10 warm-ups, the
+        feed's own time (reading files in workers) left out."""
+        times = []
+        for i in range(steps):
+            item = next(feed)
+            start = time.perf_counter()
+            work(item)
+            sync()
+            if i >= 10:
+                times.append(time.perf_counter() - start)
         return args.batch_size / statistics.median(times)
 
     # 1. Decode alone (read in workers, decode + squash on the device).
-    times, it = [], iter(loader)
-    for i in range(steps):
-        batch = next(it)
-        start = time.perf_counter()
-        decode(batch, device, side)
-        sync()
-        if i >= 10:
-            times.append(time.perf_counter() - start)
-    decode_ips = rate(times)
+    decode_ips = timed(lambda batch: decode(batch, device, side), iter(loader))
 
     # 2. The bare step on random uint8 images already on the device.
     fake = torch.randint(0, 256, (args.batch_size, 3, side, side), dtype=torch.uint8,
                          device=device)
     aspect = torch.full((args.batch_size,), 4 / 3, device=device)
     y = labels[:args.batch_size]
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        step(fake, aspect, y)
-        sync()
-        if i >= 10:
-            times.append(time.perf_counter() - start)
-    bare_ips = rate(times)
+    bare_ips = timed(lambda _: step(fake, aspect, y), iter(range(steps)))
 
     # 3. The streamed step: batch k+1 decoded on a side stream while batch k trains.
     side_stream = torch.cuda.Stream(device) if cuda and args.overlap else None

@@ -112,39 +112,47 @@ def _image_key(image: torch.Tensor) -> str:
     return hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
 
 
-def _rank_main(rank: int, world: int, port: int, data: str, data_path: str, out: str) -> None:
-    """One gloo rank: load the data as the trainer does, then take two epochs' batches."""
+def _in_gloo_rank(rank: int, world: int, port: int, body, out: str, *args) -> None:
+    """One real gloo rank (``mp.spawn``'s entry): ``body(out, *args)``'s result goes to
+    ``out/rank<rank>.json``."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
-    from fowlflow.trainer.config import parse_args
     from fowlflow.trainer.distributed import DistContext
-    from fowlflow.trainer.loop import LoopSetup
-    from fowlflow.trainer.train import _load_data
 
     ctx = DistContext.from_env()
     ctx.init()
     try:
-        cfg = parse_args(_args(data, out, data_path=data_path))
-        loaded = _load_data(cfg, ctx, torch.device("cpu"))
-        train = loaded.train
-        held = [str(p) for p in (train.kept if data_path == "cache" else train.sources)]
-        # What each held image decodes to, to recognise the images the epochs hand out.
-        decoded = (train.images if data_path == "cache"
-                   else [train.dataset[i][1] for i in range(len(train))])
-        keys = {_image_key(image): path for image, path in zip(decoded, held)}
-        assert len(keys) == len(held)
-        setup = LoopSetup(torch.device("cpu"), ctx, 4, 32, 2, cfg.seed, False, progress=False)
-        epochs = {}
-        for epoch in (1, 2):
-            _, batches = train.train_batches(setup, epoch)
-            epochs[epoch] = [keys[_image_key(img)] for images, _, _ in batches for img in images]
-        val = [int(r) for rows, _, _ in loaded.val.eval_batches(8) for r in rows]
+        result = body(ctx, out, *args)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"held": held, "epochs": epochs, "val": val, "per_rank": loaded.per_rank},
-                      f)
+            json.dump(result, f)
     finally:
         ctx.shutdown()
+
+
+def _two_epochs_of_photos(ctx, out: str, data: str, data_path: str) -> dict:
+    """Load the data as the trainer does, then take two epochs' batches: the photos held,
+    each epoch's photos in order, the validation rows."""
+    from fowlflow.trainer.config import parse_args
+    from fowlflow.trainer.loop import LoopSetup
+    from fowlflow.trainer.train import _load_data
+
+    cfg = parse_args(_args(data, out, data_path=data_path))
+    loaded = _load_data(cfg, ctx, torch.device("cpu"))
+    train = loaded.train
+    held = [str(p) for p in (train.kept if data_path == "cache" else train.sources)]
+    # What each held image decodes to, to recognise the images the epochs hand out.
+    decoded = (train.images if data_path == "cache"
+               else [train.dataset[i][1] for i in range(len(train))])
+    keys = {_image_key(image): path for image, path in zip(decoded, held)}
+    assert len(keys) == len(held)
+    setup = LoopSetup(torch.device("cpu"), ctx, 4, 32, 2, cfg.seed, False, progress=False)
+    epochs = {}
+    for epoch in (1, 2):
+        _, batches = train.train_batches(setup, epoch)
+        epochs[epoch] = [keys[_image_key(img)] for images, _, _ in batches for img in images]
+    val = [int(r) for rows, _, _ in loaded.val.eval_batches(8) for r in rows]
+    return {"held": held, "epochs": epochs, "val": val, "per_rank": loaded.per_rank}
 
 
 @pytest.mark.parametrize("data_path", ["cache", "stream"])
@@ -157,7 +165,8 @@ def test_two_gloo_ranks_each_hold_half_and_no_image_twice(tmp_path, data_path):
     data = hymenoptera_subset(tmp_path / "photos", train=11, val=5)  # 22 and 10 photos
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_rank_main, args=(2, _free_port(), str(data), data_path, str(out)), nprocs=2)
+    mp.spawn(_in_gloo_rank, args=(2, _free_port(), _two_epochs_of_photos, str(out),
+                              str(data), data_path), nprocs=2)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     held = [set(r["held"]) for r in ranks]
     assert [len(r["held"]) for r in ranks] == [11, 11] and not held[0] & held[1]
@@ -229,31 +238,21 @@ def test_a_shard_set_trains_cached_and_streamed_as_its_folder_does(tracking_uri,
         f.path for f in client.list_artifacts(streamed["run_id"])}
 
 
-def _shard_rank_main(rank: int, world: int, port: int, data: str, out: str) -> None:
-    """One gloo rank streaming a shard set: the images of two epochs, as hashes."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+def _two_epochs_of_shards(ctx, out: str, data: str) -> dict:
+    """Stream a shard set as the trainer does: the images of two epochs, as hashes."""
     from fowlflow.trainer.config import parse_args
-    from fowlflow.trainer.distributed import DistContext
     from fowlflow.trainer.loop import LoopSetup
     from fowlflow.trainer.train import _load_data
 
-    ctx = DistContext.from_env()
-    ctx.init()
-    try:
-        cfg = parse_args(_args(data, out, data_path="stream", workers=2))
-        loaded = _load_data(cfg, ctx, torch.device("cpu"))
-        setup = LoopSetup(torch.device("cpu"), ctx, 4, 32, 2, cfg.seed, False, progress=False)
-        epochs = {}
-        for epoch in (1, 2):
-            sizes, batches = loaded.train.train_batches(setup, epoch)
-            epochs[epoch] = [_image_key(img) for images, _, _ in batches for img in images]
-            assert len(epochs[epoch]) == sum(sizes)
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"epochs": epochs, "per_rank": loaded.per_rank}, f)
-    finally:
-        ctx.shutdown()
+    cfg = parse_args(_args(data, out, data_path="stream", workers=2))
+    loaded = _load_data(cfg, ctx, torch.device("cpu"))
+    setup = LoopSetup(torch.device("cpu"), ctx, 4, 32, 2, cfg.seed, False, progress=False)
+    epochs = {}
+    for epoch in (1, 2):
+        sizes, batches = loaded.train.train_batches(setup, epoch)
+        epochs[epoch] = [_image_key(img) for images, _, _ in batches for img in images]
+        assert len(epochs[epoch]) == sum(sizes)
+    return {"epochs": epochs, "per_rank": loaded.per_rank}
 
 
 def test_two_gloo_ranks_stream_disjoint_shards(tmp_path):
@@ -270,8 +269,8 @@ def test_two_gloo_ranks_stream_disjoint_shards(tmp_path):
     pack(str(data), str(tmp_path / "shards"), shard_size=2, progress=False)  # 10 train shards
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_shard_rank_main, args=(2, _free_port(), str(tmp_path / "shards"), str(out)),
-             nprocs=2)
+    mp.spawn(_in_gloo_rank, args=(2, _free_port(), _two_epochs_of_shards, str(out),
+                                  str(tmp_path / "shards")), nprocs=2)
     import io
 
     photos = {}
