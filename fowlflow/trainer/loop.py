@@ -129,6 +129,31 @@ class _StepReporter:
         self.done, self.last = step + 1, now
 
 
+_NO_BATCH = (None, None, ())  # a step without images
+
+
+def _empty_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                setup: LoopSetup) -> None:
+    """This rank's part of a DDP step for which it has no images (all failed to decode, or
+    its stream ran short): the other ranks' backward waits for this rank's gradients, so it
+    sends zeros (the gradient of ``0 * output`` for one blank image), and takes the optimizer
+    step with the averaged gradients like every rank, keeping the replicas equal. Skipping the
+    step would leave the other ranks waiting forever. The blank image goes through the model
+    in eval mode: no BatchNorm statistics change."""
+    side = setup.image_size
+    x = torch.zeros(1, 3, side, side, device=setup.device).contiguous(
+        memory_format=torch.channels_last)
+    model.eval()
+    try:
+        with setup.autocast():
+            loss = model(x).float().sum() * 0.0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    finally:
+        model.train()
+
+
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data,
                 setup: LoopSetup, epoch: int, on_steps: StepCallback | None = None) -> EpochStats:
     """Train one epoch on ``data`` (an ImageCache or a StreamedSplit); ``on_steps`` gets its
@@ -144,13 +169,17 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data,
                disable=not setup.progress, leave=False, mininterval=1.0)
     reporter = _StepReporter(losses, sizes, setup, (epoch - 1) * len(sizes), on_steps,
                              bar if setup.progress else None)
-    taken = 0
-    for step, (images, aspect, y) in enumerate(batches):
+    batches = iter(batches)
+    for step in range(len(sizes)):
         raise_if_stopping()
-        taken = step + 1
         bar.update(1)
-        sizes[step] = len(y)  # fewer when a streamed file failed to decode
+        # Fewer images when streamed files failed to decode; none when all of a batch failed
+        # or the stream ran short (a shard set's unreadable samples).
+        images, aspect, y = next(batches, _NO_BATCH)
+        sizes[step] = len(y)
         if sizes[step] == 0:
+            if setup.ctx.distributed:
+                _empty_step(model, optimizer, setup)
             continue
         x = train_batch(images, aspect, setup.image_size, gen)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -163,7 +192,6 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data,
         losses[step] = loss.detach()
         hits += (logits.argmax(1) == y).sum()
         reporter.after(step)
-    sizes[taken:] = [0] * (len(sizes) - taken)  # a stream that ran short (unreadable files)
     reporter.after(len(sizes) - 1, end=True)
     bar.close()
     sizes_t = torch.tensor(sizes, dtype=torch.float32, device=setup.device)
