@@ -224,6 +224,7 @@ def pytest_sessionstart(session):
 
 
 _FIRST_SLOW = pytest.StashKey[object]()
+_FAST_FAILED = [0]  # fast tests failed in this process (pytest_runtest_logreport)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -245,14 +246,19 @@ def pytest_collection_modifyitems(session, config, items):
     config.stash[_FIRST_SLOW] = slow[0] if slow and fast else None
 
 
+def pytest_runtest_logreport(report):
+    """Count the failed fast tests (a slow test's failure does not stop the others)."""
+    if report.failed and "slow" not in report.keywords:
+        _FAST_FAILED[0] += 1
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
     """Fail fast: when the first slow test is next and a fast test has failed, stop here (exit
     status 1, the failures reported as usual) instead of running the slow tests."""
-    session = item.session
-    if item is item.config.stash.get(_FIRST_SLOW, None) and session.testsfailed:
-        session.shouldfail = (f"{session.testsfailed} fast test(s) failed: the slow tests "
-                              "(tests/conftest.py SLOW) were not run")
+    if item is item.config.stash.get(_FIRST_SLOW, None) and _FAST_FAILED[0]:
+        item.session.shouldfail = (f"{_FAST_FAILED[0]} fast test(s) failed: the slow tests "
+                                   "(tests/conftest.py SLOW) were not run")
         return True
     return None
 

@@ -91,7 +91,15 @@ def mlflow_cli(project: Path, backend: str, config: dict, params: dict | None = 
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    """Wait for ``proc``; one still running after ``timeout`` s is killed and the test fails
+    with what it printed (the last lines say where it hung)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s: {proc.args}\n"
+                             f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-6000:]}") from None
     return proc.returncode, out, err
 
 

@@ -26,7 +26,7 @@ from tests.conftest import BIN, ROOT
 from tests.test_docs_commands import documented
 from tests.tune.test_sweep import TINY
 
-EPOCHS = 8  # docs/tune.md's: long enough that the pruned trial is cancelled before its last
+EPOCHS = 20  # docs/tune.md's: long enough that the pruned trial is cancelled before its last
 RUN_DIRS = Path("~/.fowlflow/runs").expanduser()
 
 
@@ -145,7 +145,7 @@ def torchrun_sweep(tmp_path_factory):
 
     command = documented(
         "mlflow run . -e tune --env-manager local -P data=synthetic -P weights=none "
-        "-P image_size=32 -P batch_size=8 -P workers=0 -P num_epochs=8 -P n_trials=3 "
+        "-P image_size=32 -P batch_size=8 -P workers=0 -P num_epochs=20 -P n_trials=3 "
         "-P parallel=2 -P delay_evaluation=3 -P backend=torchrun "
         "-P backend_config='{\"process_count_per_node\": 1}'")
     folder = tmp_path_factory.mktemp("tune-torchrun")
