@@ -66,8 +66,6 @@ TINY_PARAMS = {
 
 SLOW: dict[str, str] = {
     # Whole files.
-    "registry/test_docs_commands.py":
-        "the registry docs' 13 mlflow run commands, mlflow models serve twice (~3-7 min)",
     "test_docs_python.py": "the registry docs' Python snippets, each a fresh interpreter",
     "test_e2e.py": "train, register, promote, predict, evaluate through mlflow run (~2 min)",
     "test_mlflow_run.py": "training runs through the real mlflow run CLI and the trainer's CLI",
@@ -82,6 +80,8 @@ SLOW: dict[str, str] = {
                          "node and on two",
     "test_ui.py": "mlflow run through the team stack, then Chromium on the UI",
     # Single tests.
+    "registry/test_docs_commands.py::test_registry_md_commands_run_as_written":
+        "docs/registry.md's 9 mlflow run commands, a download, mlflow models serve (~2-5 min)",
     "test_docs_commands.py::test_make_train_offline_with_shipped_imagenet_weights":
         "make train: efficientnet_lite0 at 224 px, ONNX registration",
     "test_docs_commands.py::test_make_train_from_a_zip_from_scratch": "make train, 5 epochs",

@@ -11,8 +11,9 @@ untagged blocks. A test claims what it runs, found by a scan of the sources unde
 * ``documented("<command as in the docs>")`` (a string literal): fails unless a block has
   exactly that command (comments aside), and returns its text, which the test then runs;
 * in a ``test_*`` function, ``block_under(<...X.md>, "<heading>")`` claims that block and
-  ``bash_blocks(<...X.md>)`` all of X.md (tests/registry/test_docs_commands.py runs the
-  README "Model registry" block and docs/registry.md that way).
+  ``bash_blocks(<...X.md>)`` all of X.md (tests/registry/test_docs_commands.py runs
+  docs/registry.md that way, and claims the README "Model registry" block by checking that
+  each of its commands is one of docs/registry.md's).
 
 The commands run in ``bash -c``, exactly as written, except for these, each visible in the
 test that makes it:
