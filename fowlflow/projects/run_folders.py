@@ -8,7 +8,9 @@ are never touched::
     fowlflow gc                          # dry run: what would go (ended > 7 days ago)
     fowlflow gc --older-than 0 --keep-last 5 --yes
 
-Only runs whose MLflow status is FINISHED, FAILED or KILLED are considered, only folders the
+Runs of the ``ec2`` backend are left out: their folders are on the instances' disks and go
+with them. Only runs whose MLflow status is FINISHED, FAILED or KILLED are considered, only
+folders the
 launch record names and whose last part is the run id are removed, and the run gets the tag
 ``fowlflow.run_folders_removed`` so the next ``gc`` skips it.
 """
@@ -24,6 +26,10 @@ from fowlflow.projects.ssh_connections import SharedConnections
 
 REMOVED_TAG = "fowlflow.run_folders_removed"
 ENDED = ("FINISHED", "FAILED", "KILLED")
+# backends whose run folders live on the instances' own disks: they go with the instances
+# (``fowlflow ec2 down``; a cluster that is not kept is removed when its run ends); asking a
+# terminated instance over ssh would only time out
+ON_INSTANCES = ("ec2",)
 
 
 def ended_runs(client, experiment_ids: list[str], older_than_days: float,
@@ -35,7 +41,8 @@ def ended_runs(client, experiment_ids: list[str], older_than_days: float,
             if r.info.status in ENDED]
     cutoff_ms = (time.time() - older_than_days * 86400) * 1000
     return [r for r in runs[keep_last:]
-            if REMOVED_TAG not in r.data.tags and (r.info.end_time or 0) <= cutoff_ms]
+            if REMOVED_TAG not in r.data.tags and (r.info.end_time or 0) <= cutoff_ms
+            and r.data.tags.get("fowlflow.backend") not in ON_INSTANCES]
 
 
 def folders(client, run_id: str, shared: SharedConnections) -> list:

@@ -34,6 +34,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from fowlflow.errors import ConfigError
+from fowlflow.projects.supervise import end_run_if_running
 from fowlflow.trainer.config import TrainConfig
 from fowlflow.tune import METRIC
 from fowlflow.tune.backends import BackendSpec
@@ -175,8 +176,7 @@ class Sweep:
               error: type[Exception] = TrialFailed) -> None:
         """End the trial's run (KILLED when the sweep stops, else FAILED) and raise ``error``
         (:class:`TrialFailed`: the sweep goes on; another: it stops)."""
-        if self.client.get_run(run_id).info.status == "RUNNING":
-            self.client.set_terminated(run_id, "KILLED" if self.stopping else "FAILED")
+        end_run_if_running(self.client, run_id, "KILLED" if self.stopping else "FAILED")
         self.client.set_tag(run_id, STATE_TAG, "FAIL")
         print(f"fowlflow: trial {trial.number} failed ({why}); {tail}", file=sys.stderr,
               flush=True)

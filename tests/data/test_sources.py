@@ -15,6 +15,7 @@ import pytest
 from fowlflow.data.sources import DataSource, resolve_data
 from fowlflow.errors import DataError
 from tests.conftest import BIN, ROOT, TINY_PARAMS, make_imagefolder
+from tests.net import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -138,10 +139,9 @@ def test_truncated_download_is_never_used(cache):
 
 
 def test_unreachable_url_names_it_and_the_fix():
-    with socket_closed_port() as port:
-        url = f"http://127.0.0.1:{port}/fowl_data.zip"
-        with pytest.raises(DataError) as info:
-            resolve_data(url)
+    url = f"http://127.0.0.1:{free_port()}/fowl_data.zip"  # nothing listens there
+    with pytest.raises(DataError) as info:
+        resolve_data(url)
     assert url in str(info.value) and "-P data=" in str(info.value)
 
 
@@ -174,22 +174,6 @@ def test_synthetic_set_is_generated_once(cache):
     assert len(files) == 144 and {p.parent.name for p in files} == {"circles", "squares"}
     mtime = files[0].stat().st_mtime
     assert resolve_data("synthetic").root == root and files[0].stat().st_mtime == mtime
-
-
-class socket_closed_port:
-    """A loopback port with nothing listening (bound, then released)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        return port
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def test_copying_hymenoptera_is_not_needed():

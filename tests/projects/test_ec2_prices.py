@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +27,7 @@ from fowlflow.projects.ec2_prices import (API_SOURCE, TABLE_SOURCE, describe, ho
                                           on_demand_price)
 from tests.conftest import ROOT
 from tests.projects.ec2_moto import aws, ec2_config, moto_url  # noqa: F401
+from tests.net import free_port
 
 SECRET = "fake-secret-key-do-not-print"
 
@@ -147,10 +147,7 @@ def test_price_from_the_pricing_api_with_the_run_filters(session, pricing):
 def test_no_api_price_falls_back_to_the_table_quickly(session, pricing, mode, caplog, capsys,
                                                      monkeypatch):
     if mode == "down":  # a port nothing listens on
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_PRICING", f"http://127.0.0.1:{free_port()}")
     pricing.mode = mode
     caplog.set_level(logging.DEBUG, logger="fowlflow")
     start = time.monotonic()

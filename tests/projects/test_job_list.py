@@ -76,3 +76,18 @@ def test_age_reads_like_a_job_list():
     assert age(int((now - 3 * 3600) * 1000), now) == "3h"
     assert age(int((now - 5 * 86400) * 1000), now) == "5d"
     assert age(None, now) == "-"
+
+
+def test_gc_leaves_out_ec2_runs_whose_folders_went_with_their_instances(local_store):
+    """``fowlflow gc`` asks each host of an ended run over ssh; an ec2 run's instances are
+    terminated (or their cluster is kept until ``fowlflow ec2 down``): only its other runs are
+    candidates, so gc does not time out on every terminated instance and exit non-zero."""
+    from fowlflow.projects.run_folders import ended_runs
+
+    client = local_store.client
+    birds = client.create_experiment("gc-birds")
+    on_ssh = _launched(client, birds, "ssh", ["gpu-a"])
+    on_ec2 = _launched(client, birds, "ec2", ["10.0.0.5"])
+    for run_id in (on_ssh, on_ec2):
+        client.set_terminated(run_id, "FINISHED")
+    assert [r.info.run_id for r in ended_runs(client, [birds], 0, 0)] == [on_ssh]

@@ -57,6 +57,6 @@ def test_train_registers_then_promote_and_predict_entry_points(tmp_path, trackin
     given = f"{tmp_path / 'val'}/"
     mlflow_run("-e", "evaluate", params={"model_uri": f"models:/{name}-onnx@champion",
                                          "data_dir": given})
-    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                filter_string="params.data_dir != ''")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "params.data_dir != ''")
     assert run.data.params["data_dir"] == given and run.data.metrics["images"] == 2

@@ -78,8 +78,9 @@ def test_mlflow_run_typed_elsewhere_reads_relative_paths_from_there(registered, 
 
     mlflow_run("-e", "evaluate", "--experiment-name", "registry-tests", cwd=user,
                project=ROOT, params={"model_uri": ONNX_URI, "data_dir": "rel/val"})
-    (run,) = mlflow.search_runs(experiment_names=["registry-tests"], output_format="list",
-                                filter_string="params.data_dir = 'rel/val'")
+    client = mlflow.MlflowClient(use_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("registry-tests").experiment_id],
+                                "params.data_dir = 'rel/val'")
     assert run.data.metrics["images"] == 8 and "accuracy" in run.data.metrics
 
     proc = mlflow_run("-e", "evaluate", "--experiment-name", "registry-tests", cwd=user,
@@ -102,11 +103,12 @@ def test_evaluate_logs_accuracy_and_confusion_matrix_to_a_new_run(registered, us
     cm = onnx["confusion_matrix"]
     assert sum(map(sum, cm)) == 8 and onnx["accuracy"] == (cm[0][0] + cm[1][1]) / 8
     assert torch["confusion_matrix"] == cm  # both formats agree image by image
-    run = mlflow.get_run(onnx["run_id"])
+    client = mlflow.MlflowClient(use_store)
+    run = client.get_run(onnx["run_id"])
     assert run.data.metrics["accuracy"] == onnx["accuracy"]
     assert run.data.params["model_uri"] == ONNX_URI
     assert {"recall_ants", "precision_bees"} <= set(run.data.metrics)
-    names = {a.path for a in mlflow.MlflowClient(use_store).list_artifacts(run.info.run_id)}
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "predictions.csv"} <= names
 
 

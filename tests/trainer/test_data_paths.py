@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 
 from pathlib import Path
@@ -23,6 +22,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import BIN, HYMENOPTERA, ROOT
 from tests.data.conftest import s3, s3_env  # noqa: F401  (SeaweedFS: the data tests' S3)
+from tests.net import free_port
 
 
 def hymenoptera_subset(root, train: int = 12, val: int = 6):
@@ -102,12 +102,6 @@ def test_a_streamed_run_resumes_exactly(tmp_path):
 # One part per rank
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _image_key(image: torch.Tensor) -> str:
     return hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
 
@@ -165,7 +159,7 @@ def test_two_gloo_ranks_each_hold_half_and_no_image_twice(tmp_path, data_path):
     data = hymenoptera_subset(tmp_path / "photos", train=11, val=5)  # 22 and 10 photos
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_in_gloo_rank, args=(2, _free_port(), _two_epochs_of_photos, str(out),
+    mp.spawn(_in_gloo_rank, args=(2, free_port(), _two_epochs_of_photos, str(out),
                               str(data), data_path), nprocs=2)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     held = [set(r["held"]) for r in ranks]
@@ -269,7 +263,7 @@ def test_two_gloo_ranks_stream_disjoint_shards(tmp_path):
     pack(str(data), str(tmp_path / "shards"), shard_size=2, progress=False)  # 10 train shards
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_in_gloo_rank, args=(2, _free_port(), _two_epochs_of_shards, str(out),
+    mp.spawn(_in_gloo_rank, args=(2, free_port(), _two_epochs_of_shards, str(out),
                                   str(tmp_path / "shards")), nprocs=2)
     import io
 

@@ -14,6 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.conftest import BIN, ROOT, TINY_PARAMS, make_imagefolder, mlflow_run
+from tests.net import free_port
 
 EPOCH_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "momentum",
                  "best_val_acc", "train_images_per_sec", "epoch_seconds"]
@@ -112,13 +113,7 @@ def test_missing_data_fails_clearly_through_mlflow_run(tracking_uri, tmp_path):
 
 
 def test_unreachable_url_exits_nonzero_naming_it(tracking_uri, tmp_path):
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    url = f"http://127.0.0.1:{port}/fowl_data.zip"
+    url = f"http://127.0.0.1:{free_port()}/fowl_data.zip"  # nothing listens there
     proc = trainer("--data", url, "--weights", "none",
                    env={"FOWLFLOW_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 2

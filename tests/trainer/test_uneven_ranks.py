@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from datetime import timedelta
 
 import torch
+
+from tests.net import free_port
 
 STEPS, BATCH, SIZE = 5, 4, 32
 
@@ -79,10 +80,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 def test_a_rank_without_images_for_some_steps_keeps_step_with_the_others(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]  # replicas still equal
     assert ranks[0]["images"] == ranks[1]["images"] == STEPS * BATCH + 2 * BATCH
