@@ -22,6 +22,7 @@ def test_gc_removes_ended_runs_folders_and_keeps_environments(server_store, loop
     assert code == 0, err[-3000:]
     remote = tmp_path / "remote"
     (remote / "envs" / "virtualenv-abc").mkdir(parents=True)  # a shared environment
+    (remote / "envs" / "virtualenv-abc" / "python").write_bytes(b"\0" * 65536)
     code, _, err = finish(mlflow_cli(STANDIN, "ssh", ssh_config(
         keys, loopback_sshd, remote_dir=str(remote), process_count_per_node=1),
         {"steps": 1, "sleep": 0}))
@@ -51,6 +52,12 @@ def test_gc_removes_ended_runs_folders_and_keeps_environments(server_store, loop
     assert every.returncode == 0 and f"removed root@{loopback_sshd.address}:" in every.stdout
     assert not folders[newest].exists()
     assert (remote / "envs" / "virtualenv-abc").is_dir()
+    # the host's disk use is back to the environment cache: no file outside envs/ is left
+    assert _bytes(remote) == _bytes(remote / "envs") == 65536
     assert all("fowlflow.run_folders_removed" in r.data.tags for r in server_store.runs())
     again = fowlflow(*gc, "--older-than", "0")
     assert "would remove" not in again.stdout
+
+
+def _bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
