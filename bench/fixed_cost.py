@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--sample", action="store_true", help="measure the sample's loop instead")
     p.add_argument("extra", nargs="*", help="more trainer flags, after --")
     args = p.parse_args()
+    args.data = str(Path(args.data).resolve())  # the runs start in folders of their own
     result = sample(args) if args.sample else fowlflow(args)
     print(json.dumps({"benchmark": "sample" if args.sample else "fowlflow", **result,
                       "command": " ".join(["python"] + sys.argv)}))

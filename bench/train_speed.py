@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.01)
     args = p.parse_args()
+    args.data = str(Path(args.data).resolve())  # the runs start in folders of their own
     args.epochs = args.epochs or {"speed": 2, "bare": 3, "overhead": 3,
                                    "accuracy": 10}[args.what]
     result = {"benchmark": args.what, **globals()[args.what](args),
