@@ -19,6 +19,7 @@ import sys
 
 from fowlflow.errors import RemoteError
 from fowlflow.projects import job_list, run_folders
+from fowlflow.projects.failure_summary import failure_summary
 from fowlflow.projects.launch_record import LaunchRecord
 from fowlflow.projects.nodes import RunState
 from fowlflow.projects.run_lifecycle import client
@@ -57,10 +58,14 @@ def _logs(args, shared: SharedConnections) -> int:
 
 
 def _attach(args, shared: SharedConnections) -> int:
+    """Stream to the end; a run that did not finish says why first, as ``mlflow run`` does."""
     submitted = run_from_tags(args.run_id, shared)
-    ok = submitted.wait()  # Ctrl-C cancels the run, as during `mlflow run`
-    print(f"run {args.run_id}: {submitted.get_status()}", file=sys.stderr)
-    return 0 if ok else 1
+    if submitted.wait():  # Ctrl-C cancels the run, as during `mlflow run`
+        print(f"run {args.run_id}: {submitted.get_status()}", file=sys.stderr)
+        return 0
+    print(failure_summary(client(None), args.run_id, submitted.nodes, submitted.get_status()),
+          file=sys.stderr)
+    return 1
 
 
 def _cancel(args, shared: SharedConnections) -> int:

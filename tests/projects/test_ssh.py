@@ -200,6 +200,33 @@ def test_killed_remote_trainer_fails_the_run_and_keeps_its_output(server_store, 
     assert not marked_processes(run_id)
 
 
+def test_killed_supervisor_of_node1_ends_the_whole_run_failed_everywhere(server_store, hosts,
+                                                                        keys, tmp_path):
+    """``kill -9`` of node 1's supervisor on its host, mid-run (issue 11.3): its reaper kills
+    that node's torchrun and workers and records FAILED; the attached ``mlflow run`` stops
+    node 0 (blocked in the all-reduce otherwise) and fails; ``fowlflow status``, each node and
+    MLflow then say FAILED, and no process of the run is left on either host."""
+    cfg = {"hosts": [{"host": s.address} for s in hosts.sshds], "user": "root",
+           "identity_file": str(keys.identity), "known_hosts_file": str(keys.known_hosts),
+           "python": sys.executable, "remote_dir": str(tmp_path / "remote"),
+           "process_count_per_node": 1, "connect_timeout": 5}
+    proc = mlflow_cli(STANDIN, "ssh", cfg, {"steps": 400, "sleep": 0.3})
+    run_id = server_store.wait_for_run(proc).info.run_id
+    server_store.wait_for_metric(run_id, "allreduce_sum", 2)
+    details = json.loads(server_store.client.get_run(run_id).data.tags["fowlflow.node_details"])
+    supervisor = psutil.Process(int(details[1]["pid"]))  # the hosts share this process table
+    assert run_id in " ".join(supervisor.cmdline())
+    supervisor.kill()
+    code, _, err = finish(proc, timeout=240)
+    assert code == 1 and "FAILED" in err, err[-3000:]
+    wait_until(lambda: not marked_processes(run_id), what="no process of the run left",
+               timeout=60)
+    assert server_store.only_run().info.status == "FAILED"
+    status = fowlflow("status", run_id)
+    assert "node1: FAILED" in status.stdout, status.stdout + status.stderr
+    assert f"run {run_id}: FAILED; MLflow status FAILED" in status.stdout, status.stdout
+
+
 def test_cancel_from_another_terminal_stops_every_remote_process(server_store, hosts, keys,
                                                                  tmp_path):
     sshd = hosts.sshds[1]

@@ -170,6 +170,23 @@ def test_detached_run_status_attach_and_logs(local_store, tmp_path):
     assert time.monotonic() - started < 200
 
 
+def test_attach_to_a_run_that_fails_says_why_first(local_store, tmp_path):
+    """``fowlflow attach`` of a detached run that fails ends as the attached ``mlflow run``
+    does: exit 1, the run's end and the end of its output (issue 11.4), not only "FAILED"."""
+    code, _, err = finish(mlflow_cli(STANDIN, "torchrun",
+                                     _cfg(tmp_path, process_count_per_node=1, wait=False),
+                                     {"steps": 12, "sleep": 0.5, "fail_at": 4}))
+    assert code == 0, err[-3000:]
+    run_id = local_store.only_run().info.run_id
+    attach = fowlflow("attach", run_id, timeout=180)
+    assert attach.returncode == 1, attach.stderr
+    summary = attach.stderr[attach.stderr.index(f"run {run_id} ended FAILED"):]
+    head, _, tail = summary.partition("end of node0's output")
+    assert "cause: failing on purpose at step 4" in head, summary
+    assert "(node0) fowlflow: error: failing on purpose at step 4" in head, summary
+    assert tail, summary
+    assert local_store.only_run().info.status == "FAILED"
+
 
 def _reaper(run_id: str) -> psutil.Process:
     """The supervisor's ``reap`` process for node0 of ``run_id``."""

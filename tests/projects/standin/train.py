@@ -32,8 +32,10 @@ for step in range(args.steps):
     t = torch.ones(1) * (rank + 1)
     if world > 1:
         dist.all_reduce(t)
-    if step == args.fail_at and rank == 0:
-        print(f"failing on purpose at step {step}", flush=True)
+    if step == args.fail_at and rank == 0:  # as the trainer fails: an error tag and line
+        if client is not None:
+            client.set_tag(run_id, "error", f"failing on purpose at step {step}")
+        print(f"fowlflow: error: failing on purpose at step {step}", flush=True)
         sys.exit(3)
     if client is not None:
         client.log_metric(run_id, "allreduce_sum", float(t.item()), step=step)
