@@ -24,9 +24,15 @@ TRIES = 10
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 (B,3,H,W) -> float32 normalized with ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x_uint8.device).view(1, 3, 1, 1)
-    return (x_uint8.float() / 255.0 - mean) / std
+    return _normalize_(x_uint8.float())
+
+
+def _normalize_(x: torch.Tensor) -> torch.Tensor:
+    """``(x / 255 - mean) / std`` in place on a float (B,3,H,W) batch, as one multiply-add
+    (four passes over the batch took half of the augmentation's time on a CPU)."""
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    return x.mul_(1 / (255.0 * std)).add_(-mean / std)
 
 
 def crop_boxes(aspect: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -64,8 +70,11 @@ def train_batch(images: torch.Tensor, aspect: torch.Tensor, out_size: int,
     theta[:, 0, 0], theta[:, 0, 2] = fw * flip, cx
     theta[:, 1, 1], theta[:, 1, 2] = fh, cy
     grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
-    x = normalize(images)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                      align_corners=False)
+    # Normalized after the crop, on fewer pixels: each output pixel is a weighted mean of input
+    # pixels (weights summing to 1, borders clamped), so normalizing commutes with the sampling.
+    return _normalize_(x)
 
 
 def eval_batch(images: torch.Tensor) -> torch.Tensor:

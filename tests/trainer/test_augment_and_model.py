@@ -42,6 +42,25 @@ def test_normalize_uses_imagenet_statistics():
                                                        (1 - 0.406) / 0.225]))
 
 
+def test_train_batch_normalizes_after_the_crop_as_if_before():
+    """train_batch samples the uint8 images, then normalizes (fewer pixels): the same as
+    sampling the normalized images, since each output pixel is a weighted mean (borders
+    clamped) of input pixels."""
+    images = torch.randint(0, 256, (8, 3, 80, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    aspect = torch.full((8,), 64 / 80)
+    x = train_batch(images, aspect, 48, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same boxes and flips, drawn again
+    fw, fh, cx, cy = crop_boxes(aspect, gen).unbind(1)
+    flip = torch.where(torch.rand(8, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros((8, 2, 3))
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = fw * flip, cx, fh, cy
+    grid = torch.nn.functional.affine_grid(theta, [8, 3, 48, 48], align_corners=False)
+    expected = torch.nn.functional.grid_sample(normalize(images), grid, mode="bilinear",
+                                               padding_mode="border", align_corners=False)
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "squeezenet1_0"])
 def test_torchvision_heads_are_replaced(arch):
     model = build_model(arch, 3, "none")
