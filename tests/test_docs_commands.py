@@ -129,6 +129,14 @@ NOT_RUNNABLE: dict[str, str] = {
     ".venv/bin/python bench/fixed_cost.py --data ../shared/datasets/hymenoptera_data --epochs 3":
         "benchmark: 3 epochs of 224 px training in a fresh interpreter, minutes; arguments "
         "checked against --help",
+    ".venv/bin/python bench/fixed_cost.py --data ../shared/datasets/hymenoptera_data --epochs 3 "
+    "--sample":
+        "benchmark: 3 epochs of the sample's loop (its time and peak memory), minutes; "
+        "arguments checked against --help",
+    ".venv/bin/python bench/fixed_cost.py --data ../shared/datasets/hymenoptera_data --epochs 3 "
+    "-- --batch_size 4":
+        "benchmark: the same at the sample's batch size (its peak memory), minutes; arguments "
+        "checked against --help",
     ".venv/bin/python bench/train_speed.py bare --data ../shared/datasets/hymenoptera_data "
     "--epochs 2 --repeats 2":
         "benchmark: 2 x 2 epochs of 224 px training against the bare step, minutes; arguments "
@@ -386,7 +394,17 @@ def test_benchmark_commands_not_run_use_arguments_their_scripts_take():
             helps[argv[1]] = bash(f"{shlex.quote(str(BIN / 'python'))} {argv[1]} --help",
                                   ROOT, clean_env(), timeout=120).stdout
         help_text = helps[argv[1]]
-        args = argv[2:]
+        args, passed_on = argv[2:], []
+        if "--" in args:  # what follows goes to the trainer (fixed_cost.py's `extra`)
+            args, passed_on = args[:args.index("--")], args[args.index("--") + 1:]
+        if passed_on:
+            if "trainer" not in helps:
+                helps["trainer"] = bash(f"{shlex.quote(str(BIN / 'python'))} -m fowlflow.train "
+                                        "--help", ROOT, clean_env(), timeout=120).stdout
+            for arg in passed_on:
+                assert not arg.startswith("--") or re.search(
+                    rf"(?<![\w-]){re.escape(arg)}(?![\w-])", helps["trainer"]), \
+                    f"python -m fowlflow.train --help has no {arg} ({argv[1]} passes it on)"
         for i, arg in enumerate(args):
             if arg.startswith("--") or (i == 0 or not args[i - 1].startswith("--")):
                 # a flag, or a positional word (a sub-command such as `speed`)

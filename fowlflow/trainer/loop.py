@@ -216,7 +216,8 @@ def evaluate(model: torch.nn.Module, data, setup: LoopSetup,
     confusion = torch.zeros(c * c, dtype=torch.int64, device=setup.device)
     loss_sum = torch.zeros((), device=setup.device)
     rows, trues, preds, wrong = [], [], [], {}
-    for row, images, y in data.eval_batches(max(setup.batch_size, 64)):
+    # At the training batch size: validation (no gradients) never needs more memory than training.
+    for row, images, y in data.eval_batches(setup.batch_size):
         raise_if_stopping()
         if len(y) == 0:
             continue
