@@ -138,7 +138,10 @@ def test_ctrl_c_cancels_every_process_and_ends_killed(local_store, tmp_path):
     pids = [p.pid for p in marked_processes(run.info.run_id)]
     assert len(pids) >= 3  # torchrun + 2 workers (each in its own session)
     supervisor = int(run.data.tags["fowlflow.pid"])
-    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the `mlflow run` process
+    # What Ctrl-C sends: SIGINT to the terminal's foreground process group, i.e. `mlflow run`
+    # (its own group here: start_new_session) and its children (the log follower); the
+    # supervised processes have sessions of their own.
+    os.killpg(proc.pid, signal.SIGINT)
     code, _, err = finish(proc, timeout=240)  # the workers alone would run 120 s more
     assert code != 0, err[-3000:]
     assert not marked_processes(run.info.run_id)
@@ -152,7 +155,7 @@ def test_detached_run_status_attach_and_logs(local_store, tmp_path):
     started = time.monotonic()
     code, _, err = finish(mlflow_cli(STANDIN, "torchrun",
                                      _cfg(tmp_path, process_count_per_node=1, wait=False),
-                                     {"steps": 12, "sleep": 0.5}))
+                                     {"steps": 40, "sleep": 0.5}))  # 20 s: still on for ls
     assert code == 0, err[-3000:]
     run_id = local_store.only_run().info.run_id
     assert local_store.only_run().info.status == "RUNNING"
