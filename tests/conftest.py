@@ -19,6 +19,7 @@ tracking URI, which would leak into later tests.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ BIN = Path(sys.executable).parent
 # them and OpenMP's spinning threads then wait on each other. Measured: two copies of
 # registry/test_e2e.py side by side, 95 s -> 69 s of wall time. A value set outside wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The tests press Ctrl-C as a terminal does. A non-interactive shell starts its background jobs
+# (`make test &` in a script) with SIGINT ignored, every child inherits that, and `mlflow run`
+# would then never see the Ctrl-C: give SIGINT its normal action, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tiny, fast settings for real end-to-end runs on a 2-core CPU.
 TINY_PARAMS = {
