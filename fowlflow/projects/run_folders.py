@@ -10,9 +10,8 @@ are never touched::
 
 Runs of the ``ec2`` backend are left out: their folders are on the instances' disks and go
 with them. Only runs whose MLflow status is FINISHED, FAILED or KILLED are considered, only
-folders the
-launch record names and whose last part is the run id are removed, and the run gets the tag
-``fowlflow.run_folders_removed`` so the next ``gc`` skips it.
+folders the launch record names and whose last part is the run id are removed, and the run
+gets the tag ``fowlflow.run_folders_removed`` so the next ``gc`` skips it.
 """
 
 from __future__ import annotations
