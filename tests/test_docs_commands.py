@@ -381,6 +381,19 @@ def test_every_code_block_of_the_docs_says_its_language():
         ", ".join(untagged)
 
 
+def _help(helps: dict[str, str], target: str) -> str:
+    """``python TARGET --help`` (a script path, or ``-m module``), run once per target."""
+    if target not in helps:
+        helps[target] = bash(f"{shlex.quote(str(BIN / 'python'))} {target} --help", ROOT,
+                             clean_env(), timeout=120).stdout
+    return helps[target]
+
+
+def _lists(help_text: str, word: str) -> bool:
+    """Whether ``word`` appears in ``help_text`` as a whole flag or word."""
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", help_text) is not None
+
+
 def test_benchmark_commands_not_run_use_arguments_their_scripts_take():
     """Benchmarks too long for the suite still can't drift: each ``--flag`` they pass is one
     their script's ``--help`` lists, and each script exists."""
@@ -390,26 +403,17 @@ def test_benchmark_commands_not_run_use_arguments_their_scripts_take():
             continue
         argv = shlex.split(command)
         assert (ROOT / argv[1]).is_file(), argv[1]
-        if argv[1] not in helps:
-            helps[argv[1]] = bash(f"{shlex.quote(str(BIN / 'python'))} {argv[1]} --help",
-                                  ROOT, clean_env(), timeout=120).stdout
-        help_text = helps[argv[1]]
         args, passed_on = argv[2:], []
         if "--" in args:  # what follows goes to the trainer (fixed_cost.py's `extra`)
             args, passed_on = args[:args.index("--")], args[args.index("--") + 1:]
-        if passed_on:
-            if "trainer" not in helps:
-                helps["trainer"] = bash(f"{shlex.quote(str(BIN / 'python'))} -m fowlflow.train "
-                                        "--help", ROOT, clean_env(), timeout=120).stdout
-            for arg in passed_on:
-                assert not arg.startswith("--") or re.search(
-                    rf"(?<![\w-]){re.escape(arg)}(?![\w-])", helps["trainer"]), \
-                    f"python -m fowlflow.train --help has no {arg} ({argv[1]} passes it on)"
+        help_text = _help(helps, argv[1])
+        for arg in passed_on:
+            assert not arg.startswith("--") or _lists(_help(helps, "-m fowlflow.train"), arg), \
+                f"python -m fowlflow.train --help has no {arg} ({argv[1]} passes it on)"
         for i, arg in enumerate(args):
             if arg.startswith("--") or (i == 0 or not args[i - 1].startswith("--")):
                 # a flag, or a positional word (a sub-command such as `speed`)
-                assert re.search(rf"(?<![\w-]){re.escape(arg)}(?![\w-])", help_text), \
-                    f"{argv[1]} --help has no {arg}:\n{help_text}"
+                assert _lists(help_text, arg), f"{argv[1]} --help has no {arg}:\n{help_text}"
         checked += 1
     assert checked >= 5
 
