@@ -30,14 +30,18 @@ def test_offline_sweep_nests_trials_summarizes_and_registers_the_best(tracking_u
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
     (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
-    # the trials' checkpoints: under the project's outputs/ (mlflow run's folder), as for `main`
-    checkpoints = ROOT / "outputs" / parent.data.params["optuna_study"]
-    assert (checkpoints / "trial-0" / "checkpoint.pt").is_file()
-    shutil.rmtree(checkpoints)
     children = client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["trial-0", "trial-1"]
-    assert {c.info.status for c in children} == {"FINISHED"}
-    assert {c.data.tags["fowlflow.trial_state"] for c in children} == {"COMPLETE"}
+    shown = [(c.info.run_name, c.info.status, c.data.tags.get("fowlflow.trial_state"))
+             for c in children]
+    said = f"{shown}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert sorted(c.info.run_name for c in children) == ["trial-0", "trial-1"], said
+    assert {c.info.status for c in children} == {"FINISHED"}, said
+    assert {c.data.tags["fowlflow.trial_state"] for c in children} == {"COMPLETE"}, said
+    # each trial's checkpoint: under the project's outputs/ (mlflow run's folder), as for `main`
+    checkpoints = ROOT / "outputs" / parent.data.params["optuna_study"]
+    found = sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*"))
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    assert {"trial-0/checkpoint.pt", "trial-1/checkpoint.pt"} <= set(found), f"{found}\n{said}"
     for child in children:  # the trainer's full tracking, the trial's own values
         assert len(client.get_metric_history(child.info.run_id, "val_acc")) == 2
         assert 0.0005 <= float(child.data.params["learning_rate"]) <= 0.005
