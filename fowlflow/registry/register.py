@@ -305,6 +305,7 @@ def _log_onnx(proto, facts: VersionFacts, run_id: str):
     from PIL import Image
 
     from fowlflow.registry import image_pyfunc
+    from fowlflow.tracking.requirements import installed_requirements
 
     # A synthetic 16 px PNG as input example: it exercises the served path at logging time
     # (MLflow validates it through the pyfunc) without copying a validation photo into the model.
@@ -326,13 +327,14 @@ def _log_onnx(proto, facts: VersionFacts, run_id: str):
                 "pyfunc_input": image_pyfunc.PYFUNC_INPUT,
                 "onnx_outputs": "logits, probabilities: float32 [N, num_classes]",
                 **facts.parity.as_tags(), **{f"{k}_version": v for k, v in facts.versions.items()}}
-    return Model.log(
-        artifact_path=None, name=ONNX_ARTIFACT, flavor=image_pyfunc, onnx_model=proto, run_id=run_id,
-        signature=signature,
-        input_example=pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]}),
-        metadata=metadata, pip_requirements=image_pyfunc.pip_requirements(),
-        onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-    )
+    with installed_requirements():  # image_pyfunc.pip_requirements() are the installed versions
+        return Model.log(
+            artifact_path=None, name=ONNX_ARTIFACT, flavor=image_pyfunc, onnx_model=proto,
+            run_id=run_id, signature=signature,
+            input_example=pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]}),
+            metadata=metadata, pip_requirements=image_pyfunc.pip_requirements(),
+            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
 
 
 def _log_parity(client, run_id: str, report: ParityReport, paths: list[Path], model_uri: str):

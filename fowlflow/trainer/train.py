@@ -412,7 +412,8 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
                             on_steps=tracker.log_steps if tracker.enabled else None)
         t.scheduler.step()  # after the optimizer steps (the sample stepped it first)
         val = evaluate(t.model, val_data, setup)
-        if val.acc > t.best_acc:
+        improved = val.acc > t.best_acc
+        if improved:
             t.best_acc, t.best_state = val.acc, copy.deepcopy(t.model.state_dict())
             t.best_result = val  # the final figures need no second pass over the same weights
         speeds.append(stats.images_per_sec)
@@ -425,10 +426,13 @@ def _epochs(t: _Training, cfg: TrainConfig, ctx: DistContext, tracker: RunTracke
             print(f"Epoch {epoch}/{cfg.num_epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}"
                   f"  val loss {val.loss:.4f} acc {val.acc:.4f}  best {t.best_acc:.4f}"
                   f"  lr {lr:.2g}  {stats.images_per_sec:.1f} img/s", flush=True)
+            weights = t.model.state_dict()
             save_checkpoint(ckpt_path, {
-                "epoch": epoch, "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                "epoch": epoch, "model": weights, "optimizer": t.optimizer.state_dict(),
                 "scheduler": t.scheduler.state_dict(), "best_acc": t.best_acc,
-                "best_state": t.best_state, "config": _ckpt_config(cfg), "classes": layout.classes,
+                # this epoch's own tensors when it is the best: torch.save writes them once
+                "best_state": weights if improved else t.best_state,
+                "config": _ckpt_config(cfg), "classes": layout.classes,
                 "data_digest": layout.digest})
             if uploader is not None:
                 uploader.submit(ckpt_path)

@@ -137,14 +137,21 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
             "--workers", "0", "--step_size", "1", "--gamma", "0.5"]
     run(parse_args(base + ["--num_epochs", "2", "--output_dir", str(tmp_path / "a")]), tracking=False)
     run(parse_args(base + ["--num_epochs", "1", "--output_dir", str(tmp_path / "b")]), tracking=False)
+    first = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    # epoch 1 is the best so far: its weights are written once, as "model" and "best_state"
+    for key, value in first["model"].items():
+        assert first["best_state"][key].untyped_storage().data_ptr() == \
+            value.untyped_storage().data_ptr(), key
     run(parse_args(base + ["--num_epochs", "2", "--output_dir", str(tmp_path / "b"),
                            "--resume", str(tmp_path / "b" / "checkpoint.pt")]), tracking=False)
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 2
     assert b["scheduler"]["last_epoch"] == 2
-    for key, value in a["model"].items():
-        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
+    assert a["best_acc"] == b["best_acc"]
+    for state in ("model", "best_state"):
+        for key, value in a[state].items():
+            assert torch.allclose(value.float(), b[state][key].float(), atol=1e-6), (state, key)
     with pytest.raises(Exception, match="arch="):
         run(parse_args(base + ["--arch", "mobilenet_v3_small", "--num_epochs", "3",
                                "--resume", str(tmp_path / "b" / "checkpoint.pt")]), tracking=False)
