@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_server import MlflowServer, mlflow_server
 from tests.net import free_port, wait_port
 from tests.projects.helpers import Store
 
@@ -247,30 +248,11 @@ def hosts(network, keys, tmp_path_factory) -> Hosts:
             stop(sshd.proc)
 
 
-@dataclass
-class TrackingServer:
-    uri: str
-    proc: subprocess.Popen
-    log: Path
-
-
 @pytest.fixture(scope="session")
-def tracking_server(network, tmp_path_factory) -> TrackingServer:
+def tracking_server(network, tmp_path_factory) -> MlflowServer:
     """A real ``mlflow server`` on the bridge address (SQLite + served artifacts)."""
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port(BRIDGE_IP)
-    log = d / "server.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", BRIDGE_IP, "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-             "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=d)
-    try:
-        wait_port(BRIDGE_IP, port, timeout=120, proc=proc, log=log)
-        yield TrackingServer(f"http://{BRIDGE_IP}:{port}", proc, log)
-    finally:
-        stop(proc)
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server"), host=BRIDGE_IP) as server:
+        yield server
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import mlflow
 import pytest
@@ -11,28 +10,17 @@ from mlflow.tracking._tracking_service import utils
 
 from fowlflow.errors import ServerError
 from fowlflow.tracking import RunTracker
-from tests.conftest import BIN
-from tests.net import free_port, wait_http
+from tests.mlflow_server import mlflow_server
+from tests.net import free_port
 
 
 @pytest.fixture
 def server_with_dead_s3(tmp_path):
     """mlflow server (SQLite) proxying artifacts to an S3 endpoint where nothing listens."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+    env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_MAX_ATTEMPTS": "1"}
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", "s3://bucket/artifacts", "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=90, proc=proc, log=tmp_path / "server.log")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with mlflow_server(tmp_path, artifacts="s3://bucket/artifacts", env=env) as server:
+        yield server.uri
 
 
 def test_failed_artifact_upload_says_where_to_look(server_with_dead_s3, monkeypatch):

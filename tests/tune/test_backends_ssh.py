@@ -16,8 +16,8 @@ import sys
 import optuna
 import pytest
 
-from tests.conftest import BIN
-from tests.net import free_port, wait_port
+from tests.mlflow_server import mlflow_server
+from tests.net import free_port
 from tests.projects.conftest import Keys, start_sshd, stop
 from tests.tune.test_sweep import TINY
 
@@ -53,20 +53,8 @@ def ssh_hosts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loopback_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (SQLite, artifacts served)."""
-    d = tmp_path_factory.mktemp("tune-ssh-server")
-    port = free_port()
-    log = d / "server.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-             "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=d)
-    try:
-        wait_port("127.0.0.1", port, timeout=120, proc=proc, log=log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with mlflow_server(tmp_path_factory.mktemp("tune-ssh-server")) as server:
+        yield server.uri
 
 
 def test_parallel_ssh_trials_run_on_hosts_of_their_own(ssh_hosts, loopback_server, tmp_path,
