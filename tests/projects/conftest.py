@@ -165,8 +165,13 @@ AllowTcpForwarding yes
 MaxStartups 50
 MaxSessions 50
 Subsystem sftp internal-sftp
-SetEnv OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}
+SetEnv OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')} PYENV_REHASH_TIMEOUT=0
 """)
+    # PYENV_REHASH_TIMEOUT: where root's .bashrc runs `pyenv init` (this machine's), each login
+    # rehashes pyenv's shims under a lock file in ~/.pyenv, which every test host shares. A
+    # session killed mid-login (an ec2 instance terminated) leaves that lock behind, and each
+    # later login would wait 60 s for it (a remote probe's 60 s timeout, ~40 failed tests);
+    # with 0 a login tries it once and goes on.
     log = workdir / "sshd.log"
     argv = [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(log)]
     if netns:
