@@ -25,11 +25,13 @@ train: $(VENV)/.installed
 
 # The whole suite in two passes, fast tests first (tests/conftest.py SLOW lists the slow ones):
 # a failed fast test stops make before the slow pass. Each pass runs on $(WORKERS) pytest-xdist
-# workers, the tests of one file on one worker (--dist loadfile: module fixtures built once);
-# each worker's session has its own network-namespace hosts (tests/projects/conftest.py slots).
+# workers, the tests of one file on one worker (--dist loadfile: module fixtures built once),
+# the files handed out in collection order (--no-loadscope-reorder: the slow pass's longest
+# files first, tests/conftest.py SLOW_SECONDS); each worker's session has its own
+# network-namespace hosts (tests/projects/conftest.py slots).
 # --durations=15: each pass's 15 slowest tests. Exit 5 = nothing selected.
 WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --durations=15
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 test: test-fast
 	$(PYTEST) -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
