@@ -165,12 +165,13 @@ SLOW: dict[str, str] = {
 }
 
 
-# How long each slow file takes, in seconds (the sum of its tests' setup, call and teardown
-# in the slow pass, --durations=0, 2 workers on the 2-core CI machine, commit 52ada8f). Used
-# only to order the slow pass, longest first: xdist hands the files to whichever worker is free
-# next, in collection order (--no-loadscope-reorder), so a long file started last would leave
-# the other worker idle at the end. A file not listed counts as 30 s; a stale number only costs
-# time. Names match as in SLOW.
+# About how long each slow file takes, in seconds (its tests' setup + call + teardown in the
+# slow pass, 2 workers on the 2-core CI machine; estimated from the CI rehearsals' slowest
+# tests up to commit 52ada8f and the per-file times in docs/benchmarks.md). Used only to order
+# the slow pass, longest first: xdist hands the files to whichever worker is free next, in
+# collection order (--no-loadscope-reorder), so a long file started last would leave the other
+# worker idle at the end. A file not listed counts as 30 s; a stale number only costs time.
+# Names match as in SLOW.
 SLOW_SECONDS: dict[str, int] = {
     "tests/test_docs_commands.py": 450,
     "test_data_paths.py": 420,
