@@ -30,7 +30,7 @@ train: $(VENV)/.installed
 # files first, tests/conftest.py SLOW_SECONDS); each worker's session has its own
 # network-namespace hosts (tests/projects/conftest.py slots).
 # --durations=15: each pass's 15 slowest tests. Exit 5 = nothing selected.
-WORKERS ?= 2
+WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 test: test-fast
 	$(PYTEST) -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
