@@ -30,6 +30,8 @@ train: $(VENV)/.installed
 # files first, tests/conftest.py SLOW_SECONDS); each worker's session has its own
 # network-namespace hosts (tests/projects/conftest.py slots).
 # --durations=15: each pass's 15 slowest tests. Exit 5 = nothing selected.
+# 3 workers on 2 cores: most tests wait on servers and subprocesses (docs/benchmarks.md,
+# "Test suite": 28 min instead of 32 on the 2-core CI machine, the CPU 95 % busy).
 WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 test: test-fast

@@ -166,7 +166,7 @@ SLOW: dict[str, str] = {
 
 
 # About how long each slow file takes, in seconds (its tests' setup + call + teardown in the
-# slow pass, 2 workers on the 2-core CI machine; estimated from the CI rehearsals' slowest
+# slow pass, 2-3 workers on the 2-core CI machine; estimated from the CI rehearsals' slowest
 # tests up to commit 52ada8f and the per-file times in docs/benchmarks.md). Used only to order
 # the slow pass, longest first: xdist hands the files to whichever worker is free next, in
 # collection order (--no-loadscope-reorder), so a long file started last would leave the other
