@@ -39,7 +39,8 @@ from fowlflow.projects.ec2 import Ec2Backend  # noqa: E402
 from fowlflow.projects.ec2_launch import Ec2Run  # noqa: E402
 from fowlflow.projects.ssh import SshBackend  # noqa: E402
 from tests.net import free_port, wait_port  # noqa: E402
-from tests.projects.conftest import BIN, BRIDGE, BRIDGE_IP, NAMESPACES, Keys, _run, \
+from tests.conftest import BIN  # noqa: E402
+from tests.projects.conftest import BRIDGE, BRIDGE_IP, NAMESPACES, Keys, _run, \
     _teardown_network, ssh_config, start_sshd, stop  # noqa: E402
 from tests.projects.ec2_hosts import FakeCloud, _add_namespace  # noqa: E402
 from tests.projects.ec2_moto import REGION, SUBNET_CIDR, Aws  # noqa: E402

@@ -198,17 +198,18 @@ SLOW_SECONDS: dict[str, int] = {
 
 
 def slow_seconds(path: Path) -> int:
-    for entry, seconds in SLOW_SECONDS.items():
-        parts = tuple(entry.split("/"))
-        if path.parts[-len(parts):] == parts:
-            return seconds
-    return 30
+    return next((seconds for entry, seconds in SLOW_SECONDS.items() if _names(entry, path)), 30)
+
+
+def _names(entry: str, path: Path) -> bool:
+    """Whether an entry's file part names ``path`` (matched on trailing parts)."""
+    parts = tuple(entry.split("::", 1)[0].split("/"))
+    return path.parts[-len(parts):] == parts
 
 
 def _entry_files(entry: str, test_files: list[Path]) -> list[Path]:
-    """The test files under tests/ an entry's file part names (matched on trailing parts)."""
-    parts = tuple(entry.split("::", 1)[0].split("/"))
-    return [f for f in test_files if f.parts[-len(parts):] == parts]
+    """The test files under tests/ an entry's file part names."""
+    return [f for f in test_files if _names(entry, f)]
 
 
 def check_slow_list(slow: dict[str, object], tests_dir: Path) -> list[str]:
@@ -242,9 +243,8 @@ def check_slow_list(slow: dict[str, object], tests_dir: Path) -> list[str]:
 
 def is_listed_slow(path: Path, test_name: str, slow: dict[str, str] = SLOW) -> bool:
     for entry in slow:
-        file_part, _, name = entry.partition("::")
-        parts = tuple(file_part.split("/"))
-        if path.parts[-len(parts):] == parts and (not name or name == test_name):
+        name = entry.partition("::")[2]
+        if _names(entry, path) and (not name or name == test_name):
             return True
     return False
 

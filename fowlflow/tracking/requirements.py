@@ -8,10 +8,10 @@ When MLflow logs a model it checks each of its pip requirements against the inst
 (``mlflow.utils.environment.warn_dependency_requirement_mismatches``), and to do that it first
 maps every installed distribution to its modules (``importlib.metadata.packages_distributions``,
 which reads the file list of every installed package: 0.6-0.9 s of a ResNet18 run's model
-logging on a 2-core machine with ~170 packages). fowlflow's models list the installed versions themselves
-(``torch==<installed version>``, ...), so the check can't find a mismatch. MLflow 3.17 has no
-switch for it, so it is skipped inside this block; a test checks that the skip still takes
-effect with the pinned MLflow.
+logging on a 2-core machine with ~170 packages). fowlflow's models list the installed versions
+themselves (``torch==<installed version>``, ...), so the check can't find a mismatch. MLflow
+3.17 has no switch for it, so it is skipped inside this block; a test checks that the skip
+still takes effect with the pinned MLflow.
 """
 
 from __future__ import annotations

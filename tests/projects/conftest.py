@@ -35,8 +35,6 @@ from tests.mlflow_server import MlflowServer, mlflow_server
 from tests.net import free_port, wait_port
 from tests.projects.helpers import Store
 
-BIN = Path(sys.executable).parent
-
 
 def _claim_network_slot(slots: int = 16) -> int:
     """A network number no other live test session holds: an flock on a file per slot, held
@@ -170,8 +168,8 @@ SetEnv OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')} PYENV_REHASH_TIM
     # PYENV_REHASH_TIMEOUT: where root's .bashrc runs `pyenv init` (this machine's), each login
     # rehashes pyenv's shims under a lock file in ~/.pyenv, which every test host shares. A
     # session killed mid-login (an ec2 instance terminated) leaves that lock behind, and each
-    # later login would wait 60 s for it (a remote probe's 60 s timeout, ~40 failed tests);
-    # with 0 a login tries it once and goes on.
+    # later login would wait 60 s for it (past a remote probe's 60 s timeout: whole groups of
+    # ssh and ec2 tests failed); with 0 a login tries it once and goes on.
     log = workdir / "sshd.log"
     argv = [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(log)]
     if netns:
