@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tests.conftest import BIN
-from tests.net import free_port, wait_port
+from tests.net import free_port, wait_http
 
 
 @dataclass
@@ -49,7 +49,7 @@ def mlflow_server(folder: Path, host: str = "127.0.0.1", artifacts: str | None =
             stdout=fh, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
     try:
-        wait_port(host, port, timeout=120, proc=proc, log=log)
+        wait_http(f"http://{host}:{port}/health", timeout=120, proc=proc, log=log)
         yield MlflowServer(f"http://{host}:{port}", log)
     finally:
         _stop_group(proc)
