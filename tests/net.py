@@ -5,6 +5,7 @@
     wait_port("127.0.0.1", port, timeout=60)            # something accepts connections
     wait_http(f"{url}/health", proc=server, log=log_file, timeout=120)   # HTTP 200, or fail with
                                                         # the server's exit code and log tail
+    stack = on_free_ports(state, lambda: start(state))  # a team-stack part on fresh free ports
 
 Each wait polls with a short sleep and raises ``AssertionError`` naming what it waited for, how
 long, and (when given) the process's exit status and its log's last lines: a test that fails
@@ -15,11 +16,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+PORT_TAKEN = "is taken by another program"  # the stack's error when a port is not free
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,6 +32,31 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def on_free_ports(state: Path, start: Callable[[], T], *, attempts: int = 3, **load) -> T:
+    """``start()`` servers of the team stack in ``state`` on ports picked free just before.
+
+    A port that was free at the pick can be taken before the server binds it: every other
+    program picking ports (another pytest-xdist worker's stack picks from the same range) may
+    choose it in that window. When ``start`` fails with the stack's "port ... is taken" error
+    (which names the holder), what it started is stopped and the ports are picked again; any
+    other error, or the last attempt's, goes up unchanged. ``load``: more
+    ``StackConfig.load`` arguments (workers, log sizes).
+    """
+    from fowlflow.server import Stack, StackConfig
+
+    for attempt in range(1, attempts + 1):
+        StackConfig.load(state, pick_free=True, **load).save()
+        try:
+            return start()
+        except Exception as exc:
+            if PORT_TAKEN not in str(exc) or attempt == attempts:
+                raise
+            print(f"attempt {attempt} of {attempts}: {exc}; picking new ports", file=sys.stderr)
+            Stack(StackConfig.load(state, **load)).stop()
+            (state / "ports.json").unlink()
+    raise AssertionError("unreachable")
 
 
 def _context(proc: subprocess.Popen | None, log: Path | None) -> str:

@@ -226,6 +226,22 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def port_holder(port: int) -> str:
+    """Who holds a local TCP ``port``: "pid 1234 (postgres: ...)" for each process found.
+
+    Empty when no process can be named (another user's sockets need root to be seen).
+    """
+    pids = set()
+    with contextlib.suppress(psutil.Error, OSError):
+        pids = {c.pid for c in psutil.net_connections(kind="tcp")
+                if c.laddr and c.laddr.port == port and c.pid}
+    names = []
+    for pid in sorted(pids):
+        with contextlib.suppress(psutil.Error):
+            names.append(f"pid {pid} ({' '.join(psutil.Process(pid).cmdline())[:120]})")
+    return ", ".join(names)
+
+
 def free_ports(n: int, *, low: int = 20000, high: int = 30000, host: str = "127.0.0.1",
                exclude: Sequence[int] = ()) -> list[int]:
     """``n`` distinct ports that are free now, below the kernel's ephemeral range.

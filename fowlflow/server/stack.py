@@ -34,7 +34,7 @@ from fowlflow.errors import ServerError
 from fowlflow.server.config import Secrets, StackConfig
 from fowlflow.server.mlflow_server import MlflowServer
 from fowlflow.server.postgres import PostgresServer
-from fowlflow.server.procs import ProcessRecord, port_free
+from fowlflow.server.procs import ProcessRecord, port_free, port_holder
 from fowlflow.server.seaweedfs import SeaweedFS
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,10 @@ class Stack:
                             "alive" if running else "gone")
                 self.stop_component(name)
             if not port_free(self._port(name), self.cfg.host):
+                holder = port_holder(self._port(name))
                 raise ServerError(
                     f"port {self._port(name)} for {name} on {self.cfg.host} is taken by another "
-                    f"program; stop it, or start with another port (fowlflow server start "
+                    f"program{f' ({holder})' if holder else ''}; stop it, or start with another port (fowlflow server start "
                     f"{_PORT_FLAGS[name]} N), which "
                     f"{self.cfg.state_dir / 'ports.json'} then keeps")
             record = server.start()

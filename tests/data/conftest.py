@@ -11,19 +11,22 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_imagefolder
+from tests.net import on_free_ports
+
+
+def _start_s3(stack):
+    stack.start_component("s3")
+    return stack.s3
 
 
 @pytest.fixture(scope="module")
 def s3():
     """SeaweedFS alone (the team stack's S3 part), with a bucket holding an ImageFolder."""
-    from fowlflow.server.config import Secrets, StackConfig
-    from fowlflow.server.seaweedfs import SeaweedFS
+    from fowlflow.server import Stack, StackConfig
 
     state = Path(tempfile.mkdtemp(prefix="ff-s3-"))
-    cfg = StackConfig.load(state, pick_free=True)
-    server = SeaweedFS(cfg, Secrets.load_or_create(cfg.secrets_dir))
-    record = server.start()
     try:
+        server = on_free_ports(state, lambda: _start_s3(Stack(StackConfig.load(state))))
         client = server.client()
         client.create_bucket(Bucket="data")
         folder = make_imagefolder(state / "src")
@@ -39,7 +42,7 @@ def s3():
         from fowlflow.data.s3 import _client
 
         _client.cache_clear()  # its open connections would hold SeaweedFS's shutdown 30 s
-        server.stop(record)
+        Stack(StackConfig.load(state)).stop()
         shutil.rmtree(state, ignore_errors=True)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, ROOT, TINY_PARAMS, make_imagefolder, mlflow_run
+from tests.net import on_free_ports
 
 OUTPUT = ROOT / "test-output"
 UI_MODEL = "fowlflow-ui-model"
@@ -73,9 +74,8 @@ def stack():
     # Under /tmp, not pytest's 0700 tmp root: the postgres user must reach the data dir.
     state = Path(tempfile.mkdtemp(prefix="ffstack-", dir="/tmp"))
     os.chmod(state, 0o711)
-    StackConfig.load(state, pick_free=True).save()  # free ports, recorded for the CLI
-    try:
-        fowlflow("server", "start", "--state-dir", str(state))
+    try:  # free ports, recorded in ports.json for the CLI
+        on_free_ports(state, lambda: fowlflow("server", "start", "--state-dir", str(state)))
         yield Stack(StackConfig.load(state))
     finally:
         stop = fowlflow("server", "stop", "--state-dir", str(state), check=False)

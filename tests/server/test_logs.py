@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.net import wait_until
+from tests.net import on_free_ports, wait_until
 
 BANNER = "Starting SeaweedFS Mini"
 
@@ -36,15 +36,18 @@ def small_logs():
 
     state = Path(tempfile.mkdtemp(prefix="ffstack-logs-", dir="/tmp"))
     os.chmod(state, 0o711)
-    stack = Stack(StackConfig.load(state, pick_free=True, workers=1,
-                                   log_max_bytes=32 * 1024, log_backups=2))
-    try:
-        stack.cfg.save()
+    sizes = {"workers": 1, "log_max_bytes": 32 * 1024, "log_backups": 2}
+
+    def start():
+        stack = Stack(StackConfig.load(state, **sizes))
         stack.start_component("postgres")
         stack.start_component("mlflow")  # /health needs no S3
-        yield stack
+        return stack
+
+    try:
+        yield on_free_ports(state, start, **sizes)
     finally:
-        stack.stop()
+        Stack(StackConfig.load(state, **sizes)).stop()
         shutil.rmtree(state, ignore_errors=True)
 
 

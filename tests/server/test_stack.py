@@ -152,8 +152,9 @@ def test_taken_port_is_reported_with_the_fix(tmp_path):
         taken = s.getsockname()[1]
         state = tmp_path / "st"
         cfg = StackConfig.load(state, pick_free=True, postgres_port=taken)
-        with pytest.raises(ServerError, match=f"port {taken} for postgres.*--postgres-port"):
+        with pytest.raises(ServerError, match=f"port {taken} for postgres.*--postgres-port") as err:
             Stack(cfg).start_component("postgres")
+        assert f"(pid {os.getpid()} " in str(err.value)  # the holder: this test's process
 
 
 def test_failed_start_stops_what_it_started():

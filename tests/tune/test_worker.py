@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import optuna
 import pytest
 
 from tests.conftest import BIN
-from tests.net import free_port
+from tests.net import free_port, on_free_ports
 from tests.test_docs_commands import documented
 from tests.tune.test_sweep import TINY
 
@@ -28,21 +29,23 @@ DOC_STUDY, DOC_STORAGE = "fowlflow-1a2b3c4d5e", "postgresql://mlflow@db.example.
 
 @pytest.fixture(scope="module")
 def postgres():
-    from fowlflow.server.config import Secrets, StackConfig
-    from fowlflow.server.postgres import PostgresServer
+    from fowlflow.server import Stack, StackConfig
 
     state = Path(tempfile.mkdtemp(prefix="fftune-pg-", dir="/tmp"))  # the postgres user reaches it
     os.chmod(state, 0o711)
-    cfg = StackConfig.load(state, pick_free=True)
-    pg = PostgresServer(cfg, Secrets.load_or_create(cfg.secrets_dir))
-    record = None
+
+    def start():
+        stack = Stack(StackConfig.load(state))
+        stack.start_component("postgres")
+        return stack.postgres
+
     try:
-        record = pg.start()
+        pg = on_free_ports(state, start)
         with pg.connect("postgres", autocommit=True) as conn:
             conn.execute("CREATE DATABASE optuna")
         yield pg
     finally:
-        pg.stop(record)
+        Stack(StackConfig.load(state)).stop()
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -156,7 +159,13 @@ def test_a_worker_uses_the_sweeps_backend_but_not_its_hosts_or_kept_cluster(monk
 def test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend(tracking_uri, client,
                                                                           tmp_path):
     """A sweep with ``--backend torchrun`` (CPU processes, SQLite study) and a worker that
-    joins it: the worker's trial is a torchrun run too, without the worker naming a backend."""
+    joins it: the worker's trial is a torchrun run too, without the worker naming a backend.
+
+    The sweep is paused (SIGSTOP) from its trial 0's start until the worker's trial has
+    started: otherwise a worker slower to start than trial 0 is to run (a loaded machine) finds
+    the sweep already on trial 1, and its own trial is not needed. Trial 0's torchrun
+    processes run on meanwhile; the pause is shorter than Optuna's heartbeat grace.
+    """
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     run_dir = tmp_path / "runs"
     sweep = subprocess.Popen(
@@ -169,20 +178,33 @@ def test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend(tracki
     sweep_out: list[str] = []
     for line in sweep.stdout:
         sweep_out.append(line)
-        if "parent run" in line:
+        if "trial 0 started" in line:
             break
-    sweep_reader = _collect(sweep, sweep_out)
-    worker = subprocess.run([str(BIN / "fowlflow"), "tune", "worker", "--study", "shared",
-                             "--storage", storage], capture_output=True, text=True, timeout=600)
+    os.kill(sweep.pid, signal.SIGSTOP)
+    try:
+        worker = subprocess.Popen([str(BIN / "fowlflow"), "tune", "worker", "--study", "shared",
+                                   "--storage", storage], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        worker_out: list[str] = []
+        for line in worker.stdout:
+            worker_out.append(line)
+            if "started through torchrun" in line:
+                break
+    finally:
+        os.kill(sweep.pid, signal.SIGCONT)
+    sweep_reader, worker_reader = _collect(sweep, sweep_out), _collect(worker, worker_out)
+    assert worker.wait(timeout=600) == 0, "".join(worker_out)[-4000:]
     assert sweep.wait(timeout=600) == 0, "".join(sweep_out)[-4000:]
     sweep_reader.join(timeout=10)
-    worker_text = worker.stdout + worker.stderr
-    assert worker.returncode == 0, worker_text[-4000:]
-    assert "trials through torchrun" in worker.stdout
+    worker_reader.join(timeout=10)
+    worker_text = "".join(worker_out)
+    assert "trials through torchrun" in worker_text
     study = optuna.load_study(study_name="shared", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"], (
+        f"{[(t.state.name, t.user_attrs) for t in study.trials]}\nworker:\n{worker_text[-3000:]}"
+        f"\nsweep:\n{''.join(sweep_out)[-3000:]}")
     (mine,) = [t for t in study.trials if f"trial {t.number} started through torchrun"
-               in worker.stdout]
+               in worker_text]
     run = client.get_run(mine.user_attrs["mlflow_run_id"])
     assert run.data.tags["fowlflow.backend"] == "torchrun"  # launched by the backend
     assert run.data.params["backend"] == "torchrun" and run.info.status == "FINISHED"
