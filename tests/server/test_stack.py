@@ -191,3 +191,31 @@ def test_failed_start_stops_what_it_started():
     finally:
         Stack(StackConfig.load(state)).stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_the_tests_pick_new_ports_when_a_picked_one_is_taken(tmp_path):
+    """``tests.net.on_free_ports`` (the stack fixtures' start) re-picks after the stack's
+    "port ... is taken" error, and lets any other error through on the first attempt."""
+    from fowlflow.errors import ServerError
+    from fowlflow.server import StackConfig
+    from tests.net import PORT_TAKEN, on_free_ports
+
+    seen = []
+
+    def start():
+        seen.append(StackConfig.load(tmp_path).ports)
+        if len(seen) == 1:
+            raise ServerError(f"port 1 for postgres on 127.0.0.1 {PORT_TAKEN} (pid 2 (x))")
+        return "up"
+
+    assert on_free_ports(tmp_path, start) == "up"
+    assert len(seen) == 2 and seen[0]["postgres"] != seen[1]["postgres"]
+    assert StackConfig.load(tmp_path).ports == seen[1]  # the second pick is the recorded one
+
+    def broken():
+        seen.append("broken")
+        raise ServerError("initdb failed")
+
+    with pytest.raises(ServerError, match="initdb failed"):
+        on_free_ports(tmp_path / "other", broken)
+    assert seen.count("broken") == 1
