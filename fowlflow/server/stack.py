@@ -151,8 +151,8 @@ class Stack:
                 holder = port_holder(self._port(name))
                 raise ServerError(
                     f"port {self._port(name)} for {name} on {self.cfg.host} is taken by another "
-                    f"program{f' ({holder})' if holder else ''}; stop it, or start with another port (fowlflow server start "
-                    f"{_PORT_FLAGS[name]} N), which "
+                    f"program{f' ({holder})' if holder else ''}; stop it, or start with another "
+                    f"port (fowlflow server start {_PORT_FLAGS[name]} N), which "
                     f"{self.cfg.state_dir / 'ports.json'} then keeps")
             record = server.start()
             self._save_record(name, record)
