@@ -43,6 +43,7 @@ from fowlflow.tune.space import Dimension, suggest
 
 STATE_TAG = "fowlflow.trial_state"
 RUN_ID_ATTR = "mlflow_run_id"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
 
 
 class TrialFailed(Exception):
@@ -113,11 +114,7 @@ class Sweep:
             study.stop()  # no new trials; the stopped ones are recorded as failed
 
     def _taken(self, before: int | None = None) -> int:
-        """The study's finished trials plus its running ones (numbered below ``before``), in
-        every process that works on it (this sweep, ``fowlflow tune worker``s)."""
-        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return finished_trials(self.study) + sum(before is None or t.number < before
-                                                 for t in running)
+        return taken_trials(self.study, before)
 
     def wait_for_others(self, poll_s: float = 2.0) -> None:
         """Wait until no trial of the study runs (a worker's), failing those whose worker died
@@ -262,10 +259,22 @@ class Sweep:
             self._slots.put(slot)
 
 
+def taken_trials(study: optuna.Study, before: int | None = None) -> int:
+    """The study's finished trials plus its running ones (numbered below ``before``), in every
+    process that works on it (this sweep, ``fowlflow tune worker``s).
+
+    Both counts come from one read of the study. Read one after the other, a trial that
+    another thread completes in between is counted twice (running in the first read,
+    finished in the second), and a sweep of 3 trials whose first two end together stopped
+    after 2.
+    """
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    return sum(t.state in FINISHED or before is None or t.number < before for t in trials)
+
+
 def finished_trials(study: optuna.Study) -> int:
     """How many of the study's trials are complete or pruned (what ``n_trials`` counts)."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _gpu_count() -> int:

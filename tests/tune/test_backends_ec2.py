@@ -74,7 +74,7 @@ def test_a_named_ec2_cluster_becomes_one_cluster_per_slot_reused_between_trials(
     assert "ec2 clusters tune-0, tune-1: one per trial slot, reused by its next trial" \
         in proc.stdout
     runs = [r for r in server_store.runs() if "fowlflow.ec2.cluster" in r.data.tags]
-    assert [r.info.status for r in runs] == ["FINISHED"] * 3
+    assert [r.info.status for r in runs] == ["FINISHED"] * 3, proc.stdout[-3000:]
     assert sorted({r.data.tags["fowlflow.ec2.cluster"] for r in runs}) == ["tune-0", "tune-1"]
     # 3 trials on 2 instances: the third reused its slot's; both kept after the sweep
     assert len({i for r in runs for i in json.loads(r.data.tags["fowlflow.ec2.instances"])}) \
