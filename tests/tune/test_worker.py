@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -159,17 +158,17 @@ def test_a_worker_uses_the_sweeps_backend_but_not_its_hosts_or_kept_cluster(monk
 def test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend(tracking_uri, client,
                                                                           tmp_path):
     """A sweep with ``--backend torchrun`` (CPU processes, SQLite study) and a worker that
-    joins it: the worker's trial is a torchrun run too, without the worker naming a backend.
+    joins it: the worker's trials are torchrun runs too, without the worker naming a backend.
 
-    The sweep is paused (SIGSTOP) from its trial 0's start until the worker's trial has
-    started: otherwise a worker slower to start than trial 0 is to run (a loaded machine) finds
-    the sweep already on trial 1, and its own trial is not needed. Trial 0's torchrun
-    processes run on meanwhile; the pause is shorter than Optuna's heartbeat grace.
+    3 trials, the sweep one at a time: the worker, started once the sweep's trial 0 runs, has
+    two trials' time to take one (with 2 trials, a worker slower to start than trial 0 was to
+    run found none left, on a loaded machine). When the sweep and the worker ask for the last
+    trial at once, one of them gets a trial that is not needed: it is recorded FAIL, not run.
     """
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     run_dir = tmp_path / "runs"
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "fowlflow.tune", *TINY, "--num_epochs", "1", "--n_trials", "2",
+        [sys.executable, "-m", "fowlflow.tune", *TINY, "--num_epochs", "1", "--n_trials", "3",
          "--parallel", "1", "--pruner", "none", "--storage", storage, "--study_name", "shared",
          "--registered_model_name", "none", "--output_dir", str(tmp_path / "out"),
          "--backend", "torchrun",
@@ -180,35 +179,28 @@ def test_a_worker_launches_its_trials_through_the_sweeps_torchrun_backend(tracki
         sweep_out.append(line)
         if "trial 0 started" in line:
             break
-    os.kill(sweep.pid, signal.SIGSTOP)
-    try:
-        worker = subprocess.Popen([str(BIN / "fowlflow"), "tune", "worker", "--study", "shared",
-                                   "--storage", storage], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-        worker_out: list[str] = []
-        for line in worker.stdout:
-            worker_out.append(line)
-            if "started through torchrun" in line:
-                break
-    finally:
-        os.kill(sweep.pid, signal.SIGCONT)
-    sweep_reader, worker_reader = _collect(sweep, sweep_out), _collect(worker, worker_out)
-    assert worker.wait(timeout=600) == 0, "".join(worker_out)[-4000:]
+    sweep_reader = _collect(sweep, sweep_out)
+    worker = subprocess.run([str(BIN / "fowlflow"), "tune", "worker", "--study", "shared",
+                             "--storage", storage], capture_output=True, text=True, timeout=600)
     assert sweep.wait(timeout=600) == 0, "".join(sweep_out)[-4000:]
     sweep_reader.join(timeout=10)
-    worker_reader.join(timeout=10)
-    worker_text = "".join(worker_out)
+    worker_text = worker.stdout + worker.stderr
+    assert worker.returncode == 0, worker_text[-4000:]
     assert "trials through torchrun" in worker_text
     study = optuna.load_study(study_name="shared", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"], (
-        f"{[(t.state.name, t.user_attrs) for t in study.trials]}\nworker:\n{worker_text[-3000:]}"
-        f"\nsweep:\n{''.join(sweep_out)[-3000:]}")
-    (mine,) = [t for t in study.trials if f"trial {t.number} started through torchrun"
-               in worker_text]
-    run = client.get_run(mine.user_attrs["mlflow_run_id"])
-    assert run.data.tags["fowlflow.backend"] == "torchrun"  # launched by the backend
-    assert run.data.params["backend"] == "torchrun" and run.info.status == "FINISHED"
-    assert (run_dir / run.info.run_id / "node0.log").is_file()  # the sweep's run_dir
+    shown = (f"{[(t.state.name, t.user_attrs) for t in study.trials]}\nworker:\n"
+             f"{worker_text[-3000:]}\nsweep:\n{''.join(sweep_out)[-3000:]}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3, shown
+    assert all(t.state.name == "FAIL" and t.user_attrs["error"].startswith("not run")
+               for t in study.trials if t not in complete), shown
+    mine = [t for t in complete if f"trial {t.number} started through torchrun" in worker_text]
+    assert mine, shown
     (parent,) = client.search_runs(["0"], "tags.`fowlflow.kind` = 'tune'")
-    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert parent.data.metrics["trials_complete"] == 2
+    for trial in mine:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["fowlflow.backend"] == "torchrun"  # launched by the backend
+        assert run.data.params["backend"] == "torchrun" and run.info.status == "FINISHED"
+        assert (run_dir / run.info.run_id / "node0.log").is_file()  # the sweep's run_dir
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.metrics["trials_complete"] == 3
