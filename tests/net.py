@@ -5,7 +5,7 @@
     wait_port("127.0.0.1", port, timeout=60)            # something accepts connections
     wait_http(f"{url}/health", proc=server, log=log_file, timeout=120)   # HTTP 200, or fail with
                                                         # the server's exit code and log tail
-    stack = on_free_ports(state, lambda: start(state))  # a team-stack part on fresh free ports
+    stack = start_parts(state, "postgres")              # team-stack parts on fresh free ports
 
 Each wait polls with a short sleep and raises ``AssertionError`` naming what it waited for, how
 long, and (when given) the process's exit status and its log's last lines: a test that fails
@@ -57,6 +57,21 @@ def on_free_ports(state: Path, start: Callable[[], T], *, attempts: int = 3, **l
             Stack(StackConfig.load(state, **load)).stop()
             (state / "ports.json").unlink()
     raise AssertionError("unreachable")
+
+
+def start_parts(state: Path, *names: str, **load):
+    """The team stack of ``state`` with only the parts ``names`` started (in that order), on
+    free ports (:func:`on_free_ports`); stop it with ``Stack(StackConfig.load(state)).stop()``.
+    """
+    from fowlflow.server import Stack, StackConfig
+
+    def start():
+        stack = Stack(StackConfig.load(state, **load))
+        for name in names:
+            stack.start_component(name)
+        return stack
+
+    return on_free_ports(state, start, **load)
 
 
 def _context(proc: subprocess.Popen | None, log: Path | None) -> str:

@@ -110,11 +110,8 @@ class Sweep:
             raise errors[0]
 
     def _stop_when_stopping(self, study: optuna.Study, trial) -> None:
-        if self.stopping or self._taken() >= self.n_trials:
+        if self.stopping or taken_trials(self.study) >= self.n_trials:
             study.stop()  # no new trials; the stopped ones are recorded as failed
-
-    def _taken(self, before: int | None = None) -> int:
-        return taken_trials(self.study, before)
 
     def wait_for_others(self, poll_s: float = 2.0) -> None:
         """Wait until no trial of the study runs (a worker's), failing those whose worker died
@@ -131,7 +128,7 @@ class Sweep:
     def objective(self, trial: optuna.Trial) -> float:
         if self.stopping:
             raise TrialFailed("the sweep is stopping")
-        if self._taken(before=trial.number) >= self.n_trials:  # another worker was quicker
+        if taken_trials(self.study, before=trial.number) >= self.n_trials:  # others were faster
             trial.set_user_attr("error", f"not run: the study had its {self.n_trials} trials")
             self.study.stop()
             raise TrialFailed(f"trial {trial.number} not needed")

@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_imagefolder
-from tests.net import on_free_ports
-
-
-def _start_s3(stack):
-    stack.start_component("s3")
-    return stack.s3
+from tests.net import start_parts
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +21,7 @@ def s3():
 
     state = Path(tempfile.mkdtemp(prefix="ff-s3-"))
     try:
-        server = on_free_ports(state, lambda: _start_s3(Stack(StackConfig.load(state))))
+        server = start_parts(state, "s3").s3
         client = server.client()
         client.create_bucket(Bucket="data")
         folder = make_imagefolder(state / "src")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.net import on_free_ports, wait_until
+from tests.net import start_parts, wait_until
 
 BANNER = "Starting SeaweedFS Mini"
 
@@ -37,15 +37,8 @@ def small_logs():
     state = Path(tempfile.mkdtemp(prefix="ffstack-logs-", dir="/tmp"))
     os.chmod(state, 0o711)
     sizes = {"workers": 1, "log_max_bytes": 32 * 1024, "log_backups": 2}
-
-    def start():
-        stack = Stack(StackConfig.load(state, **sizes))
-        stack.start_component("postgres")
-        stack.start_component("mlflow")  # /health needs no S3
-        return stack
-
     try:
-        yield on_free_ports(state, start, **sizes)
+        yield start_parts(state, "postgres", "mlflow", **sizes)  # /health needs no S3
     finally:
         Stack(StackConfig.load(state, **sizes)).stop()
         shutil.rmtree(state, ignore_errors=True)

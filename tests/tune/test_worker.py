@@ -19,7 +19,7 @@ import optuna
 import pytest
 
 from tests.conftest import BIN
-from tests.net import free_port, on_free_ports
+from tests.net import free_port, start_parts
 from tests.test_docs_commands import documented
 from tests.tune.test_sweep import TINY
 
@@ -32,14 +32,8 @@ def postgres():
 
     state = Path(tempfile.mkdtemp(prefix="fftune-pg-", dir="/tmp"))  # the postgres user reaches it
     os.chmod(state, 0o711)
-
-    def start():
-        stack = Stack(StackConfig.load(state))
-        stack.start_component("postgres")
-        return stack.postgres
-
     try:
-        pg = on_free_ports(state, start)
+        pg = start_parts(state, "postgres").postgres
         with pg.connect("postgres", autocommit=True) as conn:
             conn.execute("CREATE DATABASE optuna")
         yield pg
