@@ -77,7 +77,9 @@ def test_parallel_ssh_trials_run_on_hosts_of_their_own(ssh_hosts, loopback_serve
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
     trials = optuna.load_study(study_name="ssh", storage=storage).trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    shown = (f"{[(t.state.name, t.user_attrs) for t in trials]}\n{proc.stdout[-3000:]}\n"
+             f"{proc.stderr[-6000:]}")
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], shown
     (parent,) = client.search_runs([experiment_id], "tags.`fowlflow.kind` = 'tune'")
     runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials]
     hosts = []
