@@ -39,6 +39,23 @@ def start_node_system_metrics(run_id: str, node_id: str):
     return monitor
 
 
+DATASET_ATTEMPTS = 3
+# What a database says when a row's unique key is taken (SQLite, PostgreSQL, MySQL).
+_UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "UniqueViolation", "Duplicate entry")
+
+
+def lost_insert_race(exc: MlflowException) -> bool:
+    """Whether MLflow refused a write because another client inserted the same row first.
+
+    MLflow's SQL store logs a dataset input by looking the dataset (experiment, name, digest)
+    up and inserting it when missing, in one transaction. Two runs of one experiment on the
+    same data (the trials of a sweep, two users) can both miss it and both insert: the second
+    breaks the unique key, its whole transaction is rolled back, and the same call made again
+    finds the dataset and only links it to the run.
+    """
+    return any(text in str(exc) for text in _UNIQUE_VIOLATIONS)
+
+
 UNSET = "none"  # how an empty param is spelled: MLproject defaults and logged params alike
 
 
@@ -113,7 +130,16 @@ class RunTracker:
 
         dataset = MetaDataset(source=_dataset_source(source), name=f"{source.name}/{split}",
                               digest=digest)
-        mlflow.log_input(dataset, context=context)
+        for attempt in range(1, DATASET_ATTEMPTS + 1):
+            try:
+                mlflow.log_input(dataset, context=context)
+                return
+            except MlflowException as exc:
+                if attempt == DATASET_ATTEMPTS or not lost_insert_race(exc):
+                    raise
+                log.info("dataset %s: another run logged it at the same moment; linking it "
+                         "(attempt %d)", dataset.name, attempt + 1)
+                time.sleep(0.2 * attempt)
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         """Queue one batch (async). Raises FowlflowError if an earlier epoch's batch failed."""
@@ -266,7 +292,8 @@ def artifact_upload(name: str):
         yield
     except MlflowException as exc:
         text = str(exc)
-        if not any(sign in text for sign in ("500", "503", "Max retries", "Connection", "timed out")):
+        if not any(sign in text
+                   for sign in ("500", "503", "Max retries", "Connection", "timed out")):
             raise  # not a transport failure (e.g. the model could not be exported)
         raise ServerError(
             f"Uploading the artifact {name!r} to {mlflow.get_tracking_uri()} failed: "
