@@ -143,6 +143,8 @@ SLOW: dict[str, str] = {
         "shares that sweep (runs it when selected alone)",
     "test_backends.py::test_a_stopped_sweep_cancels_its_running_torchrun_trials":
         "a torchrun trial stopped by SIGTERM (~45-85 s)",
+    "test_backends.py::test_a_failed_torchrun_trial_shows_the_trainers_cause":
+        "a torchrun trial whose trainer fails on its data (~20 s)",
     "tune/test_backends_ssh.py": "two sshd hosts, an mlflow server, 2 ssh trials at once",
     "tune/test_docs.py": "docs/tune.md's sweep through mlflow run: 2 trials, ONNX registration",
     "test_sweep.py::test_a_stopped_sweep_resumes_without_repeating_finished_trials":

@@ -45,11 +45,11 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
         trials = study.get_trials(deepcopy=False)
         failed = [t for t in trials if t.state == TrialState.FAIL]
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
-        detail = (f"; trial {failed[0].number}'s log ends:\n{failed[0].user_attrs['error']}"
+        detail = (f"; trial {failed[0].number}: {failed[0].user_attrs['error']}"
                   if failed and failed[0].user_attrs.get("error") else "")
         raise RemoteError(f"No trial of study {study.study_name} completed ({len(failed)} failed, "
-                          f"{pruned} pruned); see each child run's trial.log"
-                          f"{detail}")
+                          f"{pruned} pruned); see each child run's log (its artifact trial.log, "
+                          f"or fowlflow-logs/ for a trial run through a backend){detail}")
     return study.best_trial
 
 

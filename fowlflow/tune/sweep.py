@@ -230,9 +230,11 @@ class Sweep:
         if outcome["pruned"] or (outcome["state"] == "FINISHED"
                                  and outcome["value"] is not None):
             return outcome
+        tags = self.client.get_run(run_id).data.tags  # the trainer's cause, else the launch's
+        cause = tags.get("error") or tags.get("fowlflow.error", "-")
         self._fail(trial, run_id, f"its run ended {outcome['state']}",
-                   f"see `fowlflow logs {run_id}` or the run's fowlflow-logs/node0.log; "
-                   f"error: {self.client.get_run(run_id).data.tags.get('fowlflow.error', '-')}")
+                   f"error: {_shorten(cause, 300)}; see `fowlflow logs {run_id}` or the run's "
+                   "fowlflow-logs/node0.log")
 
     def _run_process(self, spec: Path, log_path: Path, run_id: str) -> int:
         slot = self._slots.get()
@@ -254,6 +256,11 @@ class Sweep:
                         self._procs.discard(proc)
         finally:
             self._slots.put(slot)
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text``'s start (a cause's first lines say the most), at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit - 4].rstrip() + " ..."
 
 
 def taken_trials(study: optuna.Study, before: int | None = None) -> int:

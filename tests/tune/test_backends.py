@@ -268,3 +268,35 @@ def test_a_stopped_sweep_cancels_its_running_torchrun_trials(tracking_uri, clien
 
     with SharedConnections() as shared:
         assert combine(run_from_tags(run_id, shared).states()).value == "KILLED"
+
+
+def test_a_failed_torchrun_trial_shows_the_trainers_cause(tracking_uri, client, tmp_path):
+    """A trial whose trainer fails on the host (every image unreadable: the sweep's own check
+    of the folder's layout passes) is FAIL with the cause the trainer recorded in its run's
+    ``error`` tag, in the trial, in the sweep's output and in its final error."""
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / "bad" / split / label
+            folder.mkdir(parents=True)
+            (folder / "x.jpg").write_bytes(b"not a JPEG" * 30)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fowlflow.tune", *TINY, "--data", str(tmp_path / "bad"),
+         "--num_epochs", "1", "--n_trials", "1", "--parallel", "1", "--pruner", "none",
+         "--storage", storage, "--study_name", "bad", "--registered_model_name", "none",
+         "--output_dir", str(tmp_path / "out"), "--backend", "torchrun",
+         "--backend_config", json.dumps({"process_count_per_node": 1,
+                                         "run_dir": str(tmp_path / "runs")})],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (trial,) = optuna.load_study(study_name="bad", storage=storage).trials
+    cause = "error: DataError: train/ has no readable image for class(es) ['a', 'b']"
+    assert trial.state.name == "FAIL"
+    assert trial.user_attrs["error"].startswith(cause), trial.user_attrs
+    run_id = trial.user_attrs["mlflow_run_id"]
+    assert f"see `fowlflow logs {run_id}`" in trial.user_attrs["error"]
+    assert f"fowlflow: trial 0 failed (its run ended FAILED); {cause}" in proc.stderr
+    assert "fowlflow: error: No trial of study bad completed (1 failed, 0 pruned)" in proc.stderr
+    assert f"trial 0: {cause}" in proc.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["fowlflow.trial_state"] == "FAIL"
