@@ -5,7 +5,7 @@
     wait_port("127.0.0.1", port, timeout=60)            # something accepts connections
     wait_http(f"{url}/health", proc=server, log=log_file, timeout=120)   # HTTP 200, or fail with
                                                         # the server's exit code and log tail
-    stack = start_parts(state, "postgres")              # team-stack parts on fresh free ports
+    with stack_parts("ff-", "postgres") as stack:       # team-stack parts on fresh free ports
 
 Each wait polls with a short sleep and raises ``AssertionError`` naming what it waited for, how
 long, and (when given) the process's exit status and its log's last lines: a test that fails
@@ -14,14 +14,18 @@ here says why without re-running it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 PORT_TAKEN = "is taken by another program"  # the stack's error when a port is not free
@@ -59,11 +63,16 @@ def on_free_ports(state: Path, start: Callable[[], T], *, attempts: int = 3, **l
     raise AssertionError("unreachable")
 
 
-def start_parts(state: Path, *names: str, **load):
-    """The team stack of ``state`` with only the parts ``names`` started (in that order), on
-    free ports (:func:`on_free_ports`); stop it with ``Stack(StackConfig.load(state)).stop()``.
-    """
+@contextlib.contextmanager
+def stack_parts(prefix: str, *names: str, **load) -> Iterator:
+    """A throwaway team stack in a new state folder ``/tmp/<prefix>...`` (mode 0711: the
+    postgres user reaches it) with only the parts ``names`` started (in that order), on free
+    ports (:func:`on_free_ports`); stopped and its folder removed on exit. ``load``: more
+    ``StackConfig.load`` arguments (workers, log sizes)."""
     from fowlflow.server import Stack, StackConfig
+
+    state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(state, 0o711)
 
     def start():
         stack = Stack(StackConfig.load(state, **load))
@@ -71,7 +80,11 @@ def start_parts(state: Path, *names: str, **load):
             stack.start_component(name)
         return stack
 
-    return on_free_ports(state, start, **load)
+    try:
+        yield on_free_ports(state, start, **load)
+    finally:
+        Stack(StackConfig.load(state, **load)).stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _context(proc: subprocess.Popen | None, log: Path | None) -> str:

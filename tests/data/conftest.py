@@ -3,42 +3,35 @@ on loopback, one per test module."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_imagefolder
-from tests.net import start_parts
+from tests.net import stack_parts
 
 
 @pytest.fixture(scope="module")
 def s3():
     """SeaweedFS alone (the team stack's S3 part), with a bucket holding an ImageFolder."""
-    from fowlflow.server import Stack, StackConfig
+    from fowlflow.data.s3 import _client
 
-    state = Path(tempfile.mkdtemp(prefix="ff-s3-"))
-    try:
-        server = start_parts(state, "s3").s3
-        client = server.client()
-        client.create_bucket(Bucket="data")
-        folder = make_imagefolder(state / "src")
-        for p in sorted(folder.rglob("*.jpg")):
-            client.upload_file(str(p), "data", f"fowl/{p.relative_to(folder)}")
-        archive = state / "fowl.zip"
-        with zipfile.ZipFile(archive, "w") as zf:
+    with stack_parts("ff-s3-", "s3") as stack:
+        server, state = stack.s3, stack.cfg.state_dir
+        try:
+            client = server.client()
+            client.create_bucket(Bucket="data")
+            folder = make_imagefolder(state / "src")
             for p in sorted(folder.rglob("*.jpg")):
-                zf.write(p, f"fowl_data/{p.relative_to(folder)}")
-        client.upload_file(str(archive), "data", "zipped/fowl_data.zip")
-        yield server
-    finally:
-        from fowlflow.data.s3 import _client
-
-        _client.cache_clear()  # its open connections would hold SeaweedFS's shutdown 30 s
-        Stack(StackConfig.load(state)).stop()
-        shutil.rmtree(state, ignore_errors=True)
+                client.upload_file(str(p), "data", f"fowl/{p.relative_to(folder)}")
+            archive = state / "fowl.zip"
+            with zipfile.ZipFile(archive, "w") as zf:
+                for p in sorted(folder.rglob("*.jpg")):
+                    zf.write(p, f"fowl_data/{p.relative_to(folder)}")
+            client.upload_file(str(archive), "data", "zipped/fowl_data.zip")
+            yield server
+        finally:
+            _client.cache_clear()  # its open connections would hold SeaweedFS's shutdown 30 s
 
 
 @pytest.fixture

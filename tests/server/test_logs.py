@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import stat
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.net import start_parts, wait_until
+from tests.net import stack_parts, wait_until
 
 BANNER = "Starting SeaweedFS Mini"
 
@@ -32,16 +28,9 @@ def test_seaweedfs_log_is_quiet_when_idle(stack):
 @pytest.fixture
 def small_logs():
     """PostgreSQL and mlflow server of a fresh stack whose logs rotate at 32 KiB (2 kept)."""
-    from fowlflow.server import Stack, StackConfig
-
-    state = Path(tempfile.mkdtemp(prefix="ffstack-logs-", dir="/tmp"))
-    os.chmod(state, 0o711)
     sizes = {"workers": 1, "log_max_bytes": 32 * 1024, "log_backups": 2}
-    try:
-        yield start_parts(state, "postgres", "mlflow", **sizes)  # /health needs no S3
-    finally:
-        Stack(StackConfig.load(state, **sizes)).stop()
-        shutil.rmtree(state, ignore_errors=True)
+    with stack_parts("ffstack-logs-", "postgres", "mlflow", **sizes) as stack:  # /health: no S3
+        yield stack
 
 
 def _fill_postgres(stack, n: int = 120) -> str:

@@ -12,9 +12,6 @@ dataset is committed first. The tracker must then link the dataset instead of fa
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -27,26 +24,21 @@ from sqlalchemy.orm import Session
 from fowlflow.data.sources import resolve_data
 from fowlflow.tracking import RunTracker
 from fowlflow.tracking.run_tracker import _dataset_source
-from tests.net import start_parts
+from tests.net import stack_parts
 
 
 @pytest.fixture(scope="module")
 def postgres_uri():
     """An MLflow store database on a real PostgreSQL (the team stack's)."""
-    from fowlflow.server import Stack, StackConfig
-
-    state = Path(tempfile.mkdtemp(prefix="ffrace-pg-", dir="/tmp"))  # the postgres user reaches it
-    os.chmod(state, 0o711)
-    try:
-        pg = start_parts(state, "postgres").postgres
+    with stack_parts("ffrace-pg-", "postgres") as stack:
+        pg = stack.postgres
         with pg.connect("postgres", autocommit=True) as conn:
             conn.execute("CREATE DATABASE race")
         os.environ["PGPASSFILE"] = str(pg.pgpass)
-        yield f"postgresql://mlflow@{pg.cfg.host}:{pg.port}/race"
-    finally:
-        os.environ.pop("PGPASSFILE", None)
-        Stack(StackConfig.load(state)).stop()
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            yield f"postgresql://mlflow@{pg.cfg.host}:{pg.port}/race"
+        finally:
+            os.environ.pop("PGPASSFILE", None)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -8,18 +8,15 @@ the 0600 ``PGPASSFILE`` libpq reads, never a command line. Tracking: this test's
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-from pathlib import Path
 
 import optuna
 import pytest
 
 from tests.conftest import BIN
-from tests.net import free_port, start_parts
+from tests.net import free_port, stack_parts
 from tests.test_docs_commands import documented
 from tests.tune.test_sweep import TINY
 
@@ -28,18 +25,10 @@ DOC_STUDY, DOC_STORAGE = "fowlflow-1a2b3c4d5e", "postgresql://mlflow@db.example.
 
 @pytest.fixture(scope="module")
 def postgres():
-    from fowlflow.server import Stack, StackConfig
-
-    state = Path(tempfile.mkdtemp(prefix="fftune-pg-", dir="/tmp"))  # the postgres user reaches it
-    os.chmod(state, 0o711)
-    try:
-        pg = start_parts(state, "postgres").postgres
-        with pg.connect("postgres", autocommit=True) as conn:
+    with stack_parts("fftune-pg-", "postgres") as stack:
+        with stack.postgres.connect("postgres", autocommit=True) as conn:
             conn.execute("CREATE DATABASE optuna")
-        yield pg
-    finally:
-        Stack(StackConfig.load(state)).stop()
-        shutil.rmtree(state, ignore_errors=True)
+        yield stack.postgres
 
 
 @pytest.fixture
